@@ -1,0 +1,113 @@
+/**
+ * Wiring: builds the services from config, the Fastify instance, the one error handler, and the
+ * operational endpoints. The only file that knows every module.
+ */
+import { access, constants } from 'node:fs/promises';
+import { join } from 'node:path';
+import Fastify, { LogController, type FastifyInstance } from 'fastify';
+import { BlobStore } from './blob-store.js';
+import type { Config } from './config.js';
+import { Db } from './db.js';
+import { OciError, type ErrorCode } from './errors.js';
+import { Metrics } from './metrics.js';
+import { UpstreamIndex } from './reference.js';
+import { Registry } from './registry.js';
+import { registerRoutes } from './routes.js';
+import { UpstreamClient } from './upstream.js';
+
+export interface AppOptions {
+  /** pino options or false; defaults to JSON logs at config.log.level */
+  logger?: boolean | Record<string, unknown>;
+}
+
+/** Fastify's own 4xx errors (bad URL, bad header, …) in the spec's vocabulary. */
+const FASTIFY_STATUS_CODE: Record<number, ErrorCode> = { 400: 'NAME_INVALID', 404: 'NAME_UNKNOWN', 405: 'UNSUPPORTED', 413: 'SIZE_INVALID', 415: 'UNSUPPORTED' };
+
+export async function buildApp(config: Config, options: AppOptions = {}): Promise<FastifyInstance> {
+  const app = Fastify({
+    logger: options.logger ?? { level: config.log.level, redact: ['req.headers.authorization'] },
+    // One log line per request, written by our onResponse hook with the cache fields.
+    logController: new LogController({ disableRequestLogging: true }),
+    exposeHeadRoutes: false,
+    return503OnClosing: true,
+    trustProxy: config.server.trustProxy,
+    // Blob downloads may legitimately take long; idle connections are still reaped by keepAliveTimeout.
+    requestTimeout: 0,
+    connectionTimeout: 0,
+    keepAliveTimeout: 75_000,
+    bodyLimit: 1024 * 1024,
+    routerOptions: { ignoreTrailingSlash: true },
+  });
+
+  const metrics = new Metrics();
+  const blobs = new BlobStore(config.storage.root);
+  const removed = await blobs.init();
+  if (removed > 0) app.log.info({ removed }, 'removed temp files left by an earlier run');
+  const db = new Db(join(config.storage.root, 'index.db'));
+  const upstreamClient = new UpstreamClient(config, metrics);
+  const registry = new Registry(config, db, blobs, upstreamClient, metrics, app.log);
+  const upstreams = new UpstreamIndex(config);
+  let closing = false;
+
+  // We never read request bodies (every write is refused), so don't parse them either.
+  app.removeAllContentTypeParsers();
+  app.addContentTypeParser('*', (_req, _payload, done) => done(null, undefined));
+
+  app.setErrorHandler((err: Error & { statusCode?: number }, req, reply) => {
+    let oci: OciError;
+    if (err instanceof OciError) {
+      oci = err;
+    } else if (err.statusCode !== undefined && err.statusCode < 500) {
+      oci = new OciError(FASTIFY_STATUS_CODE[err.statusCode] ?? 'UNSUPPORTED', err.message, { status: err.statusCode });
+    } else {
+      req.log.error({ err }, 'unexpected error');
+      oci = new OciError('UNKNOWN');
+    }
+    if (req.oci) req.oci.cache = 'error';
+    if (oci.status >= 500 && err instanceof OciError) req.log.warn({ code: oci.code, err: oci.message, cause: (oci.cause as Error | undefined)?.message }, 'upstream error');
+    reply.code(oci.status).headers(oci.headers).header('docker-distribution-api-version', 'registry/2.0');
+    if (req.method === 'HEAD') return reply.send();
+    return reply.type('application/json').send(JSON.stringify(oci.toJSON()));
+  });
+
+  app.addHook('onResponse', async (req, reply) => {
+    const ctx = req.oci;
+    const status = reply.statusCode;
+    metrics.httpDuration.observe({ kind: ctx?.kind ?? 'other', method: req.method, status: String(status) }, reply.elapsedTime / 1000);
+    if (!ctx) return;
+    const bytes = ctx.bytes();
+    if (ctx.upstream && ctx.cache) {
+      metrics.cacheRequests.inc({ upstream: ctx.upstream, kind: ctx.kind, result: ctx.cache });
+      if (bytes > 0) metrics.servedBytes.inc({ upstream: ctx.upstream, source: ctx.cache === 'hit' ? 'cache' : 'upstream' }, bytes);
+    }
+    req.log.info(
+      { method: req.method, url: req.url, status, upstream: ctx.upstream, name: ctx.name, reference: ctx.reference, cache: ctx.cache, bytes, durationMs: Math.round(reply.elapsedTime) },
+      'request',
+    );
+  });
+
+  registerRoutes(app, { registry, upstreams, metrics });
+
+  app.get('/healthz', async () => ({ status: 'ok' }));
+  app.get('/readyz', async (_req, reply) => {
+    try {
+      if (closing) throw new Error('shutting down');
+      db.ping();
+      await access(blobs.tmpDir, constants.W_OK);
+      return { status: 'ready' };
+    } catch (err) {
+      return reply.code(503).send({ status: 'not ready', reason: (err as Error).message });
+    }
+  });
+  app.get('/metrics', async (_req, reply) => reply.type(metrics.registry.contentType).send(await metrics.registry.metrics()));
+
+  app.addHook('preClose', async () => {
+    closing = true;
+  });
+  app.addHook('onClose', async () => {
+    await registry.close(config.server.shutdownTimeout);
+    await upstreamClient.close();
+    db.close();
+  });
+  return app;
+}

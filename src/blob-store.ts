@@ -1,0 +1,251 @@
+/**
+ * Content-addressed blob files. Layout under the storage root:
+ *
+ *   blobs/<algorithm>/<hex[0:2]>/<hex>   complete blobs, verified against their name, read-only
+ *   tmp/<random>                         fills in progress; whatever is here at start-up was left
+ *                                        by a crash and is deleted
+ *   index.db                             the SQLite index (db.ts)
+ *
+ * A fill writes the upstream body into a temp file while hashing it; readers tail that growing
+ * file, so one upstream GET serves every concurrent client and a client that leaves never stops
+ * the fill (distribution learned this in commit e0bac4837). Only after the digest and size check
+ * is the file fsync'd and renamed into place: nothing partial or wrong is ever under blobs/.
+ */
+import { createHash, randomBytes, type Hash } from 'node:crypto';
+import { EventEmitter } from 'node:events';
+import { mkdir, open, readdir, rename, rm, stat, type FileHandle } from 'node:fs/promises';
+import { join } from 'node:path';
+import { Readable, Writable } from 'node:stream';
+import { OciError } from './errors.js';
+
+const READ_CHUNK = 256 * 1024;
+
+export class BlobStore {
+  readonly blobsDir: string;
+  readonly tmpDir: string;
+
+  constructor(readonly root: string) {
+    this.blobsDir = join(root, 'blobs');
+    this.tmpDir = join(root, 'tmp');
+  }
+
+  /** Creates the layout and removes temp files a crash left behind. */
+  async init(): Promise<number> {
+    await mkdir(this.blobsDir, { recursive: true });
+    await mkdir(this.tmpDir, { recursive: true });
+    const leftovers = await readdir(this.tmpDir);
+    await Promise.all(leftovers.map((f) => rm(join(this.tmpDir, f), { force: true, recursive: true })));
+    return leftovers.length;
+  }
+
+  /** Path of a blob; `digest` must already be validated (reference.ts checkDigest). */
+  path(digest: string): string {
+    const [algorithm, hex] = digest.split(':') as [string, string];
+    return join(this.blobsDir, algorithm, hex.slice(0, 2), hex);
+  }
+
+  async stat(digest: string): Promise<number | undefined> {
+    try {
+      return (await stat(this.path(digest))).size;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+      throw err;
+    }
+  }
+
+  /** Opens a cached blob; the handle is the caller's to stream or close. */
+  async open(digest: string): Promise<{ handle: FileHandle; size: number } | undefined> {
+    let handle: FileHandle;
+    try {
+      handle = await open(this.path(digest), 'r');
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+      throw err;
+    }
+    try {
+      return { handle, size: (await handle.stat()).size };
+    } catch (err) {
+      await handle.close();
+      throw err;
+    }
+  }
+
+  async createFill(digest: string, size: number | undefined): Promise<Fill> {
+    const tmpPath = join(this.tmpDir, `${digest.replace(':', '-')}.${randomBytes(6).toString('hex')}`);
+    const handle = await open(tmpPath, 'w+', 0o644);
+    return new Fill(digest, size, tmpPath, this.path(digest), handle);
+  }
+}
+
+type FillState = 'filling' | 'committed' | 'failed';
+
+/**
+ * One blob being written from upstream. Emits 'progress' whenever `written` grows or the state
+ * changes. Owned by the registry; clients only ever hold a reader.
+ */
+export class Fill extends EventEmitter {
+  written = 0;
+  state: FillState = 'filling';
+  error: Error | undefined;
+  private readonly hash: Hash;
+
+  constructor(
+    readonly digest: string,
+    /** from the upstream's Content-Length; undefined when it sent none */
+    readonly size: number | undefined,
+    readonly tmpPath: string,
+    readonly finalPath: string,
+    private handle: FileHandle | undefined,
+  ) {
+    super();
+    this.setMaxListeners(0);
+    this.hash = createHash(digest.split(':')[0]!);
+  }
+
+  /** The sink to pipe the upstream body into. */
+  sink(): Writable {
+    return new Writable({
+      highWaterMark: 1024 * 1024,
+      writev: (chunks, cb) => {
+        const bufs = chunks.map((c) => c.chunk as Buffer);
+        this.append(bufs).then(() => cb(), cb);
+      },
+    });
+  }
+
+  private async append(bufs: Buffer[]): Promise<void> {
+    if (!this.handle) throw new Error('fill is closed');
+    let total = 0;
+    for (const b of bufs) {
+      this.hash.update(b);
+      total += b.length;
+    }
+    if (this.size !== undefined && this.written + total > this.size) {
+      throw new OciError('UNKNOWN', `upstream sent more than the ${this.size} bytes it announced`, { status: 502 });
+    }
+    const { bytesWritten } = await this.handle.writev(bufs, this.written);
+    if (bytesWritten !== total) throw new Error(`short write to ${this.tmpPath}: ${bytesWritten} of ${total} bytes`);
+    this.written += total;
+    this.emit('progress');
+  }
+
+  /** Verifies digest and size, makes the bytes durable, and renames the file into place. */
+  async commit(): Promise<number> {
+    const actual = `${this.digest.split(':')[0]}:${this.hash.digest('hex')}`;
+    if (this.size !== undefined && this.written !== this.size) {
+      throw new OciError('UNKNOWN', `upstream body ended after ${this.written} of ${this.size} bytes`, { status: 502 });
+    }
+    if (actual !== this.digest) {
+      throw new OciError('UNKNOWN', `upstream content for ${this.digest} hashes to ${actual}`, { status: 502 });
+    }
+    await this.handle!.datasync();
+    await this.handle!.close();
+    this.handle = undefined;
+    await mkdir(join(this.finalPath, '..'), { recursive: true });
+    await rename(this.tmpPath, this.finalPath);
+    this.state = 'committed';
+    this.emit('progress');
+    return this.written;
+  }
+
+  /** Removes the temp file and fails every reader: a client must never see a complete-looking wrong body. */
+  async fail(err: Error): Promise<void> {
+    if (this.state !== 'filling') return;
+    this.state = 'failed';
+    this.error = err;
+    this.emit('progress');
+    const handle = this.handle;
+    this.handle = undefined;
+    await handle?.close().catch(() => undefined);
+    await rm(this.tmpPath, { force: true });
+  }
+
+  /** A stream of bytes [start, end] (end inclusive, default: to the end) that tails the fill. */
+  reader(start = 0, end?: number): TailReader {
+    return new TailReader(this, start, end);
+  }
+}
+
+/** Reads a fill's temp file up to what has been written, waiting for more; errors if the fill fails. */
+export class TailReader extends Readable {
+  bytesRead = 0;
+  private handle: FileHandle | undefined;
+  private pos: number;
+  private waiting = false;
+  private readonly onProgress = (): void => {
+    this.waiting = false;
+    this.pump();
+  };
+
+  constructor(
+    private readonly fill: Fill,
+    start: number,
+    private readonly end: number | undefined,
+  ) {
+    super({ highWaterMark: READ_CHUNK });
+    this.pos = start;
+  }
+
+  override _construct(cb: (err?: Error | null) => void): void {
+    const tryOpen = (path: string): Promise<FileHandle> => open(path, 'r');
+    tryOpen(this.fill.tmpPath)
+      .catch((err: NodeJS.ErrnoException) => {
+        // Renamed into place between our creation and this open: read the final file.
+        if (err.code === 'ENOENT' && this.fill.state === 'committed') return tryOpen(this.fill.finalPath);
+        throw this.fill.error ?? err;
+      })
+      .then((h) => {
+        this.handle = h;
+        cb();
+      }, cb);
+  }
+
+  override _read(): void {
+    this.pump();
+  }
+
+  private pump(): void {
+    if (this.destroyed || this.waiting || !this.handle) return;
+    const fill = this.fill;
+    if (fill.state === 'failed') {
+      this.destroy(fill.error ?? new Error('fill failed'));
+      return;
+    }
+    const limit = this.end !== undefined ? this.end + 1 : fill.state === 'committed' ? fill.written : Infinity;
+    if (this.pos >= limit) {
+      this.push(null);
+      return;
+    }
+    const available = Math.min(fill.written, limit) - this.pos;
+    if (available > 0) {
+      const n = Math.min(available, READ_CHUNK);
+      const buf = Buffer.allocUnsafe(n);
+      const at = this.pos;
+      this.pos += n;
+      this.handle.read(buf, 0, n, at).then(
+        ({ bytesRead }) => {
+          if (bytesRead !== n) return this.destroy(new Error(`short read of ${fill.tmpPath}`));
+          this.bytesRead += n;
+          this.push(buf);
+        },
+        (err: Error) => this.destroy(err),
+      );
+      return;
+    }
+    if (fill.state === 'committed') {
+      // Fewer bytes than the range asked for: the blob is shorter than announced.
+      this.destroy(new Error('blob ended before the requested range'));
+    } else {
+      this.waiting = true;
+      fill.once('progress', this.onProgress);
+    }
+  }
+
+  override _destroy(err: Error | null, cb: (err?: Error | null) => void): void {
+    this.fill.off('progress', this.onProgress);
+    const h = this.handle;
+    this.handle = undefined;
+    if (h) h.close().then(() => cb(err), () => cb(err));
+    else cb(err);
+  }
+}

@@ -1,0 +1,248 @@
+/**
+ * Configuration: a YAML file (config/default.yaml documents every key), a short list of env
+ * overrides, and validation that names the bad key. The result is plain frozen data with
+ * durations in milliseconds and sizes in bytes.
+ */
+import { readFileSync } from 'node:fs';
+import { dirname, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { parse as parseYaml } from 'yaml';
+
+export interface UpstreamAuth {
+  username: string;
+  /** Resolved secret; read from passwordEnv or passwordFile at start-up, never from the config text. */
+  password: string;
+}
+
+export interface UpstreamConfig {
+  /** The key clients use (`ns=<name>`, `/v2/<name>/…`), e.g. `docker.io`. */
+  name: string;
+  url: URL;
+  aliases: string[];
+  /** Docker Hub's rule: a one-segment name means `library/<name>`. */
+  dockerHubLibrary: boolean;
+  tagTtl: number;
+  auth?: UpstreamAuth;
+  /** Extra token realm origins that may receive this upstream's credentials. */
+  tokenRealms: string[];
+}
+
+export interface Config {
+  server: { host: string; port: number; shutdownTimeout: number; trustProxy: boolean };
+  log: { level: string };
+  storage: { root: string };
+  cache: { tagTtl: number; manifestMemory: number };
+  timeouts: { connect: number; manifest: number; blobIdle: number; fill: number };
+  defaultUpstream?: string;
+  upstreams: UpstreamConfig[];
+}
+
+export class ConfigError extends Error {
+  constructor(key: string, problem: string) {
+    super(`config: ${key}: ${problem}`);
+    this.name = 'ConfigError';
+  }
+}
+
+export const DEFAULT_CONFIG_FILE = resolve(dirname(fileURLToPath(import.meta.url)), '..', 'config', 'default.yaml');
+
+/** The env overrides, all of them. Kept short on purpose: everything else belongs in the file. */
+export const ENV_OVERRIDES = {
+  OCICACHE_HOST: 'server.host',
+  OCICACHE_PORT: 'server.port',
+  OCICACHE_LOG_LEVEL: 'log.level',
+  OCICACHE_STORAGE_ROOT: 'storage.root',
+  OCICACHE_DEFAULT_UPSTREAM: 'defaultUpstream',
+} as const;
+
+const DURATION_UNITS: Record<string, number> = { ms: 1, s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 };
+const SIZE_UNITS: Record<string, number> = { B: 1, KiB: 1024, MiB: 1024 ** 2, GiB: 1024 ** 3, TiB: 1024 ** 4, KB: 1e3, MB: 1e6, GB: 1e9, TB: 1e12 };
+const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'];
+const HOST_KEY = /^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*(:[0-9]{1,5})?$/;
+
+export function parseDuration(value: unknown, key: string): number {
+  if (typeof value === 'number' && Number.isFinite(value) && value >= 0) return value * 1000;
+  const m = typeof value === 'string' ? /^(\d+(?:\.\d+)?)(ms|s|m|h|d)$/.exec(value.trim()) : null;
+  if (!m) throw new ConfigError(key, `expected a duration such as 30s, 5m or 24h, got ${JSON.stringify(value)}`);
+  return Math.round(Number(m[1]) * DURATION_UNITS[m[2]!]!);
+}
+
+export function parseSize(value: unknown, key: string): number {
+  if (typeof value === 'number' && Number.isInteger(value) && value >= 0) return value;
+  const m = typeof value === 'string' ? /^(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB|TiB|KB|MB|GB|TB)$/.exec(value.trim()) : null;
+  if (!m) throw new ConfigError(key, `expected a size such as 512MiB or 50GiB, got ${JSON.stringify(value)}`);
+  return Math.round(Number(m[1]) * SIZE_UNITS[m[2]!]!);
+}
+
+type Obj = Record<string, unknown>;
+
+function section(parent: Obj, key: string, path: string, allowed: string[]): Obj {
+  const value = parent[key] ?? {};
+  if (typeof value !== 'object' || Array.isArray(value) || value === null) throw new ConfigError(path, 'must be a mapping');
+  for (const k of Object.keys(value)) {
+    if (!allowed.includes(k)) throw new ConfigError(`${path}.${k}`, `unknown key (known: ${allowed.join(', ')})`);
+  }
+  return value as Obj;
+}
+
+function str(o: Obj, key: string, path: string, fallback?: string): string {
+  const v = o[key] ?? fallback;
+  if (typeof v !== 'string' || v === '') throw new ConfigError(`${path}.${key}`, 'must be a non-empty string');
+  return v;
+}
+
+function bool(o: Obj, key: string, path: string, fallback: boolean): boolean {
+  const v = o[key] ?? fallback;
+  if (typeof v !== 'boolean') throw new ConfigError(`${path}.${key}`, 'must be true or false');
+  return v;
+}
+
+function hostKey(value: unknown, path: string): string {
+  if (typeof value !== 'string' || !HOST_KEY.test(value.toLowerCase())) {
+    throw new ConfigError(path, `must be a registry host name such as docker.io or registry.example.com:5000, got ${JSON.stringify(value)}`);
+  }
+  return value.toLowerCase();
+}
+
+function readSecret(auth: Obj, path: string, env: NodeJS.ProcessEnv): string {
+  if (auth.password !== undefined) throw new ConfigError(`${path}.password`, 'secrets are never written in the config: use passwordEnv or passwordFile');
+  if (typeof auth.passwordEnv === 'string') {
+    const v = env[auth.passwordEnv];
+    if (!v) throw new ConfigError(`${path}.passwordEnv`, `environment variable ${auth.passwordEnv} is not set`);
+    return v;
+  }
+  if (typeof auth.passwordFile === 'string') {
+    try {
+      return readFileSync(auth.passwordFile, 'utf8').replace(/\r?\n$/, '');
+    } catch (err) {
+      throw new ConfigError(`${path}.passwordFile`, `cannot read ${auth.passwordFile}: ${(err as Error).message}`);
+    }
+  }
+  throw new ConfigError(path, 'needs passwordEnv or passwordFile');
+}
+
+function upstream(raw: unknown, i: number, defaults: { tagTtl: number }, env: NodeJS.ProcessEnv): UpstreamConfig {
+  const path = `upstreams[${i}]`;
+  if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw new ConfigError(path, 'must be a mapping');
+  const o = section({ u: raw }, 'u', path, ['name', 'url', 'aliases', 'dockerHubLibrary', 'tagTtl', 'auth', 'tokenRealms']);
+  const name = hostKey(o.name, `${path}.name`);
+  let url: URL;
+  try {
+    url = new URL(str(o, 'url', path));
+  } catch {
+    throw new ConfigError(`${path}.url`, `must be an absolute http(s) URL, got ${JSON.stringify(o.url)}`);
+  }
+  if (url.protocol !== 'https:' && url.protocol !== 'http:') throw new ConfigError(`${path}.url`, 'must use http or https');
+  if (url.username || url.password) throw new ConfigError(`${path}.url`, 'must not contain credentials: use auth');
+  const aliases = o.aliases ?? [];
+  if (!Array.isArray(aliases)) throw new ConfigError(`${path}.aliases`, 'must be a list of host names');
+  const tokenRealms = o.tokenRealms ?? [];
+  if (!Array.isArray(tokenRealms)) throw new ConfigError(`${path}.tokenRealms`, 'must be a list of URLs');
+  let auth: UpstreamAuth | undefined;
+  if (o.auth !== undefined) {
+    const a = section(o, 'auth', `${path}.auth`, ['username', 'password', 'passwordEnv', 'passwordFile']);
+    auth = { username: str(a, 'username', `${path}.auth`), password: readSecret(a, `${path}.auth`, env) };
+  }
+  return {
+    name,
+    url,
+    aliases: aliases.map((a, j) => hostKey(a, `${path}.aliases[${j}]`)),
+    dockerHubLibrary: bool(o, 'dockerHubLibrary', path, false),
+    tagTtl: o.tagTtl === undefined ? defaults.tagTtl : parseDuration(o.tagTtl, `${path}.tagTtl`),
+    auth,
+    tokenRealms: tokenRealms.map((r, j) => {
+      try {
+        return new URL(String(r)).origin;
+      } catch {
+        throw new ConfigError(`${path}.tokenRealms[${j}]`, 'must be an absolute URL');
+      }
+    }),
+  };
+}
+
+function applyEnv(doc: Obj, env: NodeJS.ProcessEnv): void {
+  for (const [name, key] of Object.entries(ENV_OVERRIDES)) {
+    const value = env[name];
+    if (value === undefined) continue;
+    const [head, tail] = key.split('.') as [string, string | undefined];
+    if (tail === undefined) {
+      doc[head] = value === '' ? undefined : value;
+      continue;
+    }
+    const sec = (doc[head] ??= {}) as Obj;
+    sec[tail] = key === 'server.port' ? Number(value) : value;
+  }
+}
+
+/** Parse and validate a config document; pure apart from reading credential files. */
+export function buildConfig(doc: unknown, env: NodeJS.ProcessEnv = process.env): Config {
+  const root = section({ root: doc ?? {} }, 'root', '(top level)', ['server', 'log', 'storage', 'cache', 'timeouts', 'defaultUpstream', 'upstreams']);
+  applyEnv(root, env);
+  const server = section(root, 'server', 'server', ['host', 'port', 'shutdownTimeout', 'trustProxy']);
+  const log = section(root, 'log', 'log', ['level']);
+  const storage = section(root, 'storage', 'storage', ['root']);
+  const cache = section(root, 'cache', 'cache', ['tagTtl', 'manifestMemory']);
+  const timeouts = section(root, 'timeouts', 'timeouts', ['connect', 'manifest', 'blobIdle', 'fill']);
+
+  const port = server.port ?? 5000;
+  if (typeof port !== 'number' || !Number.isInteger(port) || port < 0 || port > 65535) {
+    throw new ConfigError('server.port', `must be a port number 0-65535, got ${JSON.stringify(server.port)}`);
+  }
+  const level = str(log, 'level', 'log', 'info');
+  if (!LOG_LEVELS.includes(level)) throw new ConfigError('log.level', `must be one of ${LOG_LEVELS.join(', ')}`);
+  const tagTtl = parseDuration(cache.tagTtl ?? '5m', 'cache.tagTtl');
+
+  if (!Array.isArray(root.upstreams) || root.upstreams.length === 0) throw new ConfigError('upstreams', 'must list at least one upstream');
+  const upstreams = root.upstreams.map((u, i) => upstream(u, i, { tagTtl }, env));
+  const seen = new Map<string, string>();
+  for (const [i, u] of upstreams.entries()) {
+    for (const key of [u.name, ...u.aliases]) {
+      const other = seen.get(key);
+      if (other !== undefined) throw new ConfigError(`upstreams[${i}]`, `${key} is already used by ${other}`);
+      seen.set(key, u.name);
+    }
+  }
+  let defaultUpstream: string | undefined;
+  if (root.defaultUpstream !== undefined && root.defaultUpstream !== null) {
+    const key = hostKey(root.defaultUpstream, 'defaultUpstream');
+    defaultUpstream = seen.get(key);
+    if (defaultUpstream === undefined) throw new ConfigError('defaultUpstream', `${key} is not the name or alias of a configured upstream`);
+  }
+
+  return Object.freeze({
+    server: {
+      host: str(server, 'host', 'server', '0.0.0.0'),
+      port,
+      shutdownTimeout: parseDuration(server.shutdownTimeout ?? '30s', 'server.shutdownTimeout'),
+      trustProxy: bool(server, 'trustProxy', 'server', false),
+    },
+    log: { level },
+    storage: { root: resolve(str(storage, 'root', 'storage', './data')) },
+    cache: { tagTtl, manifestMemory: parseSize(cache.manifestMemory ?? '64MiB', 'cache.manifestMemory') },
+    timeouts: {
+      connect: parseDuration(timeouts.connect ?? '10s', 'timeouts.connect'),
+      manifest: parseDuration(timeouts.manifest ?? '30s', 'timeouts.manifest'),
+      blobIdle: parseDuration(timeouts.blobIdle ?? '60s', 'timeouts.blobIdle'),
+      fill: parseDuration(timeouts.fill ?? '30m', 'timeouts.fill'),
+    },
+    defaultUpstream,
+    upstreams,
+  });
+}
+
+/** Read a config file (the embedded default when none is given) and apply env overrides. */
+export function loadConfig(file: string = process.env.OCICACHE_CONFIG ?? DEFAULT_CONFIG_FILE, env: NodeJS.ProcessEnv = process.env): Config {
+  let text: string;
+  try {
+    text = readFileSync(file, 'utf8');
+  } catch (err) {
+    throw new ConfigError(file, `cannot read config file: ${(err as Error).message}`);
+  }
+  let doc: unknown;
+  try {
+    doc = parseYaml(text);
+  } catch (err) {
+    throw new ConfigError(file, `not valid YAML: ${(err as Error).message}`);
+  }
+  return buildConfig(doc, env);
+}

@@ -1,0 +1,98 @@
+/**
+ * Manifest media types, Accept negotiation, and digest checks over exact bytes.
+ * Manifests are passed through byte for byte: the digest is over the bytes, so any
+ * re-serialisation would break Docker-Content-Digest (protocol.md §7.1).
+ */
+import { createHash } from 'node:crypto';
+
+export const OCI_INDEX = 'application/vnd.oci.image.index.v1+json';
+export const OCI_MANIFEST = 'application/vnd.oci.image.manifest.v1+json';
+export const DOCKER_LIST = 'application/vnd.docker.distribution.manifest.list.v2+json';
+export const DOCKER_MANIFEST = 'application/vnd.docker.distribution.manifest.v2+json';
+export const DOCKER_SCHEMA1_SIGNED = 'application/vnd.docker.distribution.manifest.v1+prettyjws';
+export const DOCKER_SCHEMA1 = 'application/vnd.docker.distribution.manifest.v1+json';
+
+/**
+ * What we ask every upstream for. Never the client's header and never none: Docker Hub answers a
+ * missing or schema2-only Accept with schema1 or the amd64 child of a multi-arch tag
+ * (distribution#2348, protocol.md §6.3 and §7.3).
+ */
+export const FULL_ACCEPT = [OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST].join(', ');
+
+/**
+ * Containerd refuses manifests above this during resolve: 4 * 1048 * 1048, not 4 MiB
+ * (containerd core/remotes/docker/resolver.go MaxManifestSize).
+ */
+export const MAX_MANIFEST_BYTES = 4 * 1048 * 1048;
+
+export function stripParams(contentType: string | undefined): string {
+  return (contentType ?? '').split(';')[0]!.trim().toLowerCase();
+}
+
+/**
+ * Whether a client's Accept header admits `mediaType`. Node joins repeated Accept lines with
+ * ", " (Docker sends one line per type, in random order); parameters and q-values are ignored
+ * as distribution does; no Accept at all means anything.
+ */
+export function accepts(accept: string | undefined, mediaType: string): boolean {
+  if (accept === undefined || accept.trim() === '') return true;
+  const type = mediaType.toLowerCase();
+  const major = type.split('/')[0];
+  for (const part of accept.split(',')) {
+    const t = stripParams(part);
+    if (t === type || t === '*/*' || t === `${major}/*`) return true;
+  }
+  return false;
+}
+
+export function digestOf(body: Uint8Array, algorithm: string = 'sha256'): string {
+  return `${algorithm}:${createHash(algorithm).update(body).digest('hex')}`;
+}
+
+interface ManifestJson {
+  mediaType?: unknown;
+  config?: { digest?: unknown };
+  layers?: Array<{ digest?: unknown }>;
+  manifests?: Array<{ digest?: unknown }>;
+  subject?: { digest?: unknown };
+  fsLayers?: Array<{ blobSum?: unknown }>;
+}
+
+function parse(body: Uint8Array): ManifestJson | undefined {
+  try {
+    const v: unknown = JSON.parse(Buffer.from(body.buffer, body.byteOffset, body.byteLength).toString('utf8'));
+    return typeof v === 'object' && v !== null && !Array.isArray(v) ? (v as ManifestJson) : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * The media type to serve: the upstream's Content-Type when it names a manifest, else the
+ * manifest's own `mediaType` field (some registries answer application/json), else schema1
+ * for text/plain as containerd does.
+ */
+export function mediaTypeOf(body: Uint8Array, contentType: string | undefined): string {
+  const ct = stripParams(contentType);
+  if (ct !== '' && ct !== 'application/json' && ct !== 'text/plain' && ct !== 'application/octet-stream') return ct;
+  const field = parse(body)?.mediaType;
+  if (typeof field === 'string' && field !== '') return field;
+  if (ct === 'text/plain') return DOCKER_SCHEMA1_SIGNED;
+  return ct === '' ? OCI_MANIFEST : ct;
+}
+
+/** Digests a manifest points to (config, layers, child manifests, subject): the refs used by eviction. */
+export function childrenOf(body: Uint8Array): string[] {
+  const m = parse(body);
+  if (!m) return [];
+  const out = new Set<string>();
+  const add = (d: unknown): void => {
+    if (typeof d === 'string') out.add(d);
+  };
+  add(m.config?.digest);
+  add(m.subject?.digest);
+  for (const l of Array.isArray(m.layers) ? m.layers : []) add(l?.digest);
+  for (const c of Array.isArray(m.manifests) ? m.manifests : []) add(c?.digest);
+  for (const l of Array.isArray(m.fsLayers) ? m.fsLayers : []) add(l?.blobSum);
+  return [...out];
+}

@@ -1,0 +1,296 @@
+/**
+ * The cache decisions: what to serve from disk or SQLite, when to ask the upstream, and what to
+ * do when it fails. Routes call this; this calls the upstream client, the blob store and the db.
+ */
+import type { FileHandle } from 'node:fs/promises';
+import type { Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import { LRUCache } from 'lru-cache';
+import type { BlobStore, Fill } from './blob-store.js';
+import type { Config } from './config.js';
+import type { Db, ManifestRecord } from './db.js';
+import { OciError, isUpstreamUnavailable } from './errors.js';
+import { accepts, childrenOf, digestOf, mediaTypeOf } from './manifest.js';
+import type { CacheResult, Metrics } from './metrics.js';
+import { parseRange, type ByteRange } from './range.js';
+import { isDigest, type Target } from './reference.js';
+import { SingleFlight } from './single-flight.js';
+import type { UpstreamClient } from './upstream.js';
+
+export interface ManifestResult {
+  digest: string;
+  mediaType: string;
+  size: number;
+  /** undefined for HEAD answers that never fetched the body */
+  body: Buffer | undefined;
+  cache: CacheResult;
+}
+
+export interface BlobResult {
+  size: number | undefined;
+  range: ByteRange | undefined;
+  /** present for GET; the route hands it to the client, which owns it from then on */
+  stream: (Readable & { bytesRead: number }) | undefined;
+  cache: CacheResult;
+}
+
+export interface TagList {
+  tags: string[];
+  hasNext: boolean;
+  cache: CacheResult;
+}
+
+/** The slice of pino the registry logs with (Fastify's logger is one). */
+export interface Log {
+  warn(obj: object, msg: string): void;
+}
+
+type TagResult = { manifest: ManifestRecord; cache: CacheResult };
+
+export class Registry {
+  private readonly manifestMemory: LRUCache<string, ManifestRecord>;
+  private readonly tagFlights = new SingleFlight<TagResult>();
+  private readonly fills = new Map<string, Promise<Fill>>();
+  private readonly fillsDone = new Set<Promise<void>>();
+  private readonly fillAbort = new AbortController();
+
+  constructor(
+    private readonly config: Pick<Config, 'timeouts' | 'cache'>,
+    private readonly db: Db,
+    private readonly blobs: BlobStore,
+    private readonly upstream: UpstreamClient,
+    private readonly metrics: Metrics,
+    private readonly log: Log,
+  ) {
+    this.manifestMemory = new LRUCache({ maxSize: Math.max(1, config.cache.manifestMemory), sizeCalculation: (m) => m.body.length + 200 });
+  }
+
+  // ---- manifests -------------------------------------------------------------------------
+
+  /** A manifest by tag or digest, negotiated against the client's Accept. */
+  async getManifest(target: Target, reference: string, accept: string | undefined, wantBody: boolean): Promise<ManifestResult> {
+    const { manifest, cache } = isDigest(reference) ? await this.manifestByDigest(target, reference) : await this.manifestByTag(target, reference);
+    if (!accepts(accept, manifest.mediaType)) {
+      // Never hand a client a type it did not ask for: let the upstream negotiate with its Accept.
+      return this.passthrough(target, reference, accept, wantBody);
+    }
+    return { digest: manifest.digest, mediaType: manifest.mediaType, size: manifest.body.length, body: wantBody ? manifest.body : undefined, cache };
+  }
+
+  private loadManifest(digest: string): ManifestRecord | undefined {
+    let m = this.manifestMemory.get(digest);
+    if (!m) {
+      m = this.db.getManifest(digest);
+      if (m) this.manifestMemory.set(digest, m);
+    }
+    return m;
+  }
+
+  private async manifestByDigest(target: Target, digest: string): Promise<TagResult> {
+    const { upstream, name } = target;
+    const cached = this.loadManifest(digest);
+    if (cached) {
+      if (this.db.isSeenIn(upstream.name, name, digest)) return { manifest: cached, cache: 'hit' };
+      // Cached for another repository or upstream: the digest proves the bytes, not that this
+      // repository holds them. Ask before serving (HEAD is free on Docker Hub).
+      await this.upstream.headManifest(target, digest);
+      this.db.markSeenIn(upstream.name, name, digest);
+      return { manifest: cached, cache: 'revalidated' };
+    }
+    return { manifest: await this.fetchManifest(target, digest, digest), cache: 'miss' };
+  }
+
+  /** GETs a manifest, verifies its bytes against `expected` (or the upstream's digest header), and stores it. */
+  private async fetchManifest(target: Target, reference: string, expected: string | undefined, tag?: string, accept?: string): Promise<ManifestRecord> {
+    const res = await this.upstream.getManifest(target, reference, accept);
+    const claimed = expected ?? (res.digest && isDigest(res.digest) ? res.digest : undefined);
+    const digest = digestOf(res.body, claimed?.split(':')[0] ?? 'sha256');
+    if (claimed !== undefined && digest !== claimed) {
+      throw new OciError('UNKNOWN', `upstream ${target.upstream.name} sent manifest bytes hashing to ${digest} for ${claimed}`, { status: 502 });
+    }
+    const manifest = { digest, mediaType: mediaTypeOf(res.body, res.contentType), body: res.body };
+    this.db.putManifest(manifest, childrenOf(res.body), target.upstream.name, target.name, tag);
+    this.manifestMemory.set(digest, manifest);
+    return manifest;
+  }
+
+  private async manifestByTag(target: Target, tag: string): Promise<TagResult> {
+    const { upstream, name } = target;
+    const row = this.db.getTag(upstream.name, name, tag);
+    if (row && Date.now() - row.checkedAt < upstream.tagTtl) {
+      const manifest = this.loadManifest(row.digest);
+      if (manifest) return { manifest, cache: 'hit' };
+    }
+    return this.tagFlights.do(`${upstream.name}\n${name}\n${tag}`, () => this.revalidateTag(target, tag));
+  }
+
+  /** HEAD the tag upstream; GET only when the digest is new. Serve stale when the upstream is down. */
+  private async revalidateTag(target: Target, tag: string): Promise<TagResult> {
+    const { upstream, name } = target;
+    const row = this.db.getTag(upstream.name, name, tag);
+    try {
+      const head = await this.upstream.headManifest(target, tag);
+      const digest = head.digest && isDigest(head.digest) ? head.digest : undefined;
+      const known = digest && this.loadManifest(digest);
+      if (digest && known) {
+        this.db.putTag(upstream.name, name, tag, digest);
+        return { manifest: known, cache: row?.digest === digest ? 'revalidated' : 'miss' };
+      }
+      // By digest when the HEAD named one (Docker Hub counts either GET as a pull; this one is verifiable).
+      return { manifest: await this.fetchManifest(target, digest ?? tag, digest, tag), cache: 'miss' };
+    } catch (err) {
+      const stale = row && isUpstreamUnavailable(err) ? this.loadManifest(row.digest) : undefined;
+      if (stale) {
+        this.log.warn({ upstream: upstream.name, name, reference: tag, digest: stale.digest, err: (err as Error).message }, 'upstream unavailable, serving stale tag');
+        return { manifest: stale, cache: 'stale' };
+      }
+      if (row && err instanceof OciError && err.status === 404) this.db.deleteTag(upstream.name, name, tag);
+      throw err;
+    }
+  }
+
+  private async passthrough(target: Target, reference: string, accept: string | undefined, wantBody: boolean): Promise<ManifestResult> {
+    if (!wantBody) {
+      const head = await this.upstream.headManifest(target, reference, accept);
+      if (head.digest && isDigest(head.digest) && head.size !== undefined && head.contentType) {
+        return { digest: head.digest, mediaType: mediaTypeOf(Buffer.alloc(0), head.contentType), size: head.size, body: undefined, cache: 'passthrough' };
+      }
+    }
+    const m = await this.fetchManifest(target, reference, isDigest(reference) ? reference : undefined, undefined, accept);
+    return { digest: m.digest, mediaType: m.mediaType, size: m.body.length, body: wantBody ? m.body : undefined, cache: 'passthrough' };
+  }
+
+  // ---- blobs -----------------------------------------------------------------------------
+
+  /** Size of a blob; a HEAD never downloads one. */
+  async headBlob(target: Target, digest: string): Promise<BlobResult> {
+    const size = await this.blobs.stat(digest);
+    if (size !== undefined) return { size, range: undefined, stream: undefined, cache: 'hit' };
+    const head = await this.upstream.headBlob(target, digest);
+    return { size: head.size, range: undefined, stream: undefined, cache: 'miss' };
+  }
+
+  /** A blob stream from disk, or tailing the (shared) fill from upstream. */
+  async getBlob(target: Target, digest: string, rangeHeader: string | undefined): Promise<BlobResult> {
+    const opened = await this.blobs.open(digest);
+    if (opened) return this.fromFile(opened.handle, opened.size, rangeHeader);
+    const fill = await this.fillFor(target, digest);
+    if (fill.state === 'committed') {
+      const again = await this.blobs.open(digest);
+      if (again) return this.fromFile(again.handle, again.size, rangeHeader);
+    }
+    // Without a Content-Length from upstream the size is unknown until the end: ignore Range (RFC 9110 §14.2).
+    const range = fill.size === undefined ? undefined : parseRange(rangeHeader, fill.size);
+    return { size: fill.size, range, stream: fill.reader(range?.start ?? 0, range?.end), cache: 'miss' };
+  }
+
+  private fromFile(handle: FileHandle, size: number, rangeHeader: string | undefined): BlobResult {
+    let range: ByteRange | undefined;
+    try {
+      range = parseRange(rangeHeader, size);
+    } catch (err) {
+      void handle.close();
+      throw err;
+    }
+    const stream = handle.createReadStream({ start: range?.start ?? 0, end: range?.end, highWaterMark: 256 * 1024 });
+    return { size, range, stream, cache: 'hit' };
+  }
+
+  private async fillFor(target: Target, digest: string): Promise<Fill> {
+    // Keyed by upstream too: a 404 from one upstream must not answer a request meant for another.
+    const key = `${target.upstream.name}\n${digest}`;
+    let fill = this.fills.get(key);
+    if (!fill) {
+      fill = this.startFill(target, digest);
+      this.fills.set(key, fill);
+      fill.catch(() => this.fills.delete(key));
+    }
+    return fill;
+  }
+
+  private async startFill(target: Target, digest: string): Promise<Fill> {
+    const upstream = target.upstream.name;
+    const signal = AbortSignal.any([this.fillAbort.signal, AbortSignal.timeout(this.config.timeouts.fill)]);
+    const res = await this.upstream.getBlob(target, digest, signal);
+    let fill: Fill;
+    try {
+      fill = await this.blobs.createFill(digest, res.size);
+    } catch (err) {
+      res.body.destroy();
+      throw err;
+    }
+    this.metrics.fillsInFlight.inc();
+    const done = pipeline(res.body, fill.sink())
+      .then(() => fill.commit())
+      .then(
+        (size) => {
+          this.db.putBlob(digest, size);
+          this.metrics.upstreamBytes.inc({ upstream }, size);
+        },
+        async (err: Error) => {
+          this.metrics.fillFailures.inc({ upstream, reason: err instanceof OciError ? 'invalid' : 'transport' });
+          this.log.warn({ upstream, digest, bytes: fill.written, err: err.message }, 'blob fill failed; nothing cached');
+          await fill.fail(err);
+        },
+      )
+      .finally(() => {
+        this.metrics.fillsInFlight.dec();
+        this.fills.delete(`${upstream}\n${digest}`);
+        this.fillsDone.delete(done);
+      });
+    this.fillsDone.add(done);
+    return fill;
+  }
+
+  /** Lets running fills finish for up to `graceMs`, then aborts the rest (their temp files are removed). */
+  async close(graceMs: number): Promise<void> {
+    const all = Promise.allSettled([...this.fillsDone]);
+    const timer = setTimeout(() => this.fillAbort.abort(new Error('shutting down')), graceMs);
+    await all;
+    clearTimeout(timer);
+  }
+
+  // ---- tags and referrers ----------------------------------------------------------------
+
+  /** The upstream's tag list; from the tags this cache knows when the upstream is unreachable. */
+  async listTags(target: Target, n: number | undefined, last: string | undefined): Promise<TagList> {
+    const query = new URLSearchParams();
+    if (n !== undefined) query.set('n', String(n));
+    if (last !== undefined) query.set('last', last);
+    try {
+      const res = await this.upstream.listTags(target, query);
+      let tags: unknown;
+      try {
+        tags = (JSON.parse(res.body.toString('utf8')) as { tags?: unknown }).tags ?? [];
+      } catch {
+        throw new OciError('UNKNOWN', `upstream ${target.upstream.name} sent an invalid tag list`, { status: 502 });
+      }
+      if (!Array.isArray(tags) || !tags.every((t) => typeof t === 'string')) {
+        throw new OciError('UNKNOWN', `upstream ${target.upstream.name} sent an invalid tag list`, { status: 502 });
+      }
+      if (res.hasNext) return { tags: [...(tags as string[])].sort(), hasNext: true, cache: 'passthrough' };
+      // A last or only page; or an upstream that ignores n and last (distribution 2.8 does, and does not sort).
+      return { ...paginate(tags as string[], n, last), cache: 'passthrough' };
+    } catch (err) {
+      if (!isUpstreamUnavailable(err)) throw err;
+      const known = this.db.listTags(target.upstream.name, target.name);
+      if (known.length === 0) throw err;
+      this.log.warn({ upstream: target.upstream.name, name: target.name, err: (err as Error).message }, 'upstream unavailable, listing cached tags');
+      return { ...paginate(known, n, last), cache: 'stale' };
+    }
+  }
+
+  async getReferrers(target: Target, digest: string, artifactType: string | undefined): Promise<{ body: Buffer; contentType: string; filtersApplied: string | undefined }> {
+    const query = new URLSearchParams();
+    if (artifactType !== undefined) query.set('artifactType', artifactType);
+    const res = await this.upstream.getReferrers(target, digest, query);
+    return { body: res.body, contentType: res.contentType ?? 'application/vnd.oci.image.index.v1+json', filtersApplied: res.filtersApplied };
+  }
+}
+
+/** One page of a tag list: lexically sorted, after `last`, at most `n` (spec: "Listing Tags"). */
+function paginate(all: string[], n: number | undefined, last: string | undefined): { tags: string[]; hasNext: boolean } {
+  const after = [...all].sort().filter((t) => last === undefined || t > last);
+  const tags = n === undefined ? after : after.slice(0, n);
+  return { tags, hasNext: tags.length < after.length };
+}

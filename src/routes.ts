@@ -1,0 +1,151 @@
+/**
+ * The HTTP surface. One wildcard route per method group; the path is parsed by reference.ts
+ * from the raw URL, because find-my-way params decode %2F and cap length at 100 (protocol.md §10).
+ * HEAD handlers are explicit: Fastify's generated HEAD runs the GET and zeroes Content-Length,
+ * and containerd builds its descriptor from the HEAD alone (protocol.md §1.7).
+ */
+import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
+import { OciError } from './errors.js';
+import type { CacheResult, Metrics } from './metrics.js';
+import { contentRange } from './range.js';
+import { parseV2Path, type ParsedPath, type UpstreamIndex } from './reference.js';
+import type { BlobResult, Registry } from './registry.js';
+
+export interface RequestContext {
+  kind: string;
+  upstream?: string;
+  name?: string;
+  reference?: string;
+  cache?: CacheResult;
+  /** bytes of body sent or being streamed, read when the response ends */
+  bytes: () => number;
+}
+
+declare module 'fastify' {
+  interface FastifyRequest {
+    oci: RequestContext | null;
+  }
+}
+
+export interface RouteDeps {
+  registry: Registry;
+  upstreams: UpstreamIndex;
+  metrics: Metrics;
+}
+
+const API_VERSION = { 'docker-distribution-api-version': 'registry/2.0' };
+
+function splitUrl(raw: string): { path: string; query: URLSearchParams } {
+  const q = raw.indexOf('?');
+  return q < 0 ? { path: raw, query: new URLSearchParams() } : { path: raw.slice(0, q), query: new URLSearchParams(raw.slice(q + 1)) };
+}
+
+function optionalInt(query: URLSearchParams, key: string): number | undefined {
+  const v = query.get(key);
+  if (v === null) return undefined;
+  if (!/^\d{1,9}$/.test(v)) throw new OciError('PAGINATION_NUMBER_INVALID', `${key} must be a non-negative integer`);
+  return Number(v);
+}
+
+export function registerRoutes(app: FastifyInstance, deps: RouteDeps): void {
+  const { registry, upstreams } = deps;
+
+  app.decorateRequest('oci', null);
+
+  app.route({
+    method: ['GET', 'HEAD'],
+    url: '/*',
+    handler: async (req, reply) => {
+      const { path, query } = splitUrl(req.raw.url ?? '/');
+      reply.headers(API_VERSION);
+      const parsed = parseV2Path(path, query.get('ns') ?? undefined, upstreams);
+      if (parsed.kind === 'base') return reply.type('application/json').send('{}');
+      if (parsed.kind === 'upload') throw new OciError('UNSUPPORTED', 'this registry is a read-only cache');
+      const ctx: RequestContext = { kind: parsed.kind, upstream: parsed.target.upstream.name, name: parsed.target.name, reference: parsed.reference, bytes: () => 0 };
+      req.oci = ctx;
+      // The spec's answer to dependency confusion: say which upstream this content is from.
+      reply.header('oci-namespace', parsed.target.upstream.name);
+      const head = req.method === 'HEAD';
+      switch (parsed.kind) {
+        case 'manifest':
+          return sendManifest(req, reply, parsed, head);
+        case 'blob':
+          return sendBlob(req, reply, parsed, head);
+        case 'tags':
+          return sendTags(reply, parsed, query, head);
+        case 'referrers':
+          return sendReferrers(reply, parsed, query, head);
+      }
+    },
+  });
+
+  async function sendManifest(req: FastifyRequest, reply: FastifyReply, p: Extract<ParsedPath, { target: unknown }>, head: boolean): Promise<FastifyReply> {
+    const m = await registry.getManifest(p.target, p.reference, req.headers.accept, !head);
+    req.oci!.cache = m.cache;
+    req.oci!.bytes = () => (head ? 0 : m.size);
+    reply.headers({
+      'content-type': m.mediaType,
+      'content-length': String(m.size),
+      'docker-content-digest': m.digest,
+      etag: `"${m.digest}"`,
+      'x-cache': m.cache.toUpperCase(),
+    });
+    return head ? reply.send() : reply.send(m.body);
+  }
+
+  async function sendBlob(req: FastifyRequest, reply: FastifyReply, p: Extract<ParsedPath, { target: unknown }>, head: boolean): Promise<FastifyReply> {
+    const b: BlobResult = head ? await registry.headBlob(p.target, p.reference) : await registry.getBlob(p.target, p.reference, req.headers.range);
+    req.oci!.cache = b.cache;
+    req.oci!.bytes = () => b.stream?.bytesRead ?? 0;
+    reply.headers({
+      'content-type': 'application/octet-stream',
+      'docker-content-digest': p.reference,
+      'accept-ranges': 'bytes',
+      etag: `"${p.reference}"`,
+      'x-cache': b.cache.toUpperCase(),
+    });
+    if (b.range && b.size !== undefined) {
+      reply.code(206).header('content-range', contentRange(b.range, b.size));
+      reply.header('content-length', String(b.range.end - b.range.start + 1));
+    } else if (b.size !== undefined) {
+      reply.header('content-length', String(b.size));
+    }
+    return head || !b.stream ? reply.send() : reply.send(b.stream);
+  }
+
+  async function sendTags(reply: FastifyReply, p: Extract<ParsedPath, { target: unknown }>, query: URLSearchParams, head: boolean): Promise<FastifyReply> {
+    const n = optionalInt(query, 'n');
+    const last = query.get('last') ?? undefined;
+    const list = await registry.listTags(p.target, n, last);
+    const body = JSON.stringify({ name: p.clientName, tags: list.tags });
+    const lastTag = list.tags[list.tags.length - 1];
+    if (list.hasNext && lastTag !== undefined) {
+      // Rebuilt for the client's own path shape; clients use only path and query of Link (protocol.md §3).
+      const next = new URLSearchParams();
+      if (n !== undefined) next.set('n', String(n));
+      next.set('last', lastTag);
+      const ns = query.get('ns');
+      if (ns !== null) next.set('ns', ns);
+      reply.header('link', `<${p.clientRoot}/${p.clientName}/tags/list?${next.toString()}>; rel="next"`);
+    }
+    reply.headers({ 'content-type': 'application/json', 'content-length': String(Buffer.byteLength(body)) });
+    return head ? reply.send() : reply.send(body);
+  }
+
+  async function sendReferrers(reply: FastifyReply, p: Extract<ParsedPath, { target: unknown }>, query: URLSearchParams, head: boolean): Promise<FastifyReply> {
+    const r = await registry.getReferrers(p.target, p.reference, query.get('artifactType') ?? undefined);
+    reply.headers({ 'content-type': r.contentType, 'content-length': String(r.body.length) });
+    if (r.filtersApplied !== undefined) reply.header('oci-filters-applied', r.filtersApplied);
+    return head ? reply.send() : reply.send(r.body);
+  }
+
+  // Everything that writes: distribution's proxy mode answers 405 UNSUPPORTED (protocol.md §5.8).
+  app.route({
+    method: ['POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS'],
+    url: '/*',
+    handler: async (_req, reply) => {
+      reply.headers(API_VERSION).header('allow', 'GET, HEAD');
+      throw new OciError('UNSUPPORTED', 'this registry is a read-only cache');
+    },
+  });
+}

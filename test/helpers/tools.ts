@@ -1,0 +1,21 @@
+/**
+ * Finding the external programs the integration tests drive. Under CI (CI=true) a missing
+ * program fails the test; on a developer machine it skips with a message saying what to install.
+ */
+import { spawnSync } from 'node:child_process';
+import type { TestContext } from 'node:test';
+
+export function which(name: string): string | undefined {
+  const r = spawnSync('sh', ['-c', `command -v ${name}`], { encoding: 'utf8' });
+  return r.status === 0 ? r.stdout.trim() : undefined;
+}
+
+/** The path of `name`, or: under CI an error, elsewhere a skip (returns undefined). */
+export function need(t: TestContext, name: string, hint: string): string | undefined {
+  const path = which(name);
+  if (path) return path;
+  const msg = `${name} not found: ${hint}`;
+  if (process.env.CI) throw new Error(`${msg} (required under CI)`);
+  t.skip(msg);
+  return undefined;
+}
