@@ -15,6 +15,12 @@ import { Registry } from './registry.js';
 import { registerRoutes } from './routes.js';
 import { UpstreamClient } from './upstream.js';
 
+declare module 'fastify' {
+  interface FastifyInstance {
+    drain(ms: number): Promise<void>;
+  }
+}
+
 export interface AppOptions {
   /** pino options or false; defaults to JSON logs at config.log.level */
   logger?: boolean | Record<string, unknown>;
@@ -36,6 +42,9 @@ export async function buildApp(config: Config, options: AppOptions = {}): Promis
     connectionTimeout: 0,
     keepAliveTimeout: 75_000,
     bodyLimit: 1024 * 1024,
+    // Idle keep-alive sockets must not hold shutdown for keepAliveTimeout; in-flight requests are
+    // drained first by drain() (see cli.ts), so by close() only idle or stuck sockets remain.
+    forceCloseConnections: true,
     routerOptions: { ignoreTrailingSlash: true },
   });
 
@@ -48,6 +57,8 @@ export async function buildApp(config: Config, options: AppOptions = {}): Promis
   const registry = new Registry(config, db, blobs, upstreamClient, metrics, app.log);
   const upstreams = new UpstreamIndex(config);
   let closing = false;
+  let inflight = 0;
+  let drained: (() => void) | undefined;
 
   // We never read request bodies (every write is refused), so don't parse them either.
   app.removeAllContentTypeParsers();
@@ -68,6 +79,18 @@ export async function buildApp(config: Config, options: AppOptions = {}): Promis
     reply.code(oci.status).headers(oci.headers).header('docker-distribution-api-version', 'registry/2.0');
     if (req.method === 'HEAD') return reply.send();
     return reply.type('application/json').send(JSON.stringify(oci.toJSON()));
+  });
+
+  app.addHook('onRequest', async (req, reply) => {
+    if (closing && req.url !== '/healthz') throw new OciError('UNAVAILABLE', 'shutting down');
+    inflight++;
+    reply.raw.once('close', () => {
+      if (--inflight === 0) drained?.();
+      // onResponse only runs for completed responses: say so when a client or a failed fill cut one short.
+      if (!reply.raw.writableFinished && req.oci) {
+        req.log.warn({ method: req.method, url: req.url, upstream: req.oci.upstream, name: req.oci.name, reference: req.oci.reference, cache: req.oci.cache, bytes: req.oci.bytes() }, 'response aborted');
+      }
+    });
   });
 
   app.addHook('onResponse', async (req, reply) => {
@@ -101,6 +124,15 @@ export async function buildApp(config: Config, options: AppOptions = {}): Promis
   });
   app.get('/metrics', async (_req, reply) => reply.type(metrics.registry.contentType).send(await metrics.registry.metrics()));
 
+  /** Stops taking requests (readyz fails, new requests get 503) and waits for running ones, up to `ms`. */
+  app.decorate('drain', async (ms: number): Promise<void> => {
+    closing = true;
+    if (inflight === 0) return;
+    await new Promise<void>((resolve) => {
+      drained = resolve;
+      setTimeout(resolve, ms).unref();
+    });
+  });
   app.addHook('preClose', async () => {
     closing = true;
   });

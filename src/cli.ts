@@ -37,7 +37,10 @@ async function serve(configFile: string | undefined): Promise<void> {
       app.log.warn('shutdown took too long, exiting');
       process.exit(1);
     }, config.server.shutdownTimeout + 5000).unref();
-    app.close().then(
+    app
+      .drain(config.server.shutdownTimeout)
+      .then(() => app.close())
+      .then(
       () => process.exit(0),
       (err: unknown) => {
         app.log.error({ err }, 'error during shutdown');

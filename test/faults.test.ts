@@ -1,0 +1,231 @@
+/**
+ * Upstream faults a real registry cannot produce. In each: the client gets a clear OCI error or
+ * an aborted body (never a complete-looking wrong one), and nothing partial enters the cache.
+ */
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { existsSync, readdirSync } from 'node:fs';
+import { createServer, type Server } from 'node:net';
+import { join } from 'node:path';
+import test, { type TestContext } from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { request } from 'undici';
+import { blobHandler, startFakeUpstream, type FakeUpstream } from './helpers/fake-upstream.js';
+import { startProxy, type Proxy } from './helpers/proxy.js';
+import { image, sha256 } from './helpers/seed.js';
+
+function blobPath(proxy: Proxy, digest: string): string {
+  const hex = digest.slice(7);
+  return join(proxy.root, 'blobs', 'sha256', hex.slice(0, 2), hex);
+}
+
+/** GET that reports whether the body arrived complete or the connection was cut. */
+async function fetchBody(url: string, headers: Record<string, string> = {}): Promise<{ status: number; headers: Record<string, unknown>; body?: Buffer; aborted?: Error }> {
+  const res = await request(url, { headers });
+  try {
+    return { status: res.statusCode, headers: res.headers, body: Buffer.from(await res.body.arrayBuffer()) };
+  } catch (err) {
+    return { status: res.statusCode, headers: res.headers, aborted: err as Error };
+  }
+}
+
+async function setup(t: TestContext, extra: Record<string, unknown> = {}, timeouts: Record<string, unknown> = {}, env: NodeJS.ProcessEnv = {}): Promise<{ fake: FakeUpstream; proxy: Proxy }> {
+  const fake = await startFakeUpstream(t);
+  const proxy = await startProxy(t, { upstreams: [{ name: 'fake.example', url: fake.url, ...extra }], timeouts: { manifest: '1s', blobIdle: '1s', ...timeouts }, env });
+  return { fake, proxy };
+}
+
+const tmpEmpty = (proxy: Proxy): boolean => readdirSync(join(proxy.root, 'tmp')).length === 0;
+
+test('a blob whose upstream misbehaves mid-body is never cached, and the client sees the body cut', async (t) => {
+  const cases = [
+    { how: 'reset' as const, what: 'connection reset after 1 MiB' },
+    { how: 'end-chunked' as const, what: 'chunked body that ends early' },
+    { how: 'stall' as const, what: 'upstream stops sending (idle timeout)' },
+  ];
+  for (const c of cases) {
+    await t.test(c.what, async (t) => {
+      const { fake, proxy } = await setup(t);
+      const data = randomBytes(4 * 1024 * 1024);
+      const digest = sha256(data);
+      fake.route(`/v2/some/repo/blobs/${digest}`, blobHandler(data, { cutAt: 1024 * 1024, how: c.how }));
+      const r = await fetchBody(`${proxy.url}/v2/some/repo/blobs/${digest}?ns=fake.example`);
+      assert.ok(r.aborted || (r.body && r.body.length < data.length), 'the client must not get a complete-looking body');
+      await sleep(100);
+      assert.equal(existsSync(blobPath(proxy, digest)), false);
+      assert.ok(tmpEmpty(proxy), 'temp file removed');
+      // The upstream recovers: the next request fills and serves the right bytes.
+      fake.route(`/v2/some/repo/blobs/${digest}`, blobHandler(data));
+      const ok = await fetchBody(`${proxy.url}/v2/some/repo/blobs/${digest}?ns=fake.example`);
+      assert.equal(ok.status, 200);
+      assert.equal(sha256(ok.body!), digest);
+      // The last bytes reach the client just before the fill's fsync and rename.
+      for (let i = 0; i < 40 && !existsSync(blobPath(proxy, digest)); i++) await sleep(25);
+      assert.ok(existsSync(blobPath(proxy, digest)));
+    });
+  }
+});
+
+test('wrong bytes for a digest: the client never gets a complete body and nothing is cached', async (t) => {
+  const { fake, proxy } = await setup(t);
+  const data = randomBytes(2 * 1024 * 1024);
+  const digest = sha256(data);
+  fake.route(`/v2/some/repo/blobs/${digest}`, blobHandler(randomBytes(data.length)));
+  const r = await fetchBody(`${proxy.url}/v2/some/repo/blobs/${digest}?ns=fake.example`);
+  assert.ok(r.aborted, 'the connection is aborted rather than finishing a wrong body');
+  await sleep(50);
+  assert.equal(existsSync(blobPath(proxy, digest)), false);
+  assert.ok(tmpEmpty(proxy));
+});
+
+test('a wrong manifest for its digest is refused, not stored', async (t) => {
+  const { fake, proxy } = await setup(t);
+  const img = image({ 'a.txt': Buffer.from('a') });
+  fake.route(`/v2/some/repo/manifests/${img.digest}`, (_req, res) => {
+    res.writeHead(200, { 'content-type': img.mediaType, 'docker-content-digest': img.digest }).end(Buffer.from(img.manifest.toString().replace('"a', '"b')));
+  });
+  const r = await fetchBody(`${proxy.url}/v2/some/repo/manifests/${img.digest}?ns=fake.example`);
+  assert.equal(r.status, 502);
+  assert.equal(JSON.parse(r.body!.toString()).errors[0].code, 'UNKNOWN');
+});
+
+test('upstream status codes map to OCI errors', async (t) => {
+  const { fake, proxy } = await setup(t);
+  const cases: Array<{ what: string; reply: (res: import('node:http').ServerResponse) => void; status: number; code: string; headers?: Record<string, string> }> = [
+    { what: '500', reply: (res) => res.writeHead(500).end('boom'), status: 502, code: 'UNAVAILABLE' },
+    { what: '503', reply: (res) => res.writeHead(503).end(), status: 502, code: 'UNAVAILABLE' },
+    { what: '429 with Retry-After', reply: (res) => res.writeHead(429, { 'retry-after': '17' }).end('slow down'), status: 429, code: 'TOOMANYREQUESTS', headers: { 'retry-after': '17' } },
+    { what: '401 without a challenge we can answer', reply: (res) => res.writeHead(401).end(), status: 403, code: 'DENIED' },
+    { what: '403', reply: (res) => res.writeHead(403).end(), status: 403, code: 'DENIED' },
+    { what: '404', reply: (res) => res.writeHead(404).end(), status: 404, code: 'MANIFEST_UNKNOWN' },
+    { what: 'hang (headers timeout)', reply: () => undefined, status: 504, code: 'UNAVAILABLE' },
+  ];
+  for (const [i, c] of cases.entries()) {
+    await t.test(c.what, async () => {
+      fake.route(`/v2/case/${i}/manifests/latest`, (_req, res) => c.reply(res));
+      const r = await fetchBody(`${proxy.url}/v2/case/${i}/manifests/latest?ns=fake.example`);
+      assert.equal(r.status, c.status);
+      assert.equal(JSON.parse(r.body!.toString()).errors[0].code, c.code);
+      for (const [k, v] of Object.entries(c.headers ?? {})) assert.equal(r.headers[k], v);
+    });
+  }
+});
+
+test('an unreachable upstream answers 503 UNAVAILABLE', async (t) => {
+  const closed = createServer();
+  await new Promise<void>((r) => closed.listen(0, '127.0.0.1', r));
+  const port = (closed.address() as { port: number }).port;
+  await new Promise<void>((r) => closed.close(() => r()));
+  const proxy = await startProxy(t, { upstreams: [{ name: 'down.example', url: `http://127.0.0.1:${port}` }] });
+  const r = await fetchBody(`${proxy.url}/v2/a/b/manifests/latest?ns=down.example`);
+  assert.equal(r.status, 503);
+  assert.deepEqual(JSON.parse(r.body!.toString()), { errors: [{ code: 'UNAVAILABLE', message: 'upstream down.example is unreachable' }] });
+});
+
+test('an oversized manifest is refused with MANIFEST_INVALID', async (t) => {
+  const { fake, proxy } = await setup(t);
+  const huge = Buffer.alloc(4 * 1048 * 1048 + 1, 0x20);
+  const serve: import('./helpers/fake-upstream.js').Handler = (req, res) => {
+    res.writeHead(200, { 'content-type': 'application/vnd.oci.image.manifest.v1+json', 'docker-content-digest': sha256(huge) });
+    res.end(req.method === 'HEAD' ? undefined : huge);
+  };
+  fake.route('/v2/big/manifest/manifests/latest', serve);
+  fake.route(`/v2/big/manifest/manifests/${sha256(huge)}`, serve);
+  const r = await fetchBody(`${proxy.url}/v2/big/manifest/manifests/latest?ns=fake.example`);
+  assert.equal(r.status, 400);
+  assert.equal(JSON.parse(r.body!.toString()).errors[0].code, 'MANIFEST_INVALID');
+});
+
+test('a blob 307 to another origin is followed without Authorization and the URL is not cached', async (t) => {
+  const cdn = await startFakeUpstream(t);
+  const data = randomBytes(300_000);
+  const digest = sha256(data);
+  let signature = 0;
+  cdn.route('/signed/blob', (req, res) => {
+    assert.equal(req.headers.authorization, undefined, 'the CDN must never see Authorization');
+    blobHandler(data)(req, res);
+  });
+  // The password comes from the environment named in the config, never from the config itself.
+  const { fake, proxy } = await setup(t, { auth: { username: 'u', passwordEnv: 'FAKE_PASSWORD' } }, {}, { FAKE_PASSWORD: 'p4ss' });
+  fake.route(`/v2/cdn/repo/blobs/${digest}`, (req, res) => {
+    if (req.headers.authorization !== `Basic ${Buffer.from('u:p4ss').toString('base64')}`) {
+      res.writeHead(401, { 'www-authenticate': 'Basic realm="fake"' }).end();
+      return;
+    }
+    res.writeHead(307, { location: `${cdn.url}/signed/blob?sig=${++signature}` }).end();
+  });
+  const r = await fetchBody(`${proxy.url}/v2/cdn/repo/blobs/${digest}?ns=fake.example`);
+  assert.equal(r.status, 200);
+  assert.equal(sha256(r.body!), digest);
+  assert.equal(cdn.requests.length, 1);
+  assert.ok(cdn.requests.every((q) => q.headers.authorization === undefined));
+  const again = await fetchBody(`${proxy.url}/v2/cdn/repo/blobs/${digest}?ns=fake.example`);
+  assert.equal(sha256(again.body!), digest);
+  assert.equal(cdn.requests.length, 1, 'the second pull comes from disk, not a cached redirect');
+});
+
+test('a client that disconnects does not abort the fill', async (t) => {
+  const { fake, proxy } = await setup(t, {}, { blobIdle: '5s' });
+  const data = randomBytes(3 * 1024 * 1024);
+  const digest = sha256(data);
+  fake.route(`/v2/slow/repo/blobs/${digest}`, (_req, res) => {
+    res.writeHead(200, { 'content-length': String(data.length) });
+    let off = 0;
+    const drip = (): void => {
+      if (off >= data.length) return void res.end();
+      res.write(data.subarray(off, off + 256 * 1024));
+      off += 256 * 1024;
+      setTimeout(drip, 20);
+    };
+    drip();
+  });
+  const res = await request(`${proxy.url}/v2/slow/repo/blobs/${digest}?ns=fake.example`);
+  for await (const _chunk of res.body) break; // read a little, then hang up
+  res.body.destroy();
+  for (let i = 0; i < 100 && !existsSync(blobPath(proxy, digest)); i++) await sleep(50);
+  assert.ok(existsSync(blobPath(proxy, digest)), 'the fill finished and was committed');
+  assert.equal(fake.count('GET', `/v2/slow/repo/blobs/${digest}`), 1);
+});
+
+test('an ns or path prefix that names no configured upstream is refused without a single packet to it', async (t) => {
+  let connections = 0;
+  const trap: Server = createServer((s) => {
+    connections++;
+    s.destroy();
+  });
+  await new Promise<void>((r) => trap.listen(0, '127.0.0.1', r));
+  t.after(() => new Promise<void>((r) => trap.close(() => r())));
+  const host = `127.0.0.1:${(trap.address() as { port: number }).port}`;
+  const { proxy } = await setup(t);
+  const cases = [
+    { path: `/v2/library/alpine/manifests/latest?ns=${encodeURIComponent(host)}`, status: 404, code: 'NAME_UNKNOWN' },
+    { path: `/v2/library/alpine/blobs/sha256:${'a'.repeat(64)}?ns=${host}`, status: 404, code: 'NAME_UNKNOWN' },
+    { path: `/v2/${host}/library/alpine/manifests/latest`, status: 404, code: 'NAME_UNKNOWN' },
+    { path: `/${host}/v2/library/alpine/manifests/latest`, status: 404, code: 'NAME_UNKNOWN' },
+  ];
+  for (const c of cases) {
+    const r = await fetchBody(`${proxy.url}${c.path}`);
+    assert.equal(r.status, c.status, c.path);
+    assert.equal(JSON.parse(r.body!.toString()).errors[0].code, c.code, c.path);
+  }
+  await sleep(50);
+  assert.equal(connections, 0);
+});
+
+test('a token realm outside the upstream is never dialled', async (t) => {
+  let connections = 0;
+  const trap: Server = createServer((s) => {
+    connections++;
+    s.destroy();
+  });
+  await new Promise<void>((r) => trap.listen(0, '127.0.0.2', r));
+  t.after(() => new Promise<void>((r) => trap.close(() => r())));
+  const { fake, proxy } = await setup(t);
+  fake.route('/v2/x/y/manifests/latest', (_req, res) => {
+    res.writeHead(401, { 'www-authenticate': `Bearer realm="http://127.0.0.2:${(trap.address() as { port: number }).port}/token",service="evil"` }).end();
+  });
+  const r = await fetchBody(`${proxy.url}/v2/x/y/manifests/latest?ns=fake.example`);
+  assert.equal(r.status, 403);
+  assert.equal(JSON.parse(r.body!.toString()).errors[0].code, 'DENIED');
+  assert.equal(connections, 0);
+});
