@@ -1,0 +1,164 @@
+/**
+ * Real clients pulling through ocicache: skopeo (containers/image, as podman and CRI-O use it)
+ * by direct reference and as a registries.conf prefix mirror, and a containerd daemon started by
+ * the test, pulling with `ctr images pull --hosts-dir` so every request carries `ns`.
+ * The README's client snippets are these.
+ */
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { mkdirSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import test, { type TestContext } from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { startDistribution, type Distribution } from './helpers/distribution.js';
+import { startProxy, type Proxy } from './helpers/proxy.js';
+import { image, multiArch, Pusher, sha256, type Image, type MultiArch } from './helpers/seed.js';
+import { need } from './helpers/tools.js';
+
+interface World {
+  hub: Distribution;
+  ghcr: Distribution;
+  proxy: Proxy;
+  alpine: MultiArch;
+  ghcrApp: Image;
+}
+
+/** Two upstreams (as docker.io and ghcr.io) and a proxy with no default upstream: every request must name one. */
+async function world(t: TestContext): Promise<World | undefined> {
+  const hub = await startDistribution(t);
+  const ghcr = await startDistribution(t);
+  if (!hub || !ghcr) return undefined;
+  const alpine = multiArch([{ os: 'linux', architecture: 'amd64' }, { os: 'linux', architecture: 'arm64' }], 'alpine');
+  await new Pusher({ url: hub.url }).pushMultiArch('library/alpine', '3.20', alpine);
+  const ghcrApp = image({ 'etc/app.conf': Buffer.from('from ghcr\n') });
+  await new Pusher({ url: ghcr.url }).pushImage('team/app', 'v1', ghcrApp);
+  const proxy = await startProxy(t, {
+    upstreams: [
+      { name: 'docker.io', url: hub.url, aliases: ['index.docker.io', 'registry-1.docker.io'], dockerHubLibrary: true },
+      { name: 'ghcr.io', url: ghcr.url },
+    ],
+  });
+  return { hub, ghcr, proxy, alpine, ghcrApp };
+}
+
+/** Runs a client to completion. Asynchronous on purpose: the proxy answers from this same process. */
+async function run(cmd: string, args: string[], env: NodeJS.ProcessEnv = process.env): Promise<string> {
+  const child = spawn(cmd, args, { env, stdio: ['ignore', 'pipe', 'pipe'] });
+  let stdout = '';
+  let stderr = '';
+  child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+  child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+  const timer = setTimeout(() => child.kill('SIGKILL'), 120_000);
+  const code = await new Promise<number | null>((r) => child.once('exit', r));
+  clearTimeout(timer);
+  assert.equal(code, 0, `${cmd} ${args.join(' ')} failed:\n${stdout.slice(-3000)}\n${stderr.slice(-3000)}`);
+  return stdout;
+}
+
+test('skopeo pulls through the cache by direct reference and as a prefix mirror', async (t) => {
+  const skopeo = need(t, 'skopeo', 'apt-get install skopeo');
+  if (!skopeo) return;
+  const w = await world(t);
+  if (!w) return;
+  const dir = mkdtempSync(join(tmpdir(), 'ocicache-skopeo-'));
+  const policy = join(dir, 'policy.json');
+  writeFileSync(policy, JSON.stringify({ default: [{ type: 'insecureAcceptAnything' }] }));
+
+  // Direct reference: the proxy as a registry, the upstream as the first path component.
+  const raw = await run(skopeo, ['inspect', '--tls-verify=false', '--raw', `docker://${w.proxy.host}/docker.io/library/alpine:3.20`]);
+  assert.equal(sha256(raw), w.alpine.digest);
+  await run(skopeo, ['--policy', policy, 'copy', '--all', '--preserve-digests', '--src-tls-verify=false', `docker://${w.proxy.host}/ghcr.io/team/app:v1`, `oci:${join(dir, 'direct')}:v1`]);
+  const index = JSON.parse(readFileSync(join(dir, 'direct', 'index.json'), 'utf8')) as { manifests: Array<{ digest: string }> };
+  assert.equal(index.manifests[0]!.digest, w.ghcrApp.digest);
+
+  // Prefix mirror (podman/CRI-O registries.conf): the primary location is a dead port, so every byte comes from the mirror.
+  // containers/image reads $HOME/.config/containers/registries.conf before /etc/containers (skopeo 1.9 has no flag for it).
+  const home = join(dir, 'home');
+  mkdirSync(join(home, '.config', 'containers'), { recursive: true });
+  const conf = join(home, '.config', 'containers', 'registries.conf');
+  writeFileSync(
+    conf,
+    `[[registry]]
+prefix = "docker.io"
+location = "127.0.0.1:1"
+insecure = true
+
+[[registry.mirror]]
+location = "${w.proxy.host}/docker.io"
+insecure = true
+`,
+  );
+  await run(skopeo, ['--policy', policy, 'copy', '--all', '--preserve-digests', `docker://docker.io/library/alpine:3.20`, `oci:${join(dir, 'mirror')}:3.20`], { ...process.env, HOME: home, CONTAINERS_REGISTRIES_CONF: conf });
+  const mirrored = JSON.parse(readFileSync(join(dir, 'mirror', 'index.json'), 'utf8')) as { manifests: Array<{ digest: string }> };
+  assert.equal(mirrored.manifests[0]!.digest, w.alpine.digest);
+  const blobs = readdirSync(join(dir, 'mirror', 'blobs', 'sha256'));
+  for (const img of w.alpine.images) for (const b of img.blobs) assert.ok(blobs.includes(b.descriptor.digest.slice(7)));
+});
+
+test('containerd pulls multi-arch images from two upstreams through one endpoint (hosts.toml, ns)', async (t) => {
+  const containerd = need(t, 'containerd', 'apt-get install containerd');
+  const ctr = need(t, 'ctr', 'apt-get install containerd');
+  if (!containerd || !ctr) return;
+  if (process.getuid?.() !== 0) {
+    if (process.env.CI) throw new Error('the containerd test needs root');
+    t.skip('the containerd test needs root');
+    return;
+  }
+  const w = await world(t);
+  if (!w) return;
+  const dir = mkdtempSync(join(tmpdir(), 'ocicache-ctrd-'));
+  const socket = join(dir, 'containerd.sock');
+  writeFileSync(
+    join(dir, 'config.toml'),
+    `version = 2
+root = "${join(dir, 'root')}"
+state = "${join(dir, 'state')}"
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs"]
+[grpc]
+  address = "${socket}"
+[ttrpc]
+  address = "${socket}.ttrpc"
+`,
+  );
+  const daemon = spawn(containerd, ['--config', join(dir, 'config.toml')], { stdio: ['ignore', 'ignore', 'pipe'] });
+  let daemonLog = '';
+  daemon.stderr.on('data', (d: Buffer) => (daemonLog += d.toString()));
+  t.after(async () => {
+    const exited = new Promise((r) => daemon.once('exit', r));
+    daemon.kill('SIGTERM');
+    const timer = setTimeout(() => daemon.kill('SIGKILL'), 5000);
+    await exited;
+    clearTimeout(timer);
+  });
+  for (let i = 0; i < 100 && !readdirSync(dir).includes('containerd.sock'); i++) await sleep(100);
+  assert.ok(readdirSync(dir).includes('containerd.sock'), `containerd did not start:\n${daemonLog.slice(-3000)}`);
+
+  // One hosts.toml for docker.io, and _default for everything else (ghcr.io here). `server` is a
+  // dead port so a pull can only succeed through the cache.
+  const hostsDir = join(dir, 'certs.d');
+  const hostsToml = `server = "http://127.0.0.1:1"
+
+[host."http://${w.proxy.host}"]
+  capabilities = ["pull", "resolve"]
+`;
+  for (const sub of ['docker.io', '_default']) {
+    mkdirSync(join(hostsDir, sub), { recursive: true });
+    writeFileSync(join(hostsDir, sub, 'hosts.toml'), hostsToml);
+  }
+  const pulls: Array<[string, string]> = [
+    ['docker.io/library/alpine:3.20', w.alpine.digest],
+    ['ghcr.io/team/app:v1', w.ghcrApp.digest],
+  ];
+  for (const [ref, digest] of pulls) {
+    await run(ctr, ['--address', socket, 'images', 'pull', '--hosts-dir', hostsDir, '--all-platforms', ref]);
+    const ls = await run(ctr, ['--address', socket, 'images', 'ls']);
+    const line = ls.split('\n').find((l) => l.startsWith(`${ref} `));
+    assert.ok(line?.includes(digest), `${ref} should resolve to ${digest}:\n${ls}`);
+  }
+  // A second containerd namespace pulls again: all from the cache now.
+  const before = w.hub.accessLog.length;
+  await run(ctr, ['--address', socket, '--namespace', 'second', 'images', 'pull', '--hosts-dir', hostsDir, '--all-platforms', 'docker.io/library/alpine:3.20']);
+  await sleep(50);
+  assert.deepEqual(w.hub.accessLog.slice(before), [], 'the second pull sent nothing upstream');
+});
