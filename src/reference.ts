@@ -58,7 +58,8 @@ export function isDigest(reference: string): boolean {
 /** Throws DIGEST_INVALID unless `value` is a sha256 or sha512 digest in canonical form. */
 export function checkDigest(value: string): string {
   if (DIGEST.test(value)) return value;
-  if (DIGEST_SHAPE.test(value)) throw new OciError('DIGEST_INVALID', `unsupported digest ${value.slice(0, 150)}: only sha256 and sha512 are accepted`);
+  const algorithm = value.split(':')[0];
+  if (DIGEST_SHAPE.test(value) && algorithm !== 'sha256' && algorithm !== 'sha512') throw new OciError('DIGEST_INVALID', `unsupported digest ${value.slice(0, 150)}: only sha256 and sha512 are accepted`);
   throw new OciError('DIGEST_INVALID', `invalid digest ${JSON.stringify(value.slice(0, 150))}`);
 }
 

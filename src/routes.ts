@@ -47,6 +47,10 @@ function optionalInt(query: URLSearchParams, key: string): number | undefined {
   return Number(v);
 }
 
+function readOnly(): OciError {
+  return new OciError('UNSUPPORTED', 'this registry is a read-only cache', { headers: { allow: 'GET, HEAD' } });
+}
+
 export function registerRoutes(app: FastifyInstance, deps: RouteDeps): void {
   const { registry, upstreams } = deps;
 
@@ -60,7 +64,7 @@ export function registerRoutes(app: FastifyInstance, deps: RouteDeps): void {
       reply.headers(API_VERSION);
       const parsed = parseV2Path(path, query.get('ns') ?? undefined, upstreams);
       if (parsed.kind === 'base') return reply.type('application/json').send('{}');
-      if (parsed.kind === 'upload') throw new OciError('UNSUPPORTED', 'this registry is a read-only cache');
+      if (parsed.kind === 'upload') throw readOnly();
       const ctx: RequestContext = { kind: parsed.kind, upstream: parsed.target.upstream.name, name: parsed.target.name, reference: parsed.reference, bytes: () => 0 };
       req.oci = ctx;
       // The spec's answer to dependency confusion: say which upstream this content is from.
@@ -143,9 +147,8 @@ export function registerRoutes(app: FastifyInstance, deps: RouteDeps): void {
   app.route({
     method: ['POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS'],
     url: '/*',
-    handler: async (_req, reply) => {
-      reply.headers(API_VERSION).header('allow', 'GET, HEAD');
-      throw new OciError('UNSUPPORTED', 'this registry is a read-only cache');
+    handler: async () => {
+      throw readOnly();
     },
   });
 }

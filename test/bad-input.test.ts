@@ -1,0 +1,87 @@
+/**
+ * Bad input from clients: each gets its OCI error envelope and a 4xx, never a 5xx, and none of
+ * it reaches the upstream.
+ */
+import assert from 'node:assert/strict';
+import test from 'node:test';
+import { getGlobalDispatcher, request } from 'undici';
+import { startFakeUpstream } from './helpers/fake-upstream.js';
+import { startProxy } from './helpers/proxy.js';
+
+const HEX = 'a'.repeat(64);
+
+test('bad requests get exact OCI errors and never touch the upstream', async (t) => {
+  const fake = await startFakeUpstream(t);
+  const proxy = await startProxy(t, { upstreams: [{ name: 'docker.io', url: fake.url, dockerHubLibrary: true }, { name: 'ghcr.io', url: fake.url }] });
+  const cases: Array<{ what: string; method?: string; path: string; headers?: Record<string, string>; status: number; code: string; message?: string }> = [
+    { what: 'path traversal in the name', path: '/v2/../../etc/passwd/manifests/latest?ns=docker.io', status: 400, code: 'NAME_INVALID' },
+    { what: 'encoded traversal', path: '/v2/library/%2e%2e/manifests/latest?ns=docker.io', status: 400, code: 'NAME_INVALID' },
+    { what: 'encoded slash', path: '/v2/library%2Falpine/manifests/latest?ns=docker.io', status: 400, code: 'NAME_INVALID' },
+    { what: 'upper-case name', path: '/v2/Library/Alpine/manifests/latest?ns=docker.io', status: 400, code: 'NAME_INVALID' },
+    { what: 'empty name component', path: '/v2/library//alpine/manifests/latest?ns=docker.io', status: 400, code: 'NAME_INVALID' },
+    { what: 'name too long', path: `/v2/${'a'.repeat(256)}/manifests/latest?ns=docker.io`, status: 400, code: 'NAME_INVALID' },
+    { what: 'invalid tag', path: '/v2/library/alpine/manifests/-bad?ns=docker.io', status: 400, code: 'TAG_INVALID' },
+    { what: 'tag too long', path: `/v2/library/alpine/manifests/${'t'.repeat(129)}?ns=docker.io`, status: 400, code: 'TAG_INVALID' },
+    { what: 'malformed digest', path: '/v2/library/alpine/blobs/sha256:xyz?ns=docker.io', status: 400, code: 'DIGEST_INVALID', message: 'invalid digest "sha256:xyz"' },
+    { what: 'short sha256', path: `/v2/library/alpine/blobs/sha256:${HEX.slice(1)}?ns=docker.io`, status: 400, code: 'DIGEST_INVALID' },
+    { what: 'upper-case hex', path: `/v2/library/alpine/blobs/sha256:${HEX.toUpperCase()}?ns=docker.io`, status: 400, code: 'DIGEST_INVALID' },
+    { what: 'unsupported algorithm', path: `/v2/library/alpine/blobs/md5:${'b'.repeat(32)}?ns=docker.io`, status: 400, code: 'DIGEST_INVALID', message: `unsupported digest md5:${'b'.repeat(32)}: only sha256 and sha512 are accepted` },
+    { what: 'tag where a blob digest belongs', path: '/v2/library/alpine/blobs/latest?ns=docker.io', status: 400, code: 'DIGEST_INVALID' },
+    { what: 'referrers with a tag', path: '/v2/library/alpine/referrers/latest?ns=docker.io', status: 400, code: 'DIGEST_INVALID' },
+    { what: 'unknown ns', path: '/v2/library/alpine/manifests/latest?ns=quay.io', status: 404, code: 'NAME_UNKNOWN', message: 'ns "quay.io" is not a configured upstream of this cache' },
+    { what: 'ns with CRLF', path: '/v2/library/alpine/manifests/latest?ns=evil%0d%0ahost', status: 404, code: 'NAME_UNKNOWN' },
+    { what: 'no upstream named and no default', path: '/v2/library/alpine/manifests/latest', status: 404, code: 'NAME_UNKNOWN', message: 'no upstream named: send ?ns=<registry>, or put a configured registry first in the path (/v2/<registry>/<name>/…)' },
+    { what: 'ns and path prefix disagree', path: '/docker.io/v2/library/alpine/manifests/latest?ns=ghcr.io', status: 400, code: 'NAME_INVALID' },
+    { what: 'unknown endpoint', path: '/v2/_catalog?ns=docker.io', status: 404, code: 'NAME_UNKNOWN' },
+    { what: 'bad n', path: '/v2/library/alpine/tags/list?n=-1&ns=docker.io', status: 400, code: 'PAGINATION_NUMBER_INVALID' },
+    { what: 'upload start', method: 'POST', path: '/v2/library/alpine/blobs/uploads/?ns=docker.io', status: 405, code: 'UNSUPPORTED' },
+    { what: 'upload status', path: '/v2/library/alpine/blobs/uploads/abc?ns=docker.io', status: 405, code: 'UNSUPPORTED' },
+    { what: 'manifest push', method: 'PUT', path: '/v2/library/alpine/manifests/latest?ns=docker.io', status: 405, code: 'UNSUPPORTED' },
+    { what: 'manifest delete', method: 'DELETE', path: `/v2/library/alpine/manifests/sha256:${HEX}?ns=docker.io`, status: 405, code: 'UNSUPPORTED' },
+    { what: 'blob patch', method: 'PATCH', path: '/v2/library/alpine/blobs/uploads/x', status: 405, code: 'UNSUPPORTED' },
+  ];
+  for (const c of cases) {
+    // The raw path, as sent: a URL parser would resolve the `..` before it left the client.
+    const res = await getGlobalDispatcher().request({
+      origin: proxy.url,
+      path: c.path,
+      method: (c.method ?? 'GET') as 'GET',
+      headers: c.headers,
+      body: c.method === 'PUT' || c.method === 'POST' || c.method === 'PATCH' ? '{"x":1}' : undefined,
+    });
+    const text = await res.body.text();
+    assert.equal(res.statusCode, c.status, `${c.what}: ${text}`);
+    assert.equal(res.headers['content-type'], 'application/json; charset=utf-8', c.what);
+    const body = JSON.parse(text) as { errors: Array<{ code: string; message: string }> };
+    assert.equal(body.errors.length, 1, c.what);
+    assert.equal(body.errors[0]!.code, c.code, c.what);
+    if (c.message) assert.equal(body.errors[0]!.message, c.message, c.what);
+    if (c.status === 405) assert.equal(res.headers.allow, 'GET, HEAD');
+  }
+  // HEAD errors carry the status and no body.
+  const head = await request(`${proxy.url}/v2/library/alpine/manifests/-bad?ns=docker.io`, { method: 'HEAD' });
+  assert.equal(head.statusCode, 400);
+  assert.equal((await head.body.text()).length, 0);
+  assert.equal(fake.requests.length, 0, 'no bad request reached the upstream');
+});
+
+test('a malformed Range on a cached blob answers 416 with the size', async (t) => {
+  const fake = await startFakeUpstream(t);
+  const proxy = await startProxy(t, { upstreams: [{ name: 'docker.io', url: fake.url }] });
+  const data = Buffer.from('0123456789');
+  const { createHash } = await import('node:crypto');
+  const digest = `sha256:${createHash('sha256').update(data).digest('hex')}`;
+  const { blobHandler } = await import('./helpers/fake-upstream.js');
+  fake.route(`/v2/r/blobs/${digest}`, blobHandler(data));
+  const url = `${proxy.url}/v2/r/blobs/${digest}?ns=docker.io`;
+  await (await request(url)).body.text();
+  for (const range of ['bytes=20-', 'bytes=abc', 'bytes=5-2', 'bytes=-0']) {
+    const r = await request(url, { headers: { range } });
+    assert.equal(r.statusCode, 416, range);
+    assert.equal(r.headers['content-range'], 'bytes */10', range);
+    assert.equal(JSON.parse(await r.body.text()).errors[0].code, 'RANGE_INVALID');
+  }
+  const whole = await request(url, { headers: { range: 'bytes=0-1,4-5' } });
+  assert.equal(whole.statusCode, 200, 'several ranges: the whole blob');
+  assert.equal(await whole.body.text(), '0123456789');
+});

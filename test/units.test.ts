@@ -1,0 +1,113 @@
+/** Pure pieces, table-driven: WWW-Authenticate, Range, Accept, config validation, path parsing. */
+import assert from 'node:assert/strict';
+import test from 'node:test';
+import { buildConfig, ConfigError } from '../src/config.js';
+import { OciError } from '../src/errors.js';
+import { accepts } from '../src/manifest.js';
+import { parseRange } from '../src/range.js';
+import { parseV2Path, UpstreamIndex } from '../src/reference.js';
+import { parseWwwAuthenticate } from '../src/www-authenticate.js';
+
+test('WWW-Authenticate: quoted commas, several challenges, case', () => {
+  const cases: Array<[string, Array<{ scheme: string; params: Record<string, string> }>]> = [
+    [
+      'Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:samalba/my-app:pull,push"',
+      [{ scheme: 'bearer', params: { realm: 'https://auth.docker.io/token', service: 'registry.docker.io', scope: 'repository:samalba/my-app:pull,push' } }],
+    ],
+    ['Basic realm="Registry Realm"', [{ scheme: 'basic', params: { realm: 'Registry Realm' } }]],
+    [
+      'BEARER Realm="r", Service=s, Basic realm="b"',
+      [
+        { scheme: 'bearer', params: { realm: 'r', service: 's' } },
+        { scheme: 'basic', params: { realm: 'b' } },
+      ],
+    ],
+    ['Bearer realm="a\\"b",error="insufficient_scope"', [{ scheme: 'bearer', params: { realm: 'a"b', error: 'insufficient_scope' } }]],
+    ['', []],
+  ];
+  for (const [header, expected] of cases) assert.deepEqual(parseWwwAuthenticate(header), expected, header);
+});
+
+test('Range: single ranges, suffixes, and 416s', () => {
+  const size = 100;
+  const ok: Array<[string | undefined, { start: number; end: number } | undefined]> = [
+    [undefined, undefined],
+    ['bytes=0-9', { start: 0, end: 9 }],
+    ['bytes=90-', { start: 90, end: 99 }],
+    ['bytes=90-500', { start: 90, end: 99 }],
+    ['bytes=-10', { start: 90, end: 99 }],
+    ['bytes=-500', { start: 0, end: 99 }],
+    ['bytes=0-1,5-6', undefined], // several ranges: the whole blob
+    ['items=0-1', undefined], // another unit: ignored
+  ];
+  for (const [h, r] of ok) assert.deepEqual(parseRange(h, size), r, h);
+  for (const h of ['bytes=100-', 'bytes=5-1', 'bytes=x-', 'bytes=-0', 'bytes=-']) {
+    assert.throws(() => parseRange(h, size), (e: unknown) => e instanceof OciError && e.status === 416 && e.headers['content-range'] === 'bytes */100', h);
+  }
+});
+
+test('Accept negotiation: lists, parameters, wildcards', () => {
+  const index = 'application/vnd.oci.image.index.v1+json';
+  const cases: Array<[string | undefined, boolean]> = [
+    [undefined, true],
+    ['', true],
+    ['*/*', true],
+    ['application/*', true],
+    [`application/vnd.docker.distribution.manifest.v2+json, ${index}`, true],
+    [`${index}; q=0.5`, true],
+    ['application/vnd.docker.distribution.manifest.v2+json', false],
+    ['text/*', false],
+  ];
+  for (const [accept, want] of cases) assert.equal(accepts(accept, index), want, String(accept));
+});
+
+test('config: errors name the bad key', () => {
+  const base = { upstreams: [{ name: 'docker.io', url: 'https://registry-1.docker.io' }] };
+  const cases: Array<[unknown, string]> = [
+    [{}, 'config: upstreams: must list at least one upstream'],
+    [{ ...base, server: { port: 'x' } }, 'config: server.port: must be a port number 0-65535, got "x"'],
+    [{ ...base, cache: { tagTtl: 'soon' } }, 'config: cache.tagTtl: expected a duration such as 30s, 5m or 24h, got "soon"'],
+    [{ ...base, cache: { tagTl: '5m' } }, 'config: cache.tagTl: unknown key (known: tagTtl, manifestMemory)'],
+    [{ upstreams: [{ name: 'docker.io', url: 'ftp://x' }] }, 'config: upstreams[0].url: must use http or https'],
+    [{ upstreams: [{ name: 'Not A Host!', url: 'https://x' }] }, 'config: upstreams[0].name: must be a registry host name such as docker.io or registry.example.com:5000, got "Not A Host!"'],
+    [{ ...base, defaultUpstream: 'quay.io' }, 'config: defaultUpstream: quay.io is not the name or alias of a configured upstream'],
+    [{ upstreams: [{ name: 'a.io', url: 'https://a' }, { name: 'b.io', url: 'https://b', aliases: ['a.io'] }] }, 'config: upstreams[1]: a.io is already used by a.io'],
+    [{ upstreams: [{ name: 'a.io', url: 'https://a', auth: { username: 'u', password: 'p' } }] }, 'config: upstreams[0].auth.password: secrets are never written in the config: use passwordEnv or passwordFile'],
+    [{ upstreams: [{ name: 'a.io', url: 'https://a', auth: { username: 'u', passwordEnv: 'NOPE' } }] }, 'config: upstreams[0].auth.passwordEnv: environment variable NOPE is not set'],
+  ];
+  for (const [doc, message] of cases) assert.throws(() => buildConfig(doc, {}), (e: unknown) => e instanceof ConfigError && e.message === message, message);
+});
+
+test('config: env overrides', () => {
+  const c = buildConfig({ upstreams: [{ name: 'docker.io', url: 'https://r' }], defaultUpstream: 'docker.io' }, { OCICACHE_PORT: '6000', OCICACHE_STORAGE_ROOT: '/tmp/x', OCICACHE_DEFAULT_UPSTREAM: '' });
+  assert.equal(c.server.port, 6000);
+  assert.equal(c.storage.root, '/tmp/x');
+  assert.equal(c.defaultUpstream, undefined);
+});
+
+test('path parsing: routes from the right, upstream from ns, prefix or default', () => {
+  const config = buildConfig(
+    { defaultUpstream: 'docker.io', upstreams: [{ name: 'docker.io', url: 'https://r', aliases: ['index.docker.io'], dockerHubLibrary: true }, { name: 'ghcr.io', url: 'https://g' }] },
+    {},
+  );
+  const idx = new UpstreamIndex(config);
+  const cases: Array<[string, string | undefined, string, string, string, string]> = [
+    // path, ns, kind, upstream, name, reference
+    ['/v2/a/blobs/b/manifests/latest', 'ghcr.io', 'manifest', 'ghcr.io', 'a/blobs/b', 'latest'],
+    ['/v2/alpine/manifests/3', 'docker.io', 'manifest', 'docker.io', 'library/alpine', '3'],
+    ['/v2/alpine/manifests/3', 'INDEX.DOCKER.IO:443', 'manifest', 'docker.io', 'library/alpine', '3'],
+    ['/v2/ghcr.io/org/tool/tags/list', undefined, 'tags', 'ghcr.io', 'org/tool', 'list'],
+    ['/ghcr.io/v2/org/tool/manifests/v1', undefined, 'manifest', 'ghcr.io', 'org/tool', 'v1'],
+    ['/ghcr.io/org/tool/manifests/v1', 'ghcr.io', 'manifest', 'ghcr.io', 'org/tool', 'v1'],
+    ['/v2/org/tool/manifests/v1', undefined, 'manifest', 'docker.io', 'org/tool', 'v1'],
+    ['/v2/ghcr.io/manifests/v1', undefined, 'manifest', 'docker.io', 'library/ghcr.io', 'v1'], // one segment: a name, not a prefix
+  ];
+  for (const [path, ns, kind, upstream, name, reference] of cases) {
+    const p = parseV2Path(path, ns, idx);
+    assert.ok(p.kind !== 'base' && p.kind !== 'upload', path);
+    if (p.kind === 'base' || p.kind === 'upload') continue;
+    assert.deepEqual([p.kind, p.target.upstream.name, p.target.name, p.reference], [kind, upstream, name, reference], path);
+  }
+  assert.deepEqual(parseV2Path('/v2/', undefined, idx), { kind: 'base' });
+  assert.deepEqual(parseV2Path('/ghcr.io/v2/', undefined, idx), { kind: 'base' });
+});
