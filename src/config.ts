@@ -231,7 +231,8 @@ export function buildConfig(doc: unknown, env: NodeJS.ProcessEnv = process.env):
 }
 
 /** Read a config file (the embedded default when none is given) and apply env overrides. */
-export function loadConfig(file: string = process.env.OCICACHE_CONFIG ?? DEFAULT_CONFIG_FILE, env: NodeJS.ProcessEnv = process.env): Config {
+export function loadConfig(file: string | undefined, env: NodeJS.ProcessEnv = process.env): Config {
+  file ||= env.OCICACHE_CONFIG || DEFAULT_CONFIG_FILE;
   let text: string;
   try {
     text = readFileSync(file, 'utf8');

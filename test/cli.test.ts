@@ -1,0 +1,52 @@
+/** The `ocicache` command as an operator runs it: embedded default config, bad config, SIGTERM. */
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import test from 'node:test';
+import { request } from 'undici';
+
+const CLI = ['--import', 'tsx', 'src/cli.ts'];
+
+function start(args: string[], env: NodeJS.ProcessEnv) {
+  const child = spawn(process.execPath, [...CLI, ...args], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+  let stdout = '';
+  let stderr = '';
+  child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+  child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+  const exit = new Promise<number | null>((r) => child.once('exit', r));
+  return { child, exit, out: () => stdout, err: () => stderr };
+}
+
+test('serve runs on the embedded default config and shuts down cleanly on SIGTERM', async (t) => {
+  const root = mkdtempSync(join(tmpdir(), 'ocicache-cli-'));
+  const p = start(['serve'], { OCICACHE_HOST: '127.0.0.1', OCICACHE_PORT: '0', OCICACHE_STORAGE_ROOT: root, OCICACHE_CONFIG: '' });
+  t.after(() => p.child.kill('SIGKILL'));
+  let port: string | undefined;
+  for (let i = 0; i < 200 && !port; i++) {
+    port = /"msg":"Server listening at http:\/\/127\.0\.0\.1:(\d+)"/.exec(p.out())?.[1];
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  assert.ok(port, `did not start:\n${p.out()}\n${p.err()}`);
+  const ready = JSON.parse(p.out().split('\n').find((l) => l.includes('"ocicache ready"'))!) as { upstreams: string[]; defaultUpstream: string };
+  assert.equal(ready.defaultUpstream, 'docker.io');
+  assert.deepEqual(ready.upstreams.map((u) => u.split('=')[0]), ['docker.io', 'ghcr.io', 'quay.io', 'registry.k8s.io', 'gcr.io', 'mcr.microsoft.com', 'public.ecr.aws']);
+  for (const [path, status] of [['/v2/', 200], ['/healthz', 200], ['/readyz', 200], ['/metrics', 200]] as const) {
+    const res = await request(`http://127.0.0.1:${port}${path}`);
+    await res.body.dump();
+    assert.equal(res.statusCode, status, path);
+  }
+  p.child.kill('SIGTERM');
+  assert.equal(await p.exit, 0);
+  assert.match(p.out(), /shutting down/);
+});
+
+test('a bad config stops start-up with a message that names the key', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'ocicache-cli-'));
+  const file = join(dir, 'bad.yaml');
+  writeFileSync(file, 'upstreams:\n  - name: docker.io\n    url: https://registry-1.docker.io\ncache:\n  tagTTL: 5m\n');
+  const p = start(['serve', '--config', file], {});
+  assert.equal(await p.exit, 2);
+  assert.equal(p.err().trim(), 'config: cache.tagTTL: unknown key (known: tagTtl, manifestMemory)');
+});
