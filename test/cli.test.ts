@@ -5,7 +5,7 @@ import { mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import test from 'node:test';
-import { request } from 'undici';
+import { request, type Dispatcher } from 'undici';
 
 const CLI = ['--import', 'tsx', 'src/cli.ts'];
 
@@ -33,7 +33,7 @@ test('serve runs on the embedded default config and shuts down cleanly on SIGTER
   assert.equal(ready.defaultUpstream, 'docker.io');
   assert.deepEqual(ready.upstreams.map((u) => u.split('=')[0]), ['docker.io', 'ghcr.io', 'quay.io', 'registry.k8s.io', 'gcr.io', 'mcr.microsoft.com', 'public.ecr.aws']);
   for (const [path, status] of [['/v2/', 200], ['/healthz', 200], ['/readyz', 200], ['/metrics', 200]] as const) {
-    const res = await request(`http://127.0.0.1:${port}${path}`);
+    const res: Dispatcher.ResponseData = await request(`http://127.0.0.1:${port}${path}`);
     await res.body.dump();
     assert.equal(res.statusCode, status, path);
   }
