@@ -35,6 +35,19 @@ async function setup(t: TestContext, extra: Record<string, unknown> = {}, timeou
   return { fake, proxy };
 }
 
+/** A TCP listener that counts connections: where the cache must never connect. */
+async function startTrap(t: TestContext, address: string): Promise<{ host: string; connections: number }> {
+  const trap = { host: '', connections: 0 };
+  const server: Server = createServer((s) => {
+    trap.connections++;
+    s.destroy();
+  });
+  await new Promise<void>((r) => server.listen(0, address, r));
+  t.after(() => new Promise<void>((r) => server.close(() => r())));
+  trap.host = `${address}:${(server.address() as { port: number }).port}`;
+  return trap;
+}
+
 const tmpEmpty = (proxy: Proxy): boolean => readdirSync(join(proxy.root, 'tmp')).length === 0;
 
 test('a blob whose upstream misbehaves mid-body is never cached, and the client sees the body cut', async (t) => {
@@ -188,14 +201,8 @@ test('a client that disconnects does not abort the fill', async (t) => {
 });
 
 test('an ns or path prefix that names no configured upstream is refused without a single packet to it', async (t) => {
-  let connections = 0;
-  const trap: Server = createServer((s) => {
-    connections++;
-    s.destroy();
-  });
-  await new Promise<void>((r) => trap.listen(0, '127.0.0.1', r));
-  t.after(() => new Promise<void>((r) => trap.close(() => r())));
-  const host = `127.0.0.1:${(trap.address() as { port: number }).port}`;
+  const trap = await startTrap(t, '127.0.0.1');
+  const host = trap.host;
   const { proxy } = await setup(t);
   const cases = [
     { path: `/v2/library/alpine/manifests/latest?ns=${encodeURIComponent(host)}`, status: 404, code: 'NAME_UNKNOWN' },
@@ -209,23 +216,17 @@ test('an ns or path prefix that names no configured upstream is refused without 
     assert.equal(JSON.parse(r.body!.toString()).errors[0].code, c.code, c.path);
   }
   await sleep(50);
-  assert.equal(connections, 0);
+  assert.equal(trap.connections, 0);
 });
 
 test('a token realm outside the upstream is never dialled', async (t) => {
-  let connections = 0;
-  const trap: Server = createServer((s) => {
-    connections++;
-    s.destroy();
-  });
-  await new Promise<void>((r) => trap.listen(0, '127.0.0.2', r));
-  t.after(() => new Promise<void>((r) => trap.close(() => r())));
+  const trap = await startTrap(t, '127.0.0.2');
   const { fake, proxy } = await setup(t);
   fake.route('/v2/x/y/manifests/latest', (_req, res) => {
-    res.writeHead(401, { 'www-authenticate': `Bearer realm="http://127.0.0.2:${(trap.address() as { port: number }).port}/token",service="evil"` }).end();
+    res.writeHead(401, { 'www-authenticate': `Bearer realm="http://${trap.host}/token",service="evil"` }).end();
   });
   const r = await fetchBody(`${proxy.url}/v2/x/y/manifests/latest?ns=fake.example`);
   assert.equal(r.status, 403);
   assert.equal(JSON.parse(r.body!.toString()).errors[0].code, 'DENIED');
-  assert.equal(connections, 0);
+  assert.equal(trap.connections, 0);
 });
