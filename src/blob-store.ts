@@ -77,7 +77,8 @@ export class BlobStore {
   }
 }
 
-type FillState = 'filling' | 'committed' | 'failed';
+/** filling → verified (digest and size checked: the last byte may go out) → committed (renamed into place), or failed. */
+type FillState = 'filling' | 'verified' | 'committed' | 'failed';
 
 /**
  * One blob being written from upstream. Emits 'progress' whenever `written` grows or the state
@@ -138,6 +139,8 @@ export class Fill extends EventEmitter {
     if (actual !== this.digest) {
       throw new OciError('UNKNOWN', `upstream content for ${this.digest} hashes to ${actual}`, { status: 502 });
     }
+    this.state = 'verified';
+    this.emit('progress');
     await this.handle!.datasync();
     await this.handle!.close();
     this.handle = undefined;
@@ -150,7 +153,7 @@ export class Fill extends EventEmitter {
 
   /** Removes the temp file and fails every reader: a client must never see a complete-looking wrong body. */
   async fail(err: Error): Promise<void> {
-    if (this.state !== 'filling') return;
+    if (this.state === 'committed' || this.state === 'failed') return;
     this.state = 'failed';
     this.error = err;
     this.emit('progress');
@@ -158,6 +161,15 @@ export class Fill extends EventEmitter {
     this.handle = undefined;
     await handle?.close().catch(() => undefined);
     await rm(this.tmpPath, { force: true });
+  }
+
+  /**
+   * Bytes readers may send now. While filling, the blob's last byte is held back until the digest
+   * is checked, so a client never receives a complete-looking body with the wrong content.
+   */
+  get deliverable(): number {
+    if (this.state !== 'filling' || this.size === undefined) return this.written;
+    return Math.min(this.written, this.size - 1);
   }
 
   /** A stream of bytes [start, end] (end inclusive, default: to the end) that tails the fill. */
@@ -211,12 +223,12 @@ export class TailReader extends Readable {
       this.destroy(fill.error ?? new Error('fill failed'));
       return;
     }
-    const limit = this.end !== undefined ? this.end + 1 : fill.state === 'committed' ? fill.written : Infinity;
+    const limit = this.end !== undefined ? this.end + 1 : fill.state === 'filling' ? Infinity : fill.written;
     if (this.pos >= limit) {
       this.push(null);
       return;
     }
-    const available = Math.min(fill.written, limit) - this.pos;
+    const available = Math.min(fill.deliverable, limit) - this.pos;
     if (available > 0) {
       const n = Math.min(available, READ_CHUNK);
       const buf = Buffer.allocUnsafe(n);
@@ -232,7 +244,7 @@ export class TailReader extends Readable {
       );
       return;
     }
-    if (fill.state === 'committed') {
+    if (fill.state !== 'filling') {
       // Fewer bytes than the range asked for: the blob is shorter than announced.
       this.destroy(new Error('blob ended before the requested range'));
     } else {

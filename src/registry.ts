@@ -181,7 +181,9 @@ export class Registry {
     }
     // Without a Content-Length from upstream the size is unknown until the end: ignore Range (RFC 9110 §14.2).
     const range = fill.size === undefined ? undefined : parseRange(rangeHeader, fill.size);
-    return { size: fill.size, range, stream: fill.reader(range?.start ?? 0, range?.end), cache: 'miss' };
+    // With a known size the stream ends at the last byte, not when the file is later renamed into place.
+    const end = range?.end ?? (fill.size === undefined ? undefined : fill.size - 1);
+    return { size: fill.size, range, stream: fill.reader(range?.start ?? 0, end), cache: 'miss' };
   }
 
   private fromFile(handle: FileHandle, size: number, rangeHeader: string | undefined): BlobResult {
