@@ -8,6 +8,7 @@ import Fastify, { LogController, type FastifyInstance } from 'fastify';
 import { BlobStore } from './blob-store.js';
 import type { Config } from './config.js';
 import { Db } from './db.js';
+import { Lifecycle } from './lifecycle.js';
 import { OciError, type ErrorCode } from './errors.js';
 import { Metrics } from './metrics.js';
 import { UpstreamIndex } from './reference.js';
@@ -54,7 +55,9 @@ export async function buildApp(config: Config, options: AppOptions = {}): Promis
   if (removed > 0) app.log.info({ removed }, 'removed temp files left by an earlier run');
   const db = new Db(join(config.storage.root, 'index.db'));
   const upstreamClient = new UpstreamClient(config, metrics);
-  const registry = new Registry(config, db, blobs, upstreamClient, metrics, app.log);
+  const lifecycle = new Lifecycle(config, db, blobs, metrics, app.log, (dropped) => registry.forgetManifests(dropped));
+  const registry = new Registry(config, db, blobs, upstreamClient, lifecycle, metrics, app.log);
+  lifecycle.start();
   const upstreams = new UpstreamIndex(config);
   let closing = false;
   let inflight = 0;
@@ -138,6 +141,7 @@ export async function buildApp(config: Config, options: AppOptions = {}): Promis
   });
   app.addHook('onClose', async () => {
     await registry.close(config.server.shutdownTimeout);
+    await lifecycle.close();
     await upstreamClient.close();
     db.close();
   });

@@ -13,7 +13,7 @@
  */
 import { createHash, randomBytes, type Hash } from 'node:crypto';
 import { EventEmitter } from 'node:events';
-import { mkdir, open, readdir, rename, rm, stat, type FileHandle } from 'node:fs/promises';
+import { mkdir, open, readdir, rename, rm, stat, statfs, unlink, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Readable, Writable } from 'node:stream';
 import { OciError } from './errors.js';
@@ -23,6 +23,8 @@ const READ_CHUNK = 256 * 1024;
 export class BlobStore {
   readonly blobsDir: string;
   readonly tmpDir: string;
+  /** Unlinks in progress: a fill of the same digest must not rename into place before one ends. */
+  private readonly removing = new Map<string, Promise<void>>();
 
   constructor(readonly root: string) {
     this.blobsDir = join(root, 'blobs');
@@ -73,7 +75,44 @@ export class BlobStore {
   async createFill(digest: string, size: number | undefined): Promise<Fill> {
     const tmpPath = join(this.tmpDir, `${digest.replace(':', '-')}.${randomBytes(6).toString('hex')}`);
     const handle = await open(tmpPath, 'w+', 0o644);
-    return new Fill(digest, size, tmpPath, this.path(digest), handle);
+    return new Fill(digest, size, tmpPath, this.path(digest), handle, () => this.removing.get(digest));
+  }
+
+  /**
+   * Deletes a blob file. Readers that already opened it keep reading (POSIX unlink semantics), so
+   * eviction never cuts off a running download.
+   */
+  async remove(digest: string): Promise<void> {
+    const p = unlink(this.path(digest)).catch((err: NodeJS.ErrnoException) => {
+      if (err.code !== 'ENOENT') throw err;
+    });
+    const tracked = p.finally(() => {
+      if (this.removing.get(digest) === tracked) this.removing.delete(digest);
+    });
+    this.removing.set(digest, tracked);
+    return tracked;
+  }
+
+  isRemoving(digest: string): boolean {
+    return this.removing.has(digest);
+  }
+
+  /** Bytes free for this (non-root) process on the cache's filesystem. */
+  async freeBytes(): Promise<number> {
+    const s = await statfs(this.root);
+    return s.bavail * s.bsize;
+  }
+
+  /** Every blob file as [digest, path], for verification. Skips names that are not digests. */
+  async *files(): AsyncGenerator<{ digest: string; path: string }> {
+    for (const algorithm of await readdir(this.blobsDir).catch(() => [] as string[])) {
+      const algDir = join(this.blobsDir, algorithm);
+      for (const prefix of await readdir(algDir).catch(() => [] as string[])) {
+        for (const hex of await readdir(join(algDir, prefix)).catch(() => [] as string[])) {
+          yield { digest: `${algorithm}:${hex}`, path: join(algDir, prefix, hex) };
+        }
+      }
+    }
   }
 }
 
@@ -97,6 +136,7 @@ export class Fill extends EventEmitter {
     readonly tmpPath: string,
     readonly finalPath: string,
     private handle: FileHandle | undefined,
+    private readonly removal: () => Promise<void> | undefined = () => undefined,
   ) {
     super();
     this.setMaxListeners(0);
@@ -145,6 +185,7 @@ export class Fill extends EventEmitter {
     await this.handle!.close();
     this.handle = undefined;
     await mkdir(join(this.finalPath, '..'), { recursive: true });
+    await this.removal()?.catch(() => undefined);
     await rename(this.tmpPath, this.finalPath);
     this.state = 'committed';
     this.emit('progress');

@@ -25,13 +25,43 @@ export interface UpstreamConfig {
   auth?: UpstreamAuth;
   /** Extra token realm origins that may receive this upstream's credentials. */
   tokenRealms: string[];
+  /** Serve only from the cache; send nothing to this upstream. */
+  offline: boolean;
+  /** Blobs last used through this upstream longer ago than this are expired; undefined: never. */
+  maxAge: number | undefined;
+  /** Requests to this upstream at once; more wait in line. */
+  maxConcurrent: number;
+  /** Requests per second to this upstream; 0: unlimited. */
+  maxRequestsPerSecond: number;
+  /** Consecutive transport failures that open the circuit breaker; 0: never. */
+  breakerFailures: number;
+  breakerCooldown: number;
+  /** Times a broken blob download is resumed with Range before the fill fails. */
+  blobRetries: number;
 }
+
+/** The per-upstream knobs that `upstreamDefaults` sets for all and each upstream may override. */
+const POLICY_KEYS = ['offline', 'maxAge', 'maxConcurrent', 'maxRequestsPerSecond', 'breakerFailures', 'breakerCooldown', 'blobRetries'] as const;
+type Policy = Pick<UpstreamConfig, (typeof POLICY_KEYS)[number]>;
 
 export interface Config {
   server: { host: string; port: number; shutdownTimeout: number; trustProxy: boolean };
   log: { level: string };
-  storage: { root: string };
+  storage: {
+    root: string;
+    /** Bytes of blobs to keep; undefined: unbounded. */
+    maxSize: number | undefined;
+    /** Eviction starts above highWatermark × maxSize and stops at lowWatermark × maxSize (fractions). */
+    highWatermark: number;
+    lowWatermark: number;
+    /** Free space to leave on the filesystem: below it new blobs stream through uncached. */
+    minFree: number;
+  };
   cache: { tagTtl: number; manifestMemory: number };
+  /** Serve only from the cache, for every upstream. */
+  offline: boolean;
+  /** Bearer token for /admin/*; undefined disables the admin API. */
+  admin: { token: string | undefined };
   timeouts: { connect: number; manifest: number; blobIdle: number; fill: number };
   defaultUpstream?: string;
   upstreams: UpstreamConfig[];
@@ -53,6 +83,7 @@ export const ENV_OVERRIDES = {
   OCICACHE_LOG_LEVEL: 'log.level',
   OCICACHE_STORAGE_ROOT: 'storage.root',
   OCICACHE_DEFAULT_UPSTREAM: 'defaultUpstream',
+  OCICACHE_OFFLINE: 'offline',
 } as const;
 
 const DURATION_UNITS: Record<string, number> = { ms: 1, s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 };
@@ -93,8 +124,35 @@ function str(o: Obj, key: string, path: string, fallback?: string): string {
 
 function bool(o: Obj, key: string, path: string, fallback: boolean): boolean {
   const v = o[key] ?? fallback;
-  if (typeof v !== 'boolean') throw new ConfigError(`${path}.${key}`, 'must be true or false');
+  if (typeof v !== 'boolean') throw new ConfigError(path ? `${path}.${key}` : key, 'must be true or false');
   return v;
+}
+
+function int(o: Obj, key: string, path: string, fallback: number, min = 0): number {
+  const v = o[key] ?? fallback;
+  if (typeof v !== 'number' || !Number.isInteger(v) || v < min) throw new ConfigError(`${path}.${key}`, `must be a whole number >= ${min}`);
+  return v;
+}
+
+function percent(o: Obj, key: string, path: string, fallback: number): number {
+  const v = o[key] ?? fallback;
+  if (typeof v !== 'number' || !(v > 0 && v <= 100)) throw new ConfigError(`${path}.${key}`, 'must be a percentage above 0 and at most 100');
+  return v / 100;
+}
+
+function policy(o: Obj, path: string, base: Policy): Policy {
+  const has = (k: string): boolean => o[k] !== undefined && o[k] !== null;
+  const rps = o.maxRequestsPerSecond ?? base.maxRequestsPerSecond;
+  if (typeof rps !== 'number' || !(rps >= 0)) throw new ConfigError(`${path}.maxRequestsPerSecond`, 'must be a number >= 0 (0: unlimited)');
+  return {
+    offline: bool(o, 'offline', path, base.offline),
+    maxAge: has('maxAge') ? parseDuration(o.maxAge, `${path}.maxAge`) : base.maxAge,
+    maxConcurrent: int(o, 'maxConcurrent', path, base.maxConcurrent, 1),
+    maxRequestsPerSecond: rps,
+    breakerFailures: int(o, 'breakerFailures', path, base.breakerFailures),
+    breakerCooldown: has('breakerCooldown') ? parseDuration(o.breakerCooldown, `${path}.breakerCooldown`) : base.breakerCooldown,
+    blobRetries: int(o, 'blobRetries', path, base.blobRetries),
+  };
 }
 
 function hostKey(value: unknown, path: string): string {
@@ -104,27 +162,29 @@ function hostKey(value: unknown, path: string): string {
   return value.toLowerCase();
 }
 
-function readSecret(auth: Obj, path: string, env: NodeJS.ProcessEnv): string {
-  if (auth.password !== undefined) throw new ConfigError(`${path}.password`, 'secrets are never written in the config: use passwordEnv or passwordFile');
-  if (typeof auth.passwordEnv === 'string') {
-    const v = env[auth.passwordEnv];
-    if (!v) throw new ConfigError(`${path}.passwordEnv`, `environment variable ${auth.passwordEnv} is not set`);
+function readSecret(o: Obj, path: string, env: NodeJS.ProcessEnv, field = 'password'): string {
+  if (o[field] !== undefined) throw new ConfigError(`${path}.${field}`, `secrets are never written in the config: use ${field}Env or ${field}File`);
+  const fromEnv = o[`${field}Env`];
+  const fromFile = o[`${field}File`];
+  if (typeof fromEnv === 'string') {
+    const v = env[fromEnv];
+    if (!v) throw new ConfigError(`${path}.${field}Env`, `environment variable ${fromEnv} is not set`);
     return v;
   }
-  if (typeof auth.passwordFile === 'string') {
+  if (typeof fromFile === 'string') {
     try {
-      return readFileSync(auth.passwordFile, 'utf8').replace(/\r?\n$/, '');
+      return readFileSync(fromFile, 'utf8').replace(/\r?\n$/, '');
     } catch (err) {
-      throw new ConfigError(`${path}.passwordFile`, `cannot read ${auth.passwordFile}: ${(err as Error).message}`);
+      throw new ConfigError(`${path}.${field}File`, `cannot read ${fromFile}: ${(err as Error).message}`);
     }
   }
-  throw new ConfigError(path, 'needs passwordEnv or passwordFile');
+  throw new ConfigError(path, `needs ${field}Env or ${field}File`);
 }
 
-function upstream(raw: unknown, i: number, defaults: { tagTtl: number }, env: NodeJS.ProcessEnv): UpstreamConfig {
+function upstream(raw: unknown, i: number, defaults: { tagTtl: number; policy: Policy }, env: NodeJS.ProcessEnv): UpstreamConfig {
   const path = `upstreams[${i}]`;
   if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw new ConfigError(path, 'must be a mapping');
-  const o = section({ u: raw }, 'u', path, ['name', 'url', 'aliases', 'dockerHubLibrary', 'tagTtl', 'auth', 'tokenRealms']);
+  const o = section({ u: raw }, 'u', path, ['name', 'url', 'aliases', 'dockerHubLibrary', 'tagTtl', 'auth', 'tokenRealms', ...POLICY_KEYS]);
   const name = hostKey(o.name, `${path}.name`);
   let url: URL;
   try {
@@ -157,6 +217,7 @@ function upstream(raw: unknown, i: number, defaults: { tagTtl: number }, env: No
         throw new ConfigError(`${path}.tokenRealms[${j}]`, 'must be an absolute URL');
       }
     }),
+    ...policy(o, path, defaults.policy),
   };
 }
 
@@ -166,7 +227,7 @@ function applyEnv(doc: Obj, env: NodeJS.ProcessEnv): void {
     if (value === undefined) continue;
     const [head, tail] = key.split('.') as [string, string | undefined];
     if (tail === undefined) {
-      doc[head] = value === '' ? undefined : value;
+      doc[head] = value === '' ? undefined : head === 'offline' ? ['1', 'true', 'yes'].includes(value.toLowerCase()) : value;
       continue;
     }
     const sec = (doc[head] ??= {}) as Obj;
@@ -176,11 +237,26 @@ function applyEnv(doc: Obj, env: NodeJS.ProcessEnv): void {
 
 /** Parse and validate a config document; pure apart from reading credential files. */
 export function buildConfig(doc: unknown, env: NodeJS.ProcessEnv = process.env): Config {
-  const root = section({ root: doc ?? {} }, 'root', '(top level)', ['server', 'log', 'storage', 'cache', 'timeouts', 'defaultUpstream', 'upstreams']);
+  const root = section({ root: doc ?? {} }, 'root', '(top level)', [
+    'server', 'log', 'storage', 'cache', 'timeouts', 'offline', 'upstreamDefaults', 'admin', 'defaultUpstream', 'upstreams',
+  ]);
   applyEnv(root, env);
   const server = section(root, 'server', 'server', ['host', 'port', 'shutdownTimeout', 'trustProxy']);
   const log = section(root, 'log', 'log', ['level']);
-  const storage = section(root, 'storage', 'storage', ['root']);
+  const storage = section(root, 'storage', 'storage', ['root', 'maxSize', 'highWatermark', 'lowWatermark', 'minFree']);
+  const admin = section(root, 'admin', 'admin', ['token', 'tokenEnv', 'tokenFile']);
+  const defaultPolicy = policy(section(root, 'upstreamDefaults', 'upstreamDefaults', [...POLICY_KEYS]), 'upstreamDefaults', {
+    offline: false,
+    maxAge: undefined,
+    maxConcurrent: 32,
+    maxRequestsPerSecond: 0,
+    breakerFailures: 5,
+    breakerCooldown: 30_000,
+    blobRetries: 5,
+  });
+  const highWatermark = percent(storage, 'highWatermark', 'storage', 90);
+  const lowWatermark = percent(storage, 'lowWatermark', 'storage', 80);
+  if (lowWatermark >= highWatermark) throw new ConfigError('storage.lowWatermark', 'must be below storage.highWatermark');
   const cache = section(root, 'cache', 'cache', ['tagTtl', 'manifestMemory']);
   const timeouts = section(root, 'timeouts', 'timeouts', ['connect', 'manifest', 'blobIdle', 'fill']);
 
@@ -193,7 +269,7 @@ export function buildConfig(doc: unknown, env: NodeJS.ProcessEnv = process.env):
   const tagTtl = parseDuration(cache.tagTtl ?? '5m', 'cache.tagTtl');
 
   if (!Array.isArray(root.upstreams) || root.upstreams.length === 0) throw new ConfigError('upstreams', 'must list at least one upstream');
-  const upstreams = root.upstreams.map((u, i) => upstream(u, i, { tagTtl }, env));
+  const upstreams = root.upstreams.map((u, i) => upstream(u, i, { tagTtl, policy: defaultPolicy }, env));
   const seen = new Map<string, string>();
   for (const [i, u] of upstreams.entries()) {
     for (const key of [u.name, ...u.aliases]) {
@@ -217,8 +293,16 @@ export function buildConfig(doc: unknown, env: NodeJS.ProcessEnv = process.env):
       trustProxy: bool(server, 'trustProxy', 'server', false),
     },
     log: { level },
-    storage: { root: resolve(str(storage, 'root', 'storage', './data')) },
+    storage: {
+      root: resolve(str(storage, 'root', 'storage', './data')),
+      maxSize: storage.maxSize === undefined || storage.maxSize === null ? undefined : parseSize(storage.maxSize, 'storage.maxSize'),
+      highWatermark,
+      lowWatermark,
+      minFree: parseSize(storage.minFree ?? '256MiB', 'storage.minFree'),
+    },
     cache: { tagTtl, manifestMemory: parseSize(cache.manifestMemory ?? '64MiB', 'cache.manifestMemory') },
+    offline: bool({ offline: root.offline }, 'offline', '', false),
+    admin: { token: Object.keys(admin).length === 0 ? undefined : readSecret(admin, 'admin', env, 'token') },
     timeouts: {
       connect: parseDuration(timeouts.connect ?? '10s', 'timeouts.connect'),
       manifest: parseDuration(timeouts.manifest ?? '30s', 'timeouts.manifest'),

@@ -6,7 +6,11 @@
  * - `tags` maps (upstream, name, tag) to a digest present in `manifests`; every key starts with the
  *   upstream, so one upstream's tags are never served for another (dependency confusion).
  * - `refs` lists what each manifest points to (config, layers, children), for eviction.
- * - `blobs` mirrors the files in the blob store: a row is written only after the file is in place.
+ * - `blobs` mirrors the files in the blob store: a row is written only after the file is in place,
+ *   and removed before the file is deleted. `last_access` drives eviction (least recent first).
+ * - `blob_access` records when each upstream last used a blob, for per-upstream expiry (maxAge).
+ * - Dropping a blob drops, in the same transaction, every manifest that points to it (directly or
+ *   through an index) and the tags of those: no cached manifest ever points to an evicted blob.
  * Schema changes bump `user_version` and add a step to MIGRATIONS.
  */
 import Database from 'better-sqlite3';
@@ -38,7 +42,29 @@ const MIGRATIONS = [
    CREATE TABLE refs (parent TEXT NOT NULL, child TEXT NOT NULL, PRIMARY KEY (parent, child)) WITHOUT ROWID;
    CREATE INDEX refs_child ON refs (child);
    CREATE TABLE blobs (digest TEXT PRIMARY KEY, size INTEGER NOT NULL, created_at INTEGER NOT NULL, last_access INTEGER NOT NULL);`,
+  `CREATE INDEX blobs_last_access ON blobs (last_access);
+   CREATE TABLE blob_access (
+     digest TEXT NOT NULL, upstream TEXT NOT NULL, last_access INTEGER NOT NULL,
+     PRIMARY KEY (digest, upstream)) WITHOUT ROWID;`,
 ];
+
+export interface BlobAccess {
+  digest: string;
+  size: number;
+  upstream: string;
+  at: number;
+}
+
+export interface BlobRow {
+  digest: string;
+  size: number;
+}
+
+export interface Dropped {
+  /** manifests removed because they pointed to the blob, directly or through an index */
+  manifests: string[];
+  tags: number;
+}
 
 export class Db {
   private readonly db: Database.Database;
@@ -71,10 +97,43 @@ export class Db {
       ),
       deleteTag: db.prepare('DELETE FROM tags WHERE upstream = ? AND name = ? AND tag = ?'),
       listTags: db.prepare<[string, string], { tag: string }>('SELECT tag FROM tags WHERE upstream = ? AND name = ? ORDER BY tag'),
-      putBlob: db.prepare(
+      // Inserts adopt a verified file that has no row (a crash between rename and insert).
+      touchBlob: db.prepare(
         `INSERT INTO blobs (digest, size, created_at, last_access) VALUES (?, ?, ?, ?)
-         ON CONFLICT (digest) DO UPDATE SET last_access = excluded.last_access`,
+         ON CONFLICT (digest) DO UPDATE SET last_access = max(last_access, excluded.last_access)`,
       ),
+      touchAccess: db.prepare(
+        `INSERT INTO blob_access (digest, upstream, last_access) VALUES (?, ?, ?)
+         ON CONFLICT (digest, upstream) DO UPDATE SET last_access = max(last_access, excluded.last_access)`,
+      ),
+      blobSize: db.prepare<[string], { size: number }>('SELECT size FROM blobs WHERE digest = ?'),
+      usedBytes: db.prepare<[], { total: number | null; count: number }>('SELECT sum(size) AS total, count(*) AS count FROM blobs'),
+      oldestBlobs: db.prepare<[number], BlobRow>('SELECT digest, size FROM blobs ORDER BY last_access LIMIT ?'),
+      allBlobs: db.prepare<[], BlobRow>('SELECT digest, size FROM blobs'),
+      // A blob expires when no upstream that used it still wants it: each access row is older than
+      // that upstream's cut-off (no cut-off: kept). Blobs without access rows use the fallback.
+      expiredBlobs: db.prepare<[string, number], BlobRow>(
+        `WITH policy(upstream, cutoff) AS (SELECT key, value FROM json_each(?))
+         SELECT b.digest, b.size FROM blobs b
+         WHERE NOT EXISTS (
+                 SELECT 1 FROM blob_access a LEFT JOIN policy p ON p.upstream = a.upstream
+                 WHERE a.digest = b.digest AND (p.cutoff IS NULL OR a.last_access >= p.cutoff))
+           AND (EXISTS (SELECT 1 FROM blob_access a WHERE a.digest = b.digest) OR b.last_access < ?)
+         ORDER BY b.last_access`,
+      ),
+      dependents: db.prepare<[string], { digest: string }>(
+        `WITH RECURSIVE doomed(digest) AS (
+           SELECT parent FROM refs WHERE child = ?
+           UNION SELECT r.parent FROM refs r JOIN doomed d ON r.child = d.digest)
+         SELECT digest FROM doomed`,
+      ),
+      deleteBlob: db.prepare('DELETE FROM blobs WHERE digest = ?'),
+      deleteAccess: db.prepare('DELETE FROM blob_access WHERE digest = ?'),
+      deleteManifest: db.prepare('DELETE FROM manifests WHERE digest = ?'),
+      deleteManifestRepos: db.prepare('DELETE FROM manifest_repos WHERE digest = ?'),
+      deleteRefs: db.prepare('DELETE FROM refs WHERE parent = ?'),
+      deleteTagsOf: db.prepare('DELETE FROM tags WHERE digest = ?'),
+      allManifests: db.prepare<[], { digest: string; body: Buffer }>('SELECT digest, body FROM manifests'),
     };
   }
 
@@ -132,8 +191,87 @@ export class Db {
     return this.stmt.listTags.all(upstream, name).map((r) => r.tag);
   }
 
-  putBlob(digest: string, size: number, now = Date.now()): void {
-    this.stmt.putBlob.run(digest, size, now, now);
+  /** Records blob uses (new blobs included), many in one transaction: the hot path never writes SQLite itself. */
+  touchBlobs(entries: Iterable<BlobAccess>): void {
+    this.db.transaction(() => {
+      for (const e of entries) {
+        this.stmt.touchBlob.run(e.digest, e.size, e.at, e.at);
+        this.stmt.touchAccess.run(e.digest, e.upstream, e.at);
+      }
+    })();
+  }
+
+  hasBlob(digest: string): boolean {
+    return this.stmt.blobSize.get(digest) !== undefined;
+  }
+
+  usage(): { bytes: number; count: number } {
+    const row = this.stmt.usedBytes.get()!;
+    return { bytes: row.total ?? 0, count: row.count };
+  }
+
+  /** The least recently used blobs first. */
+  oldestBlobs(limit: number): BlobRow[] {
+    return this.stmt.oldestBlobs.all(limit);
+  }
+
+  allBlobs(): BlobRow[] {
+    return this.stmt.allBlobs.all();
+  }
+
+  /** Blobs past their upstreams' maxAge; `cutoffs` maps upstream name to the oldest access time it keeps. */
+  expiredBlobs(cutoffs: Record<string, number>, fallbackCutoff: number): BlobRow[] {
+    return this.stmt.expiredBlobs.all(JSON.stringify(cutoffs), fallbackCutoff);
+  }
+
+  /** Removes a blob's row and every manifest (and its tags) that depends on it, atomically. */
+  dropBlob(digest: string): Dropped {
+    return this.db.transaction((): Dropped => {
+      this.stmt.deleteBlob.run(digest);
+      this.stmt.deleteAccess.run(digest);
+      return this.dropDependents(digest);
+    })();
+  }
+
+  /** Removes a manifest and everything that points to it (indexes, their tags). */
+  dropManifest(digest: string): Dropped {
+    return this.db.transaction((): Dropped => {
+      const d = this.dropDependents(digest);
+      let tags = d.tags;
+      this.stmt.deleteManifestRepos.run(digest);
+      this.stmt.deleteRefs.run(digest);
+      tags += this.stmt.deleteTagsOf.run(digest).changes;
+      this.stmt.deleteManifest.run(digest);
+      return { manifests: [digest, ...d.manifests], tags };
+    })();
+  }
+
+  private dropDependents(digest: string): Dropped {
+    const manifests = this.stmt.dependents.all(digest).map((r) => r.digest);
+    let tags = 0;
+    for (const m of manifests) {
+      tags += this.stmt.deleteTagsOf.run(m).changes;
+      this.stmt.deleteManifestRepos.run(m);
+      this.stmt.deleteRefs.run(m);
+      this.stmt.deleteManifest.run(m);
+    }
+    return { manifests, tags };
+  }
+
+  /** Every manifest, for verification; iterates so a big index is never loaded whole. */
+  *manifests(): Generator<{ digest: string; body: Buffer }> {
+    yield* this.stmt.allManifests.iterate();
+  }
+
+  /** Removes rows that point at nothing (tags without a manifest, repos and refs of missing manifests). */
+  pruneDangling(): number {
+    return this.db.transaction(() => {
+      let n = this.db.prepare('DELETE FROM tags WHERE digest NOT IN (SELECT digest FROM manifests)').run().changes;
+      n += this.db.prepare('DELETE FROM manifest_repos WHERE digest NOT IN (SELECT digest FROM manifests)').run().changes;
+      n += this.db.prepare('DELETE FROM refs WHERE parent NOT IN (SELECT digest FROM manifests)').run().changes;
+      n += this.db.prepare('DELETE FROM blob_access WHERE digest NOT IN (SELECT digest FROM blobs)').run().changes;
+      return n;
+    })();
   }
 
   ping(): boolean {

@@ -5,17 +5,23 @@
 import type { FileHandle } from 'node:fs/promises';
 import type { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { LRUCache } from 'lru-cache';
 import type { BlobStore, Fill } from './blob-store.js';
 import type { Config } from './config.js';
 import type { Db, ManifestRecord } from './db.js';
+import { DigestGuard } from './digest-guard.js';
 import { OciError, isUpstreamUnavailable } from './errors.js';
+import { isStorageError, type Lifecycle } from './lifecycle.js';
 import { accepts, childrenOf, digestOf, mediaTypeOf } from './manifest.js';
 import type { CacheResult, Metrics } from './metrics.js';
 import { parseRange, type ByteRange } from './range.js';
 import { isDigest, type Target } from './reference.js';
 import { SingleFlight } from './single-flight.js';
-import type { UpstreamClient } from './upstream.js';
+import type { BlobResponse, UpstreamClient } from './upstream.js';
+
+/** Thrown to every waiter of a fill that could not start because storage is full: each streams through instead. */
+class StorageUnavailable extends Error {}
 
 export interface ManifestResult {
   digest: string;
@@ -59,10 +65,16 @@ export class Registry {
     private readonly db: Db,
     private readonly blobs: BlobStore,
     private readonly upstream: UpstreamClient,
+    private readonly lifecycle: Lifecycle,
     private readonly metrics: Metrics,
     private readonly log: Log,
   ) {
     this.manifestMemory = new LRUCache({ maxSize: Math.max(1, config.cache.manifestMemory), sizeCalculation: (m) => m.body.length + 200 });
+  }
+
+  /** Eviction dropped these manifests from SQLite: forget them in memory too. */
+  forgetManifests(digests: string[]): void {
+    for (const d of digests) this.manifestMemory.delete(d);
   }
 
   // ---- manifests -------------------------------------------------------------------------
@@ -121,6 +133,11 @@ export class Registry {
       const manifest = this.loadManifest(row.digest);
       if (manifest) return { manifest, cache: 'hit' };
     }
+    if (row && this.upstream.gate(upstream.name).offline) {
+      // Offline by choice: the cached tag is the answer, with no warning per request.
+      const manifest = this.loadManifest(row.digest);
+      if (manifest) return { manifest, cache: 'stale' };
+    }
     return this.tagFlights.do(`${upstream.name}\n${name}\n${tag}`, () => this.revalidateTag(target, tag));
   }
 
@@ -170,23 +187,32 @@ export class Registry {
     return { size: head.size, range: undefined, stream: undefined, cache: 'miss' };
   }
 
-  /** A blob stream from disk, or tailing the (shared) fill from upstream. */
+  /** A blob stream from disk, tailing the (shared) fill from upstream, or straight through when storage is full. */
   async getBlob(target: Target, digest: string, rangeHeader: string | undefined): Promise<BlobResult> {
     const opened = await this.blobs.open(digest);
-    if (opened) return this.fromFile(opened.handle, opened.size, rangeHeader);
-    const fill = await this.fillFor(target, digest);
+    if (opened) return this.fromFile(target, digest, opened.handle, opened.size, rangeHeader);
+    let fill: Fill;
+    try {
+      fill = await this.fillFor(target, digest);
+    } catch (err) {
+      if (err instanceof StorageUnavailable) return this.uncached(target, digest);
+      throw err;
+    }
     if (fill.state === 'committed') {
       const again = await this.blobs.open(digest);
-      if (again) return this.fromFile(again.handle, again.size, rangeHeader);
+      if (again) return this.fromFile(target, digest, again.handle, again.size, rangeHeader);
     }
     // Without a Content-Length from upstream the size is unknown until the end: ignore Range (RFC 9110 §14.2).
     const range = fill.size === undefined ? undefined : parseRange(rangeHeader, fill.size);
     // With a known size the stream ends at the last byte, not when the file is later renamed into place.
     const end = range?.end ?? (fill.size === undefined ? undefined : fill.size - 1);
-    return { size: fill.size, range, stream: fill.reader(range?.start ?? 0, end), cache: 'miss' };
+    const reader = fill.reader(range?.start ?? 0, end);
+    const release = this.lifecycle.pin(digest);
+    reader.once('close', release);
+    return { size: fill.size, range, stream: reader, cache: 'miss' };
   }
 
-  private fromFile(handle: FileHandle, size: number, rangeHeader: string | undefined): BlobResult {
+  private fromFile(target: Target, digest: string, handle: FileHandle, size: number, rangeHeader: string | undefined): BlobResult {
     let range: ByteRange | undefined;
     try {
       range = parseRange(rangeHeader, size);
@@ -194,8 +220,21 @@ export class Registry {
       void handle.close();
       throw err;
     }
+    const release = this.lifecycle.pin(digest);
+    this.lifecycle.touch(digest, size, target.upstream.name);
     const stream = handle.createReadStream({ start: range?.start ?? 0, end: range?.end, highWaterMark: 256 * 1024 });
+    stream.once('close', release);
     return { size, range, stream, cache: 'hit' };
+  }
+
+  /** Storage is full or failing: stream the blob from upstream without caching, still verifying it. */
+  private async uncached(target: Target, digest: string): Promise<BlobResult> {
+    const res = await this.upstream.getBlob(target, digest, AbortSignal.timeout(this.config.timeouts.fill));
+    const guard = new DigestGuard(digest, res.size);
+    // The guard owns the upstream body from here: a client that leaves destroys both.
+    pipeline(res.body, guard).catch(() => undefined);
+    this.metrics.uncachedBlobs.inc({ upstream: target.upstream.name });
+    return { size: res.size, range: undefined, stream: guard, cache: 'passthrough' };
   }
 
   private async fillFor(target: Target, digest: string): Promise<Fill> {
@@ -216,32 +255,69 @@ export class Registry {
     const res = await this.upstream.getBlob(target, digest, signal);
     let fill: Fill;
     try {
+      if (!(await this.lifecycle.canCache(res.size))) throw new StorageUnavailable();
       fill = await this.blobs.createFill(digest, res.size);
     } catch (err) {
       res.body.destroy();
+      if (isStorageError(err)) this.lifecycle.storageFailed(err as Error);
+      if (err instanceof StorageUnavailable || isStorageError(err)) throw new StorageUnavailable();
       throw err;
     }
     this.metrics.fillsInFlight.inc();
-    const done = pipeline(res.body, fill.sink())
+    const release = this.lifecycle.pin(digest);
+    const done = this.download(target, fill, res, signal)
       .then(() => fill.commit())
       .then(
         (size) => {
-          this.db.putBlob(digest, size);
+          this.lifecycle.added(digest, size, upstream);
           this.metrics.upstreamBytes.inc({ upstream }, size);
         },
         async (err: Error) => {
-          this.metrics.fillFailures.inc({ upstream, reason: err instanceof OciError ? 'invalid' : 'transport' });
+          if (isStorageError(err)) this.lifecycle.storageFailed(err);
+          this.metrics.fillFailures.inc({ upstream, reason: err instanceof OciError ? 'invalid' : isStorageError(err) ? 'storage' : 'transport' });
           this.log.warn({ upstream, digest, bytes: fill.written, err: err.message }, 'blob fill failed; nothing cached');
           await fill.fail(err);
         },
       )
       .finally(() => {
+        release();
         this.metrics.fillsInFlight.dec();
         this.fills.delete(`${upstream}\n${digest}`);
         this.fillsDone.delete(done);
       });
     this.fillsDone.add(done);
     return fill;
+  }
+
+  /**
+   * Copies the upstream body into the fill. When the connection breaks (reset, truncation, idle
+   * timeout) it resumes with Range from the bytes received, up to blobRetries times with backoff;
+   * an upstream that answers 200 instead of 206 is read from the start and the known bytes skipped.
+   * The fill hashes every byte once, in order, so the digest still covers the whole blob.
+   */
+  private async download(target: Target, fill: Fill, first: BlobResponse, signal: AbortSignal): Promise<void> {
+    const upstream = target.upstream;
+    let res = first;
+    for (let attempt = 0; ; attempt++) {
+      try {
+        const skip = fill.written - res.start;
+        if (skip > 0) await pipeline(res.body, skipBytes(skip), fill.sink());
+        else await pipeline(res.body, fill.sink());
+        if (fill.size === undefined || fill.written === fill.size) return;
+        throw Object.assign(new Error(`upstream body ended after ${fill.written} of ${fill.size} bytes`), { code: 'UND_ERR_RES_CONTENT_LENGTH_MISMATCH' });
+      } catch (err) {
+        // Only a broken transfer is worth resuming; wrong content, shutdown and full disks are not.
+        if (err instanceof OciError || signal.aborted || isStorageError(err) || fill.size === undefined || attempt >= upstream.blobRetries) throw err;
+        this.log.warn({ upstream: upstream.name, digest: fill.digest, at: fill.written, of: fill.size, attempt: attempt + 1, err: (err as Error).message }, 'blob download broke; resuming');
+        await sleep(Math.min(250 * 2 ** attempt, 5000), undefined, { signal });
+        res = await this.upstream.getBlob(target, fill.digest, signal, fill.written);
+        if (res.size !== undefined && res.size !== fill.size) {
+          res.body.destroy();
+          throw new OciError('UNKNOWN', `upstream ${upstream.name} changed the size of ${fill.digest} from ${fill.size} to ${res.size}`, { status: 502 });
+        }
+        this.metrics.blobResumes.inc({ upstream: upstream.name, how: res.start === fill.written ? 'range' : 'restart' });
+      }
+    }
   }
 
   /** Lets running fills finish for up to `graceMs`, then aborts the rest (their temp files are removed). */
@@ -288,6 +364,21 @@ export class Registry {
     const res = await this.upstream.getReferrers(target, digest, query);
     return { body: res.body, contentType: res.contentType ?? 'application/vnd.oci.image.index.v1+json', filtersApplied: res.filtersApplied };
   }
+}
+
+/** Drops the first `n` bytes of a stream (a 200 answer to a resume repeats what the fill already has). */
+function skipBytes(n: number): (source: AsyncIterable<Buffer>) => AsyncGenerator<Buffer> {
+  return async function* (source) {
+    let left = n;
+    for await (const chunk of source) {
+      if (left >= chunk.length) {
+        left -= chunk.length;
+        continue;
+      }
+      yield left > 0 ? chunk.subarray(left) : chunk;
+      left = 0;
+    }
+  };
 }
 
 /** One page of a tag list: lexically sorted, after `last`, at most `n` (spec: "Listing Tags"). */

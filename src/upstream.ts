@@ -11,6 +11,7 @@ import { FULL_ACCEPT, MAX_MANIFEST_BYTES } from './manifest.js';
 import type { Metrics } from './metrics.js';
 import type { Target } from './reference.js';
 import { SingleFlight } from './single-flight.js';
+import { Gate } from './upstream-gate.js';
 import { parseWwwAuthenticate, type Challenge } from './www-authenticate.js';
 
 export type RequestKind = 'manifest' | 'blob' | 'tags' | 'referrers' | 'token';
@@ -32,7 +33,10 @@ export interface HeadResponse {
 export interface BlobResponse {
   /** The caller owns this stream: it must be consumed or destroyed. */
   body: Body;
+  /** The whole blob's size (from Content-Length, or Content-Range on a 206). */
   size: number | undefined;
+  /** Where the body starts in the blob: `from` on a 206, 0 when the upstream ignored Range. */
+  start: number;
 }
 
 /** Token endpoints say "expires_in"; without it a token lives 60 s (distribution token spec). */
@@ -78,11 +82,13 @@ export class UpstreamClient {
   /** Authorization header values by (upstream, scope), kept until the token expires. */
   private readonly authCache = new LRUCache<string, string>({ max: 10_000, ttlAutopurge: false });
   private readonly tokenFlights = new SingleFlight<string | undefined>();
+  private readonly gates = new Map<string, Gate>();
 
   constructor(
-    private readonly config: Pick<Config, 'timeouts'>,
+    private readonly config: Pick<Config, 'timeouts' | 'upstreams' | 'offline'>,
     private readonly metrics: Metrics,
   ) {
+    for (const u of config.upstreams) this.gates.set(u.name, new Gate(u, config.offline, config.timeouts.manifest, metrics));
     this.agent = new Agent({ connect: { timeout: config.timeouts.connect }, keepAliveTimeout: 30_000, connections: 64 });
     // Cross-origin hops (a blob's 307 to a CDN or S3) lose Authorization in undici's redirect
     // handler (lib/handler/redirect-handler.js shouldRemoveHeader); S3 refuses requests carrying both.
@@ -93,9 +99,14 @@ export class UpstreamClient {
     await this.agent.close();
   }
 
+  /** The gate of an upstream: offline, breaker and rate-limit state (for the registry and the status page). */
+  gate(upstream: string): Gate {
+    return this.gates.get(upstream)!;
+  }
+
   async getManifest(target: Target, reference: string, accept = FULL_ACCEPT): Promise<ManifestResponse> {
     const res = await this.send(target, 'manifest', 'GET', `manifests/${reference}`, { accept });
-    await this.expectOk(res, 'manifest', 'MANIFEST_UNKNOWN');
+    await this.expectOk(res, target.upstream, 'manifest', 'MANIFEST_UNKNOWN');
     const announced = contentLength(res.headers);
     if (announced !== undefined && announced > MAX_MANIFEST_BYTES) {
       res.body.destroy();
@@ -107,28 +118,39 @@ export class UpstreamClient {
 
   async headManifest(target: Target, reference: string, accept = FULL_ACCEPT): Promise<HeadResponse> {
     const res = await this.send(target, 'manifest', 'HEAD', `manifests/${reference}`, { accept });
-    await this.expectOk(res, 'manifest', 'MANIFEST_UNKNOWN');
+    await this.expectOk(res, target.upstream, 'manifest', 'MANIFEST_UNKNOWN');
     await res.body.dump();
     return { contentType: header(res.headers, 'content-type'), digest: header(res.headers, 'docker-content-digest'), size: contentLength(res.headers) };
   }
 
   async headBlob(target: Target, digest: string): Promise<HeadResponse> {
     const res = await this.send(target, 'blob', 'HEAD', `blobs/${digest}`, {});
-    await this.expectOk(res, 'blob', 'BLOB_UNKNOWN');
+    await this.expectOk(res, target.upstream, 'blob', 'BLOB_UNKNOWN');
     await res.body.dump();
     return { contentType: header(res.headers, 'content-type'), digest: header(res.headers, 'docker-content-digest'), size: contentLength(res.headers) };
   }
 
-  /** Starts a blob download; `signal` is the fill's own deadline, never a client's. */
-  async getBlob(target: Target, digest: string, signal: AbortSignal): Promise<BlobResponse> {
-    const res = await this.send(target, 'blob', 'GET', `blobs/${digest}`, {}, undefined, signal);
-    await this.expectOk(res, 'blob', 'BLOB_UNKNOWN');
-    return { body: res.body, size: contentLength(res.headers) };
+  /**
+   * Starts a blob download, from byte `from` when resuming (RFC 9110 §14.2). `signal` is the
+   * fill's own deadline, never a client's.
+   */
+  async getBlob(target: Target, digest: string, signal: AbortSignal, from = 0): Promise<BlobResponse> {
+    const res = await this.send(target, 'blob', 'GET', `blobs/${digest}`, from > 0 ? { range: `bytes=${from}-` } : {}, undefined, signal);
+    await this.expectOk(res, target.upstream, 'blob', 'BLOB_UNKNOWN');
+    if (res.statusCode === 206) {
+      const m = /^bytes (\d+)-(\d+)\/(\d+|\*)$/.exec(header(res.headers, 'content-range') ?? '');
+      if (!m || Number(m[1]) !== from) {
+        res.body.destroy();
+        throw new OciError('UNAVAILABLE', `upstream ${target.upstream.name} answered a resume from ${from} with Content-Range ${JSON.stringify(header(res.headers, 'content-range'))}`, { status: 502 });
+      }
+      return { body: res.body, size: m[3] === '*' ? undefined : Number(m[3]), start: from };
+    }
+    return { body: res.body, size: contentLength(res.headers), start: 0 };
   }
 
   async listTags(target: Target, query: URLSearchParams): Promise<{ body: Buffer; hasNext: boolean }> {
     const res = await this.send(target, 'tags', 'GET', 'tags/list', { accept: 'application/json' }, query);
-    await this.expectOk(res, 'tags', 'NAME_UNKNOWN');
+    await this.expectOk(res, target.upstream, 'tags', 'NAME_UNKNOWN');
     const body = await readLimited(res.body, MAX_SMALL_BODY, 'tag list');
     return { body, hasNext: /rel="?next"?/.test(header(res.headers, 'link') ?? '') };
   }
@@ -136,7 +158,7 @@ export class UpstreamClient {
   /** Referrers pass through as they are; a 404 stays a 404 so clients use the tag schema fallback. */
   async getReferrers(target: Target, digest: string, query: URLSearchParams): Promise<{ body: Buffer; contentType: string | undefined; filtersApplied: string | undefined }> {
     const res = await this.send(target, 'referrers', 'GET', `referrers/${digest}`, { accept: 'application/vnd.oci.image.index.v1+json' }, query);
-    await this.expectOk(res, 'referrers', 'MANIFEST_UNKNOWN');
+    await this.expectOk(res, target.upstream, 'referrers', 'MANIFEST_UNKNOWN');
     const body = await readLimited(res.body, MAX_MANIFEST_BYTES, 'referrers index');
     return { body, contentType: header(res.headers, 'content-type'), filtersApplied: header(res.headers, 'oci-filters-applied') };
   }
@@ -177,6 +199,8 @@ export class UpstreamClient {
     signal: AbortSignal | undefined,
   ): Promise<Dispatcher.ResponseData> {
     const isBlob = kind === 'blob';
+    const gate = this.gates.get(upstream.name)!;
+    const permit = await gate.acquire();
     try {
       const res = await this.dispatcher.request({
         origin: url.origin,
@@ -188,11 +212,28 @@ export class UpstreamClient {
         bodyTimeout: isBlob ? this.config.timeouts.blobIdle : this.config.timeouts.manifest,
       });
       this.metrics.upstreamRequests.inc({ upstream: upstream.name, kind, status: String(res.statusCode) });
+      permit.done(res.statusCode >= 500 ? 'failed' : 'ok');
+      // The slot is held until the body is finished: a blob download counts as one request in flight.
+      res.body.once('close', permit.release);
+      if (res.body.destroyed) permit.release();
+      this.recordRateLimit(gate, res);
       return res;
     } catch (err) {
+      permit.done('failed');
+      permit.release();
       this.metrics.upstreamRequests.inc({ upstream: upstream.name, kind, status: 'error' });
       throw transportError(upstream, err);
     }
+  }
+
+  /** 429 → honour Retry-After; Docker Hub's ratelimit-* headers ("100;w=21600") → gauges. */
+  private recordRateLimit(gate: Gate, res: Dispatcher.ResponseData): void {
+    const name = gate.upstream.name;
+    if (res.statusCode === 429) gate.rateLimited(header(res.headers, 'retry-after'));
+    const limit = /^\s*(\d+)/.exec(header(res.headers, 'ratelimit-limit') ?? '');
+    const remaining = /^\s*(\d+)/.exec(header(res.headers, 'ratelimit-remaining') ?? '');
+    if (limit) this.metrics.ratelimitLimit.set({ upstream: name }, Number(limit[1]));
+    if (remaining) this.metrics.ratelimitRemaining.set({ upstream: name }, Number(remaining[1]));
   }
 
   /** Returns the Authorization value to use, or undefined when the challenge can't be answered. */
@@ -265,7 +306,7 @@ export class UpstreamClient {
     return { value, ttl: Math.max(1000, (seconds - Math.min(30, seconds / 4)) * 1000) };
   }
 
-  private async expectOk(res: Dispatcher.ResponseData, kind: RequestKind, notFound: ErrorCode): Promise<void> {
+  private async expectOk(res: Dispatcher.ResponseData, upstream: UpstreamConfig, kind: RequestKind, notFound: ErrorCode): Promise<void> {
     if (res.statusCode >= 200 && res.statusCode < 300) return;
     let code: string | undefined;
     let message: string | undefined;
@@ -282,7 +323,7 @@ export class UpstreamClient {
       await res.body.dump().catch(() => undefined);
     }
     const keep = code === 'NAME_UNKNOWN' || code === 'MANIFEST_UNKNOWN' || code === 'BLOB_UNKNOWN' ? (code as ErrorCode) : notFound;
-    throw statusError(undefined, kind, res.statusCode, res.headers, keep, message);
+    throw statusError(upstream, kind, res.statusCode, res.headers, keep, message);
   }
 }
 

@@ -3,7 +3,7 @@
  * bytes, hangs, 5xx, 429, redirects to another origin. Never a stand-in for the real registry.
  */
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
-import type { AddressInfo, Socket } from 'node:net';
+import { createServer as createTcpServer, type AddressInfo, type Server, type Socket } from 'node:net';
 import type { TestContext } from 'node:test';
 
 export type Handler = (req: IncomingMessage, res: ServerResponse) => void;
@@ -75,3 +75,17 @@ export function blobHandler(body: Buffer, fault?: { cutAt: number; how: 'reset' 
     });
   };
 }
+
+/** A TCP listener that counts connections: where the cache must never connect. */
+export async function startTrap(t: TestContext, address: string): Promise<{ host: string; connections: number }> {
+  const trap = { host: '', connections: 0 };
+  const server: Server = createTcpServer((s) => {
+    trap.connections++;
+    s.destroy();
+  });
+  await new Promise<void>((r) => server.listen(0, address, r));
+  t.after(() => new Promise<void>((r) => server.close(() => r())));
+  trap.host = `${address}:${(server.address() as { port: number }).port}`;
+  return trap;
+}
+

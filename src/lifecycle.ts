@@ -1,0 +1,245 @@
+/**
+ * Bounded disk: tracks blob use without a SQLite write per request, keeps the blobs on disk under
+ * storage.maxSize with high/low watermarks, expires blobs by age per upstream, and decides when
+ * storage can take a new blob at all (disk full: stream through, don't cache).
+ *
+ * Eviction is least-recently-used and reference-aware: Db.dropBlob removes the manifests that point
+ * to a blob in the same transaction as the blob's row, before the file is unlinked. A blob that a
+ * client is reading or a fill is writing is pinned and skipped; a reader that opened a file before
+ * it was unlinked still reads it to the end.
+ */
+import type { BlobStore } from './blob-store.js';
+import type { Config } from './config.js';
+import type { BlobAccess, BlobRow, Db } from './db.js';
+import type { Metrics } from './metrics.js';
+
+export type EvictionReason = 'size' | 'age' | 'gc';
+
+export interface PassResult {
+  blobs: number;
+  bytes: number;
+  manifests: number;
+  tags: number;
+  /** bytes of blobs after the pass */
+  used: number;
+}
+
+export interface LifecycleLog {
+  info(obj: object, msg: string): void;
+  warn(obj: object, msg: string): void;
+}
+
+/** How often batched access times reach SQLite. A crash loses at most this much LRU precision. */
+const FLUSH_MS = 5_000;
+/** How often expiry by age runs (when any upstream has a maxAge). */
+const EXPIRY_MS = 10 * 60_000;
+/** Storage errors that mean "cannot cache now" rather than a bug. */
+const STORAGE_FULL = new Set(['ENOSPC', 'EDQUOT', 'EROFS', 'EACCES', 'EPERM', 'EIO']);
+/** How long caching stays off after a storage error before it is tried again. */
+const RETRY_STORAGE_MS = 30_000;
+
+export function isStorageError(err: unknown): boolean {
+  return STORAGE_FULL.has((err as NodeJS.ErrnoException | undefined)?.code ?? '');
+}
+
+export class Lifecycle {
+  private pending = new Map<string, BlobAccess>();
+  private readonly pins = new Map<string, number>();
+  private used = 0;
+  private running: Promise<PassResult> | undefined;
+  private timers: NodeJS.Timeout[] = [];
+  /** Until when caching is off after a storage error (0: on). */
+  private storageDownUntil = 0;
+
+  constructor(
+    private readonly config: Pick<Config, 'storage' | 'upstreams'>,
+    private readonly db: Db,
+    private readonly blobs: BlobStore,
+    private readonly metrics: Metrics,
+    private readonly log: LifecycleLog,
+    /** Called with the manifest digests a pass dropped, so memory caches forget them too. */
+    private readonly onDropped: (manifests: string[]) => void = () => undefined,
+  ) {
+    this.used = db.usage().bytes;
+    this.report();
+  }
+
+  /** Starts the background flush and expiry timers; the server calls this, one-shot commands don't. */
+  start(): void {
+    this.timers.push(setInterval(() => this.flush(), FLUSH_MS).unref());
+    if (this.config.upstreams.some((u) => u.maxAge !== undefined)) {
+      this.timers.push(setInterval(() => void this.pass('age').catch((err: Error) => this.log.warn({ err: err.message }, 'expiry pass failed')), EXPIRY_MS).unref());
+    }
+    this.schedule();
+  }
+
+  get usedBytes(): number {
+    return this.used;
+  }
+
+  /** A blob was served from the cache: remember when, in memory only. */
+  touch(digest: string, size: number, upstream: string, at = Date.now()): void {
+    // Opened just as it was evicted: recording the use would bring back a row for a deleted file.
+    if (this.blobs.isRemoving(digest)) return;
+    this.pending.set(`${digest}\n${upstream}`, { digest, size, upstream, at });
+  }
+
+  /** A verified blob entered the cache. */
+  added(digest: string, size: number, upstream: string): void {
+    const known = this.db.hasBlob(digest);
+    this.db.touchBlobs([{ digest, size, upstream, at: Date.now() }]);
+    if (!known) this.used += size;
+    this.report();
+    this.schedule();
+  }
+
+  /** Keeps a blob from eviction until the returned function is called. */
+  pin(digest: string): () => void {
+    this.pins.set(digest, (this.pins.get(digest) ?? 0) + 1);
+    let released = false;
+    return () => {
+      if (released) return;
+      released = true;
+      const n = (this.pins.get(digest) ?? 1) - 1;
+      if (n <= 0) this.pins.delete(digest);
+      else this.pins.set(digest, n);
+    };
+  }
+
+  /** Writes batched access times to SQLite in one transaction. */
+  flush(): void {
+    if (this.pending.size === 0) return;
+    const batch = this.pending;
+    this.pending = new Map();
+    this.db.touchBlobs(batch.values());
+  }
+
+  /**
+   * Whether a new blob of `size` bytes should be written to disk. False while storage is failing
+   * or too full: the caller then streams the blob through without caching it.
+   */
+  async canCache(size: number | undefined): Promise<boolean> {
+    if (Date.now() < this.storageDownUntil) return false;
+    let free: number;
+    try {
+      free = await this.blobs.freeBytes();
+    } catch (err) {
+      this.storageFailed(err as Error);
+      return false;
+    }
+    // Keep storage.minFree so SQLite's WAL and other fills in flight still have room.
+    if (free < (size ?? 0) + this.config.storage.minFree) {
+      this.storageFailed(Object.assign(new Error(`only ${free} bytes free on the cache filesystem`), { code: 'ENOSPC' }));
+      void this.pass('size').catch(() => undefined);
+      return false;
+    }
+    if (this.storageDownUntil !== 0) {
+      this.storageDownUntil = 0;
+      this.metrics.storageWritable.set(1);
+      this.log.info({ free }, 'storage writable again: caching resumed');
+    }
+    return true;
+  }
+
+  /** Turns caching off for a while after ENOSPC, EROFS and the like; pulls go on without caching. */
+  storageFailed(err: Error): void {
+    const first = this.storageDownUntil === 0;
+    this.storageDownUntil = Date.now() + RETRY_STORAGE_MS;
+    this.metrics.storageWritable.set(0);
+    this.metrics.storageErrors.inc({ code: (err as NodeJS.ErrnoException).code ?? 'unknown' });
+    if (first) this.log.warn({ err: err.message, code: (err as NodeJS.ErrnoException).code, retryInMs: RETRY_STORAGE_MS }, 'storage full or unwritable: serving blobs without caching them');
+  }
+
+  /** Starts a size pass when usage is above the high watermark (one at a time). */
+  private schedule(): void {
+    const max = this.config.storage.maxSize;
+    if (max === undefined || this.used <= max * this.config.storage.highWatermark || this.running) return;
+    void this.pass('size').catch((err: Error) => this.log.warn({ err: err.message }, 'eviction pass failed'));
+  }
+
+  /**
+   * One pass: expire by age, then evict least recently used blobs down to the low watermark when
+   * above the high one ('gc' evicts whenever above the low one). Passes never overlap.
+   */
+  pass(reason: EvictionReason): Promise<PassResult> {
+    this.running ??= this.runPass(reason).finally(() => {
+      this.running = undefined;
+    });
+    return this.running;
+  }
+
+  private async runPass(reason: EvictionReason): Promise<PassResult> {
+    this.flush();
+    const result: PassResult = { blobs: 0, bytes: 0, manifests: 0, tags: 0, used: 0 };
+    this.used = this.db.usage().bytes;
+    const now = Date.now();
+    const cutoffs: Record<string, number> = {};
+    for (const u of this.config.upstreams) if (u.maxAge !== undefined) cutoffs[u.name] = now - u.maxAge;
+    if (Object.keys(cutoffs).length > 0) {
+      await this.evict(this.db.expiredBlobs(cutoffs, Number.MIN_SAFE_INTEGER), reason === 'gc' ? 'gc' : 'age', result);
+    }
+    const max = this.config.storage.maxSize;
+    if (max !== undefined) {
+      const high = max * this.config.storage.highWatermark;
+      const low = max * this.config.storage.lowWatermark;
+      if (this.used > high || (reason === 'gc' && this.used > low)) {
+        await this.evict(this.lruUntil(this.used - low), reason === 'gc' ? 'gc' : 'size', result);
+      }
+    }
+    result.used = this.used;
+    if (result.blobs > 0) this.log.info({ reason, ...result }, 'evicted blobs');
+    return result;
+  }
+
+  /** Least recently used, unpinned blobs adding up to at least `bytes`. */
+  private lruUntil(bytes: number): BlobRow[] {
+    const out: BlobRow[] = [];
+    let total = 0;
+    for (let limit = 1024; total < bytes; limit *= 4) {
+      out.length = 0;
+      total = 0;
+      const rows = this.db.oldestBlobs(limit);
+      for (const row of rows) {
+        if (this.pins.has(row.digest)) continue;
+        out.push(row);
+        total += row.size;
+        if (total >= bytes) break;
+      }
+      if (rows.length < limit) break;
+    }
+    return out;
+  }
+
+  private async evict(rows: BlobRow[], reason: EvictionReason, result: PassResult): Promise<void> {
+    for (const row of rows) {
+      if (this.pins.has(row.digest)) continue;
+      // Rows first, in one transaction with the manifests that point to the blob; then the file.
+      // A crash in between leaves a verified file without a row, which is adopted or swept later.
+      const dropped = this.db.dropBlob(row.digest);
+      for (const k of this.pending.keys()) if (k.startsWith(`${row.digest}\n`)) this.pending.delete(k);
+      this.onDropped(dropped.manifests);
+      await this.blobs.remove(row.digest);
+      this.used -= row.size;
+      result.blobs++;
+      result.bytes += row.size;
+      result.manifests += dropped.manifests.length;
+      result.tags += dropped.tags;
+      this.metrics.evictions.inc({ reason });
+      this.metrics.evictedBytes.inc({ reason }, row.size);
+    }
+    this.report();
+  }
+
+  private report(): void {
+    this.metrics.diskUsed.set(this.used);
+    this.metrics.diskLimit.set(this.config.storage.maxSize ?? 0);
+  }
+
+  /** Flushes access times and stops the timers; waits for a running pass. */
+  async close(): Promise<void> {
+    for (const t of this.timers) clearInterval(t);
+    this.timers = [];
+    await this.running?.catch(() => undefined);
+    this.flush();
+  }
+}
