@@ -3,18 +3,12 @@
  * operational endpoints. The only file that knows every module.
  */
 import { access, constants } from 'node:fs/promises';
-import { join } from 'node:path';
 import Fastify, { LogController, type FastifyInstance } from 'fastify';
-import { BlobStore } from './blob-store.js';
 import type { Config } from './config.js';
-import { Db } from './db.js';
-import { Lifecycle } from './lifecycle.js';
 import { OciError, type ErrorCode } from './errors.js';
-import { Metrics } from './metrics.js';
-import { UpstreamIndex } from './reference.js';
-import { Registry } from './registry.js';
+import { registerAdmin } from './admin.js';
 import { registerRoutes } from './routes.js';
-import { UpstreamClient } from './upstream.js';
+import { openCache } from './services.js';
 
 declare module 'fastify' {
   interface FastifyInstance {
@@ -49,16 +43,9 @@ export async function buildApp(config: Config, options: AppOptions = {}): Promis
     routerOptions: { ignoreTrailingSlash: true },
   });
 
-  const metrics = new Metrics();
-  const blobs = new BlobStore(config.storage.root);
-  const removed = await blobs.init();
-  if (removed > 0) app.log.info({ removed }, 'removed temp files left by an earlier run');
-  const db = new Db(join(config.storage.root, 'index.db'));
-  const upstreamClient = new UpstreamClient(config, metrics);
-  const lifecycle = new Lifecycle(config, db, blobs, metrics, app.log, (dropped) => registry.forgetManifests(dropped));
-  const registry = new Registry(config, db, blobs, upstreamClient, lifecycle, metrics, app.log);
+  const services = await openCache(config, app.log, { sweep: true });
+  const { metrics, blobs, db, registry, upstreams, lifecycle } = services;
   lifecycle.start();
-  const upstreams = new UpstreamIndex(config);
   let closing = false;
   let inflight = 0;
   let drained: (() => void) | undefined;
@@ -113,6 +100,7 @@ export async function buildApp(config: Config, options: AppOptions = {}): Promis
   });
 
   registerRoutes(app, { registry, upstreams, metrics });
+  registerAdmin(app, services);
 
   app.get('/healthz', async () => ({ status: 'ok' }));
   app.get('/readyz', async (_req, reply) => {
@@ -140,10 +128,7 @@ export async function buildApp(config: Config, options: AppOptions = {}): Promis
     closing = true;
   });
   app.addHook('onClose', async () => {
-    await registry.close(config.server.shutdownTimeout);
-    await lifecycle.close();
-    await upstreamClient.close();
-    db.close();
+    await services.close(config.server.shutdownTimeout);
   });
   return app;
 }

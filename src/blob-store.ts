@@ -31,10 +31,11 @@ export class BlobStore {
     this.tmpDir = join(root, 'tmp');
   }
 
-  /** Creates the layout and removes temp files a crash left behind. */
-  async init(): Promise<number> {
+  /** Creates the layout and (with `sweep`) removes temp files a crash left behind. */
+  async init(sweep = true): Promise<number> {
     await mkdir(this.blobsDir, { recursive: true });
     await mkdir(this.tmpDir, { recursive: true });
+    if (!sweep) return 0;
     const leftovers = await readdir(this.tmpDir);
     await Promise.all(leftovers.map((f) => rm(join(this.tmpDir, f), { force: true, recursive: true })));
     return leftovers.length;
@@ -211,6 +212,18 @@ export class Fill extends EventEmitter {
   get deliverable(): number {
     if (this.state !== 'filling' || this.size === undefined) return this.written;
     return Math.min(this.written, this.size - 1);
+  }
+
+  /** Resolves once the blob is committed; rejects with the fill's error if it fails. */
+  settled(): Promise<void> {
+    return new Promise((resolve, reject) => {
+      const check = (): void => {
+        if (this.state === 'committed') resolve();
+        else if (this.state === 'failed') reject(this.error ?? new Error('fill failed'));
+        else return void this.once('progress', check);
+      };
+      check();
+    });
   }
 
   /** A stream of bytes [start, end] (end inclusive, default: to the end) that tails the fill. */

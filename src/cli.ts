@@ -1,18 +1,125 @@
 #!/usr/bin/env node
 /**
- * `ocicache serve [--config FILE]`: run the proxy. Without --config it reads $OCICACHE_CONFIG or
- * the embedded config/default.yaml.
+ * The `ocicache` command: serve, and the operator's one-shot commands gc, verify and prefetch.
+ * Without --config every command reads $OCICACHE_CONFIG or the embedded config/default.yaml.
  */
 import { readFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
+import { pino } from 'pino';
+import { request } from 'undici';
 import { buildApp } from './app.js';
-import { ConfigError, loadConfig } from './config.js';
+import { ConfigError, loadConfig, type Config } from './config.js';
+import { prefetch, type PrefetchEvent } from './prefetch.js';
+import { openCache, type Services } from './services.js';
+import { problems, verify } from './verify.js';
 
-const USAGE = `usage: ocicache serve [--config FILE]
+const USAGE = `usage: ocicache <command> [--config FILE] [options]
 
-  serve    run the caching proxy (default config: config/default.yaml, or $OCICACHE_CONFIG)
-  version  print the version
+  serve                 run the caching proxy (the default command)
+  gc                    expire and evict blobs now (maxAge, storage.maxSize down to the low
+                        watermark) and print what was freed
+  verify                re-hash every blob and manifest, repair the index, remove what is
+                        corrupt; exits 1 when anything was found
+  prefetch REF...       fetch images into the cache (REF: [registry/]name[:tag|@digest])
+      --platform LIST     only these platforms of a multi-platform image, e.g. linux/amd64,linux/arm64
+      --file FILE         read references from FILE too, one per line (# comments allowed)
+      --server URL        ask a running ocicache (POST URL/admin/prefetch) instead of opening the
+                          cache directory; the admin token comes from $OCICACHE_ADMIN_TOKEN
+  version               print the version
+
+  --config FILE         config file (default: $OCICACHE_CONFIG, else config/default.yaml)
+
+gc, verify and prefetch without --server open the cache directory themselves: run them while the
+server is stopped, or use the server's admin API (POST /admin/gc, /admin/prefetch).
 `;
+
+function mib(bytes: number): string {
+  return `${(bytes / 1024 / 1024).toFixed(1)} MiB`;
+}
+
+async function withCache<T>(config: Config, fn: (s: Services) => Promise<T>): Promise<T> {
+  const log = pino({ level: config.log.level === 'info' ? 'warn' : config.log.level }, pino.destination(2));
+  const s = await openCache(config, log, { sweep: false });
+  try {
+    return await fn(s);
+  } finally {
+    await s.close(0);
+  }
+}
+
+async function gc(config: Config): Promise<void> {
+  await withCache(config, async (s) => {
+    const r = await s.lifecycle.pass('gc');
+    const dangling = s.db.pruneDangling();
+    const usage = s.db.usage();
+    process.stdout.write(
+      `gc: freed ${r.blobs} blobs (${mib(r.bytes)}); dropped ${r.manifests} manifests, ${r.tags} tags and ${dangling} dangling index rows\n` +
+        `cache: ${mib(usage.bytes)} in ${usage.count} blobs (limit ${config.storage.maxSize === undefined ? 'none' : mib(config.storage.maxSize)})\n`,
+    );
+  });
+}
+
+async function verifyCommand(config: Config): Promise<void> {
+  const report = await withCache(config, (s) => verify(s));
+  const lines = [
+    ...report.corruptBlobs.map((d) => `corrupt blob ${d}: deleted`),
+    ...report.missingBlobs.map((d) => `missing blob file ${d}: index row dropped`),
+    ...report.adoptedBlobs.map((d) => `blob file without index row ${d}: verified and adopted`),
+    ...report.strayFiles.map((p) => `stray file ${p}: deleted`),
+    ...report.corruptManifests.map((d) => `corrupt manifest ${d}: dropped`),
+  ];
+  if (report.droppedManifests + report.droppedTags > 0) lines.push(`dropped ${report.droppedManifests} manifests and ${report.droppedTags} tags that pointed to removed content`);
+  if (report.danglingRows > 0) lines.push(`removed ${report.danglingRows} dangling index rows`);
+  const n = problems(report);
+  lines.push(`verify: checked ${report.blobsChecked} blobs and ${report.manifestsChecked} manifests: ${n === 0 ? 'all good' : `${n} problems found and repaired`}`);
+  process.stdout.write(`${lines.join('\n')}\n`);
+  if (n > 0) process.exitCode = 1;
+}
+
+function printEvent(e: PrefetchEvent): void {
+  if (e.event === 'done') {
+    const s = e.summary!;
+    process.stdout.write(`prefetch: ${s.refs} images, ${s.blobs} blobs (${s.fetched} fetched), ${mib(s.bytes)} in the cache; ${s.failedRefs} failed\n`);
+    if (s.failedRefs > 0) process.exitCode = 1;
+    return;
+  }
+  if (e.event === 'error') {
+    process.stdout.write(`${e.ref}  error: ${e.error}\n`);
+    return;
+  }
+  const size = e.size === undefined ? '' : ` ${e.event === 'blob' ? mib(e.size) : `${e.size} B`}`;
+  const platform = e.platform ? ` (${e.platform})` : '';
+  process.stdout.write(`${e.ref}  ${e.event} ${e.digest}${size} ${e.result}${platform}${e.error ? `: ${e.error}` : ''}\n`);
+}
+
+async function prefetchCommand(config: Config | undefined, refs: string[], platforms: string[] | undefined, server: string | undefined): Promise<void> {
+  if (refs.length === 0) throw new UsageError('prefetch needs at least one image reference (or --file)');
+  if (server === undefined) {
+    await withCache(config!, (s) => prefetch(s, refs, platforms, printEvent));
+    return;
+  }
+  const token = process.env.OCICACHE_ADMIN_TOKEN;
+  const res = await request(new URL('/admin/prefetch', server), {
+    method: 'POST',
+    headers: { 'content-type': 'application/json', ...(token ? { authorization: `Bearer ${token}` } : {}) },
+    body: JSON.stringify({ references: refs, platforms }),
+  });
+  if (res.statusCode !== 200) {
+    const text = await res.body.text();
+    throw new UsageError(`${server} answered ${res.statusCode}: ${text}`);
+  }
+  let buffered = '';
+  for await (const chunk of res.body) {
+    buffered += (chunk as Buffer).toString('utf8');
+    let nl: number;
+    while ((nl = buffered.indexOf('\n')) >= 0) {
+      printEvent(JSON.parse(buffered.slice(0, nl)) as PrefetchEvent);
+      buffered = buffered.slice(nl + 1);
+    }
+  }
+}
+
+class UsageError extends Error {}
 
 function version(): string {
   const pkg = JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version: string };
@@ -55,7 +162,13 @@ async function serve(configFile: string | undefined): Promise<void> {
 async function main(argv: string[]): Promise<void> {
   const { values, positionals } = parseArgs({
     args: argv,
-    options: { config: { type: 'string', short: 'c' }, help: { type: 'boolean', short: 'h' } },
+    options: {
+      config: { type: 'string', short: 'c' },
+      help: { type: 'boolean', short: 'h' },
+      platform: { type: 'string', multiple: true },
+      file: { type: 'string', multiple: true },
+      server: { type: 'string' },
+    },
     allowPositionals: true,
   });
   const command = positionals[0] ?? 'serve';
@@ -69,6 +182,19 @@ async function main(argv: string[]): Promise<void> {
     case 'version':
       process.stdout.write(`${version()}\n`);
       return;
+    case 'gc':
+      return gc(loadConfig(values.config));
+    case 'verify':
+      return verifyCommand(loadConfig(values.config));
+    case 'prefetch': {
+      const refs = positionals.slice(1);
+      for (const f of values.file ?? []) {
+        const text = readFileSync(f === '-' ? 0 : f, 'utf8');
+        refs.push(...text.split('\n').map((l) => l.replace(/#.*/, '').trim()).filter(Boolean));
+      }
+      const platforms = values.platform?.flatMap((p) => p.split(',')).map((p) => p.trim()).filter(Boolean);
+      return prefetchCommand(values.server === undefined ? loadConfig(values.config) : undefined, refs, platforms, values.server);
+    }
     default:
       process.stderr.write(`unknown command ${command}\n${USAGE}`);
       process.exitCode = 2;
@@ -76,8 +202,8 @@ async function main(argv: string[]): Promise<void> {
 }
 
 main(process.argv.slice(2)).catch((err: unknown) => {
-  if (err instanceof ConfigError) {
-    process.stderr.write(`${err.message}\n`);
+  if (err instanceof ConfigError || err instanceof UsageError || (err as { code?: string }).code?.startsWith('ERR_PARSE_ARGS')) {
+    process.stderr.write(`${(err as Error).message}\n`);
     process.exit(2);
   }
   process.stderr.write(`${(err as Error).stack ?? String(err)}\n`);

@@ -201,6 +201,11 @@ export class Db {
     })();
   }
 
+  /** Indexes a verified file found without a row (ocicache verify). */
+  adoptBlob(digest: string, size: number, at: number): void {
+    this.stmt.touchBlob.run(digest, size, at, at);
+  }
+
   hasBlob(digest: string): boolean {
     return this.stmt.blobSize.get(digest) !== undefined;
   }

@@ -48,8 +48,13 @@ export class Lifecycle {
   private used = 0;
   private running: Promise<PassResult> | undefined;
   private timers: NodeJS.Timeout[] = [];
-  /** Until when caching is off after a storage error (0: on). */
+  /** Until when caching is off after a storage write error (0: not blocked). */
   private storageDownUntil = 0;
+  private lastUnpinPass = 0;
+  private rerun = false;
+  private unpinTimer: NodeJS.Timeout | undefined;
+  /** Caching is off (low space or a write error); logged once per episode. */
+  private down = false;
 
   constructor(
     private readonly config: Pick<Config, 'storage' | 'upstreams'>,
@@ -101,8 +106,16 @@ export class Lifecycle {
       if (released) return;
       released = true;
       const n = (this.pins.get(digest) ?? 1) - 1;
-      if (n <= 0) this.pins.delete(digest);
-      else this.pins.set(digest, n);
+      if (n > 0) return void this.pins.set(digest, n);
+      this.pins.delete(digest);
+      // A pass may have skipped this blob while it was pinned: look again, at most once a second.
+      if (this.overHigh() && !this.unpinTimer) {
+        this.unpinTimer = setTimeout(() => {
+          this.unpinTimer = undefined;
+          this.schedule();
+        }, Math.max(0, this.lastUnpinPass + 1000 - Date.now())).unref();
+        this.lastUnpinPass = Date.now();
+      }
     };
   }
 
@@ -127,13 +140,15 @@ export class Lifecycle {
       this.storageFailed(err as Error);
       return false;
     }
-    // Keep storage.minFree so SQLite's WAL and other fills in flight still have room.
+    // Keep storage.minFree so SQLite's WAL and other fills in flight still have room. Checked on
+    // every fill (statfs is cheap), so caching resumes as soon as space returns.
     if (free < (size ?? 0) + this.config.storage.minFree) {
-      this.storageFailed(Object.assign(new Error(`only ${free} bytes free on the cache filesystem`), { code: 'ENOSPC' }));
-      void this.pass('size').catch(() => undefined);
+      this.degraded(Object.assign(new Error(`${free} bytes free on the cache filesystem, below storage.minFree plus the blob`), { code: 'ENOSPC' }));
+      if (this.config.storage.maxSize !== undefined) void this.pass('size').catch(() => undefined);
       return false;
     }
-    if (this.storageDownUntil !== 0) {
+    if (this.down) {
+      this.down = false;
       this.storageDownUntil = 0;
       this.metrics.storageWritable.set(1);
       this.log.info({ free }, 'storage writable again: caching resumed');
@@ -141,19 +156,33 @@ export class Lifecycle {
     return true;
   }
 
-  /** Turns caching off for a while after ENOSPC, EROFS and the like; pulls go on without caching. */
+  /** A write failed with ENOSPC, EROFS and the like: stop caching for a while; pulls go on uncached. */
   storageFailed(err: Error): void {
-    const first = this.storageDownUntil === 0;
     this.storageDownUntil = Date.now() + RETRY_STORAGE_MS;
-    this.metrics.storageWritable.set(0);
+    this.degraded(err);
+  }
+
+  private degraded(err: Error): void {
     this.metrics.storageErrors.inc({ code: (err as NodeJS.ErrnoException).code ?? 'unknown' });
-    if (first) this.log.warn({ err: err.message, code: (err as NodeJS.ErrnoException).code, retryInMs: RETRY_STORAGE_MS }, 'storage full or unwritable: serving blobs without caching them');
+    if (this.down) return;
+    this.down = true;
+    this.metrics.storageWritable.set(0);
+    this.log.warn({ err: err.message, code: (err as NodeJS.ErrnoException).code }, 'storage full or unwritable: serving blobs without caching them');
   }
 
   /** Starts a size pass when usage is above the high watermark (one at a time). */
-  private schedule(): void {
+  private overHigh(): boolean {
     const max = this.config.storage.maxSize;
-    if (max === undefined || this.used <= max * this.config.storage.highWatermark || this.running) return;
+    return max !== undefined && this.used > max * this.config.storage.highWatermark;
+  }
+
+  private schedule(): void {
+    if (!this.overHigh()) return;
+    if (this.running) {
+      // Something changed during the pass (a blob added, one unpinned): look again after it.
+      this.rerun = true;
+      return;
+    }
     void this.pass('size').catch((err: Error) => this.log.warn({ err: err.message }, 'eviction pass failed'));
   }
 
@@ -164,6 +193,14 @@ export class Lifecycle {
   pass(reason: EvictionReason): Promise<PassResult> {
     this.running ??= this.runPass(reason).finally(() => {
       this.running = undefined;
+      if (this.rerun) {
+        this.rerun = false;
+        clearTimeout(this.unpinTimer);
+        this.unpinTimer = setTimeout(() => {
+          this.unpinTimer = undefined;
+          this.schedule();
+        }, 1000).unref();
+      }
     });
     return this.running;
   }
@@ -239,6 +276,7 @@ export class Lifecycle {
   async close(): Promise<void> {
     for (const t of this.timers) clearInterval(t);
     this.timers = [];
+    clearTimeout(this.unpinTimer);
     await this.running?.catch(() => undefined);
     this.flush();
   }

@@ -17,6 +17,7 @@ export const DOCKER_SCHEMA1 = 'application/vnd.docker.distribution.manifest.v1+j
  * missing or schema2-only Accept with schema1 or the amd64 child of a multi-arch tag
  * (distribution#2348, protocol.md §6.3 and §7.3).
  */
+export const INDEX_TYPES: ReadonlySet<string> = new Set([OCI_INDEX, DOCKER_LIST]);
 export const FULL_ACCEPT = [OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST].join(', ');
 
 /**

@@ -227,6 +227,24 @@ export class Registry {
     return { size, range, stream, cache: 'hit' };
   }
 
+  /** Makes sure a blob is in the cache, through the same shared fill as client pulls (prefetch). */
+  async ensureBlob(target: Target, digest: string): Promise<{ size: number; result: 'cached' | 'fetched' }> {
+    const size = await this.blobs.stat(digest);
+    if (size !== undefined) {
+      this.lifecycle.touch(digest, size, target.upstream.name);
+      return { size, result: 'cached' };
+    }
+    let fill: Fill;
+    try {
+      fill = await this.fillFor(target, digest);
+    } catch (err) {
+      if (err instanceof StorageUnavailable) throw new OciError('UNAVAILABLE', 'storage is full or unwritable: nothing can be prefetched');
+      throw err;
+    }
+    await fill.settled();
+    return { size: fill.written, result: 'fetched' };
+  }
+
   /** Storage is full or failing: stream the blob from upstream without caching, still verifying it. */
   private async uncached(target: Target, digest: string): Promise<BlobResult> {
     const res = await this.upstream.getBlob(target, digest, AbortSignal.timeout(this.config.timeouts.fill));

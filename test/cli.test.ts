@@ -1,23 +1,13 @@
 /** The `ocicache` command as an operator runs it: embedded default config, bad config, SIGTERM. */
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import { mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import test from 'node:test';
 import { request, type Dispatcher } from 'undici';
+import { startCli } from './helpers/cli.js';
 
-const CLI = ['--import', 'tsx', 'src/cli.ts'];
-
-function start(args: string[], env: NodeJS.ProcessEnv) {
-  const child = spawn(process.execPath, [...CLI, ...args], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
-  let stdout = '';
-  let stderr = '';
-  child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-  child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-  const exit = new Promise<number | null>((r) => child.once('exit', r));
-  return { child, exit, out: () => stdout, err: () => stderr };
-}
+const start = startCli;
 
 test('serve runs on the embedded default config and shuts down cleanly on SIGTERM', async (t) => {
   const root = mkdtempSync(join(tmpdir(), 'ocicache-cli-'));

@@ -20,6 +20,8 @@ export interface ProxyOptions {
   upstreams: Array<Record<string, unknown>>;
   defaultUpstream?: string;
   cache?: Record<string, unknown>;
+  storage?: Record<string, unknown>;
+  admin?: Record<string, unknown>;
   timeouts?: Record<string, unknown>;
   root?: string;
   env?: NodeJS.ProcessEnv;
@@ -31,7 +33,8 @@ export async function startProxy(t: TestContext, options: ProxyOptions): Promise
     {
       server: { host: '127.0.0.1', port: 0, shutdownTimeout: '2s' },
       log: { level: 'silent' },
-      storage: { root },
+      storage: { root, ...options.storage },
+      admin: options.admin,
       cache: options.cache,
       timeouts: options.timeouts,
       defaultUpstream: options.defaultUpstream,

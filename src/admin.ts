@@ -1,0 +1,67 @@
+/**
+ * The admin API under /admin: POST /admin/prefetch (NDJSON progress) and POST /admin/gc. Off
+ * unless admin.tokenEnv or admin.tokenFile is configured; every call needs that bearer token.
+ */
+import { timingSafeEqual } from 'node:crypto';
+import { PassThrough } from 'node:stream';
+import type { FastifyInstance, FastifyRequest } from 'fastify';
+import { OciError } from './errors.js';
+import { prefetch } from './prefetch.js';
+import type { Services } from './services.js';
+
+function checkToken(req: FastifyRequest, token: string | undefined): void {
+  if (token === undefined) throw new OciError('DENIED', 'the admin API is off: set admin.tokenEnv or admin.tokenFile in the config');
+  const m = /^Bearer (.+)$/i.exec(req.headers.authorization ?? '');
+  const given = Buffer.from(m?.[1] ?? '');
+  const want = Buffer.from(token);
+  if (given.length !== want.length || !timingSafeEqual(given, want)) {
+    throw new OciError('UNAUTHORIZED', 'admin token required', { headers: { 'www-authenticate': 'Bearer realm="ocicache-admin"' } });
+  }
+}
+
+function stringList(value: unknown, key: string): string[] | undefined {
+  if (value === undefined) return undefined;
+  if (!Array.isArray(value) || !value.every((v) => typeof v === 'string' && v !== '')) throw new OciError('UNSUPPORTED', `${key} must be a list of strings`, { status: 400 });
+  return value as string[];
+}
+
+export function registerAdmin(app: FastifyInstance, s: Services): void {
+  app.register(async (admin) => {
+    admin.addContentTypeParser('application/json', { parseAs: 'string', bodyLimit: 1024 * 1024 }, (_req, body, done) => {
+      try {
+        done(null, JSON.parse(body as string));
+      } catch {
+        done(new OciError('UNSUPPORTED', 'request body is not valid JSON', { status: 400 }), undefined);
+      }
+    });
+
+    // Body: {"references": ["docker.io/library/alpine:3.20", ...], "platforms": ["linux/amd64"]}.
+    admin.post('/admin/prefetch', async (req, reply) => {
+      checkToken(req, s.config.admin.token);
+      const body = (req.body ?? {}) as { references?: unknown; platforms?: unknown };
+      const refs = stringList(body.references, 'references');
+      if (!refs || refs.length === 0) throw new OciError('UNSUPPORTED', 'references must list at least one image', { status: 400 });
+      const platforms = stringList(body.platforms, 'platforms');
+      const out = new PassThrough();
+      req.log.info({ references: refs, platforms }, 'prefetch started');
+      // Progress as it happens, one JSON object per line; the work goes on if the caller leaves.
+      void prefetch(s, refs, platforms, (e) => {
+        if (!out.destroyed) out.write(`${JSON.stringify(e)}\n`);
+      }).then(
+        (summary) => {
+          req.log.info({ ...summary }, 'prefetch finished');
+          out.end();
+        },
+        (err: Error) => out.destroy(err),
+      );
+      return reply.type('application/x-ndjson').send(out);
+    });
+
+    admin.post('/admin/gc', async (req) => {
+      checkToken(req, s.config.admin.token);
+      const result = await s.lifecycle.pass('gc');
+      const pruned = s.db.pruneDangling();
+      return { ...result, danglingRows: pruned, limit: s.config.storage.maxSize ?? null };
+    });
+  });
+}

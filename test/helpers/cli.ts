@@ -1,0 +1,38 @@
+/** Runs the `ocicache` command as a separate process, the way an operator does. */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { stringify } from 'yaml';
+
+const CLI = ['--import', 'tsx', 'src/cli.ts'];
+
+export interface Running {
+  child: ChildProcess;
+  exit: Promise<number | null>;
+  out(): string;
+  err(): string;
+}
+
+export function startCli(args: string[], env: NodeJS.ProcessEnv = {}): Running {
+  const child = spawn(process.execPath, [...CLI, ...args], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+  let stdout = '';
+  let stderr = '';
+  child.stdout!.on('data', (d: Buffer) => (stdout += d.toString()));
+  child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
+  const exit = new Promise<number | null>((r) => child.once('exit', (code) => r(code)));
+  return { child, exit, out: () => stdout, err: () => stderr };
+}
+
+/** Runs a one-shot command to the end. */
+export async function runCli(args: string[], env: NodeJS.ProcessEnv = {}): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  const p = startCli(args, env);
+  const code = await p.exit;
+  return { code, stdout: p.out(), stderr: p.err() };
+}
+
+/** Writes a config file next to the cache and returns its path. */
+export function writeConfig(dir: string, doc: Record<string, unknown>): string {
+  const file = join(dir, `config-${Math.random().toString(36).slice(2)}.yaml`);
+  writeFileSync(file, stringify({ log: { level: 'warn' }, ...doc }));
+  return file;
+}
