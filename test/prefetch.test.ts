@@ -1,0 +1,115 @@
+/** Warming the cache: `ocicache prefetch` (directly and via --server) and POST /admin/prefetch. */
+import assert from 'node:assert/strict';
+import { existsSync, mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import test from 'node:test';
+import { request } from 'undici';
+import { runCli, writeConfig } from './helpers/cli.js';
+import { startDistribution } from './helpers/distribution.js';
+import { metric, startProxy } from './helpers/proxy.js';
+import { image, multiArch, Pusher, randomLayer } from './helpers/seed.js';
+
+function blobFile(root: string, digest: string): string {
+  return join(root, 'blobs', 'sha256', digest.slice(7, 9), digest.slice(7));
+}
+
+const platforms = [
+  { os: 'linux', architecture: 'amd64' },
+  { os: 'linux', architecture: 'arm64' },
+];
+
+test('ocicache prefetch fetches an index and only the chosen platforms, from arguments and a file', async (t) => {
+  const registry = await startDistribution(t);
+  if (!registry) return;
+  const alpine = multiArch(platforms, 'alpine');
+  const app = image({ 'app.bin': randomLayer(300_000) });
+  const pusher = new Pusher({ url: registry.url });
+  await pusher.pushMultiArch('library/alpine', '3.20', alpine);
+  await pusher.pushImage('team/app', 'v1', app);
+
+  const root = mkdtempSync(join(tmpdir(), 'ocicache-prefetch-'));
+  const upstreams = [{ name: 'docker.io', url: registry.url, dockerHubLibrary: true }];
+  const config = writeConfig(root, { storage: { root }, upstreams, defaultUpstream: 'docker.io' });
+  const refs = join(root, 'refs.txt');
+  writeFileSync(refs, '# images for the rollout\nteam/app:v1\n\n');
+  const r = await runCli(['prefetch', '--config', config, '--platform', 'linux/arm64', 'docker.io/library/alpine:3.20', '--file', refs]);
+  assert.equal(r.code, 0, r.stdout + r.stderr);
+  const [amd64, arm64] = alpine.images;
+  const lines = r.stdout.trim().split('\n');
+  assert.equal(lines[0], `docker.io/library/alpine:3.20  manifest ${alpine.digest} ${alpine.index.length} B fetched`);
+  assert.equal(lines[1], `docker.io/library/alpine:3.20  manifest ${arm64!.digest} ${arm64!.manifest.length} B fetched (linux/arm64)`);
+  assert.ok(lines.includes(`team/app:v1  manifest ${app.digest} ${app.manifest.length} B fetched`));
+  assert.equal(lines.at(-1), `prefetch: 2 images, 4 blobs (4 fetched), ${((arm64!.blobs.concat(app.blobs).reduce((n, b) => n + b.data.length, 0)) / 1024 / 1024).toFixed(1)} MiB in the cache; 0 failed`);
+  for (const b of [...arm64!.blobs, ...app.blobs]) assert.ok(existsSync(blobFile(root, b.descriptor.digest)), 'chosen platform cached');
+  for (const b of amd64!.blobs) assert.equal(existsSync(blobFile(root, b.descriptor.digest)), false, 'other platform not fetched');
+
+  // Once more: everything is already there.
+  const again = await runCli(['prefetch', '--config', config, '--platform', 'linux/arm64', 'alpine:3.20']);
+  assert.equal(again.code, 0);
+  assert.match(again.stdout, /prefetch: 1 images, 2 blobs \(0 fetched\)/);
+
+  // The warmed cache serves the pull without a blob request upstream.
+  const proxy = await startProxy(t, { root, upstreams });
+  const seen = registry.accessLog.length;
+  for (const b of arm64!.blobs) {
+    const res = await request(`${proxy.url}/v2/library/alpine/blobs/${b.descriptor.digest}?ns=docker.io`);
+    await res.body.dump();
+    assert.equal(res.headers['x-cache'], 'HIT');
+  }
+  assert.deepEqual(registry.accessLog.slice(seen), []);
+
+  const bad = await runCli(['prefetch', '--config', config, 'nosuch.example/x:1', 'team/app:missing']);
+  assert.equal(bad.code, 1);
+  assert.match(bad.stdout, /^nosuch\.example\/x:1  error: .+$/m);
+  assert.match(bad.stdout, /^team\/app:missing  error: manifest unknown$/m);
+  assert.match(bad.stdout, /; 2 failed\n$/);
+});
+
+test('POST /admin/prefetch: off without a token, 401 without the right one, NDJSON progress with it, and prefetch --server', async (t) => {
+  const registry = await startDistribution(t);
+  if (!registry) return;
+  const alpine = multiArch(platforms, 'alpine');
+  await new Pusher({ url: registry.url }).pushMultiArch('library/alpine', '3.20', alpine);
+  const upstreams = [{ name: 'docker.io', url: registry.url, dockerHubLibrary: true }];
+
+  const closed = await startProxy(t, { upstreams });
+  const off = await request(`${closed.url}/admin/prefetch`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: '{"references":["alpine:3.20"]}' });
+  assert.equal(off.statusCode, 403);
+  assert.deepEqual(await off.body.json(), { errors: [{ code: 'DENIED', message: 'the admin API is off: set admin.tokenEnv or admin.tokenFile in the config' }] });
+
+  const proxy = await startProxy(t, { upstreams, defaultUpstream: 'docker.io', admin: { tokenEnv: 'ADMIN_TOKEN' }, env: { ADMIN_TOKEN: 's3cret' } });
+  const call = (token: string | undefined, body: string) =>
+    request(`${proxy.url}/admin/prefetch`, { method: 'POST', headers: { 'content-type': 'application/json', ...(token ? { authorization: `Bearer ${token}` } : {}) }, body });
+  for (const token of [undefined, 'wrong']) {
+    const res = await call(token, '{"references":["alpine:3.20"]}');
+    assert.equal(res.statusCode, 401);
+    assert.equal(res.headers['www-authenticate'], 'Bearer realm="ocicache-admin"');
+    assert.deepEqual(await res.body.json(), { errors: [{ code: 'UNAUTHORIZED', message: 'admin token required' }] });
+  }
+  for (const [body, message] of [
+    ['{"references":[]}', 'references must list at least one image'],
+    ['{"references":"alpine"}', 'references must be a list of strings'],
+    ['not json', 'request body is not valid JSON'],
+  ]) {
+    const res = await call('s3cret', body!);
+    assert.equal(res.statusCode, 400, body);
+    assert.equal(((await res.body.json()) as { errors: Array<{ message: string }> }).errors[0]!.message, message);
+  }
+
+  const res = await call('s3cret', '{"references":["docker.io/library/alpine:3.20"],"platforms":["linux/amd64"]}');
+  assert.equal(res.statusCode, 200);
+  assert.equal(res.headers['content-type'], 'application/x-ndjson');
+  const events = (await res.body.text()).trim().split('\n').map((l) => JSON.parse(l) as { event: string; result?: string; summary?: Record<string, number> });
+  assert.deepEqual(events.map((e) => `${e.event}:${e.result ?? ''}`), ['manifest:fetched', 'manifest:fetched', 'blob:fetched', 'blob:fetched', 'done:']);
+  assert.deepEqual(events.at(-1)!.summary, { refs: 1, failedRefs: 0, blobs: 2, fetched: 2, bytes: alpine.images[0]!.blobs.reduce((n, b) => n + b.data.length, 0) });
+  const text = await (await request(`${proxy.url}/metrics`)).body.text();
+  assert.equal(metric(text, 'ocicache_prefetch_blobs_total', { result: 'fetched' }), 2);
+
+  const cli = await runCli(['prefetch', '--server', proxy.url, '--platform', 'linux/amd64,linux/arm64', 'alpine:3.20'], { OCICACHE_ADMIN_TOKEN: 's3cret' });
+  assert.equal(cli.code, 0, cli.stdout + cli.stderr);
+  assert.match(cli.stdout, /prefetch: 1 images, 4 blobs \(2 fetched\)/);
+  const denied = await runCli(['prefetch', '--server', proxy.url, 'alpine:3.20'], { OCICACHE_ADMIN_TOKEN: '' });
+  assert.equal(denied.code, 2);
+  assert.match(denied.stderr, /answered 401/);
+});
