@@ -59,6 +59,7 @@ export class Registry {
   private readonly fills = new Map<string, Promise<Fill>>();
   private readonly fillsDone = new Set<Promise<void>>();
   private readonly fillAbort = new AbortController();
+  private readonly lastWarned = new Map<string, number>();
 
   constructor(
     private readonly config: Pick<Config, 'timeouts' | 'cache'>,
@@ -70,6 +71,15 @@ export class Registry {
     private readonly log: Log,
   ) {
     this.manifestMemory = new LRUCache({ maxSize: Math.max(1, config.cache.manifestMemory), sizeCalculation: (m) => m.body.length + 200 });
+  }
+
+  /** During an outage every request would warn: one line per upstream and message every 30 s (the metrics count them all). */
+  private warnOnce(upstream: string, obj: object, msg: string): void {
+    const key = `${upstream}\n${msg}`;
+    const now = Date.now();
+    if ((this.lastWarned.get(key) ?? 0) > now - 30_000) return;
+    this.lastWarned.set(key, now);
+    this.log.warn(obj, msg);
   }
 
   /** Eviction dropped these manifests from SQLite: forget them in memory too. */
@@ -158,7 +168,7 @@ export class Registry {
     } catch (err) {
       const stale = row && isUpstreamUnavailable(err) ? this.loadManifest(row.digest) : undefined;
       if (stale) {
-        this.log.warn({ upstream: upstream.name, name, reference: tag, digest: stale.digest, err: (err as Error).message }, 'upstream unavailable, serving stale tag');
+        this.warnOnce(upstream.name, { upstream: upstream.name, name, reference: tag, digest: stale.digest, err: (err as Error).message }, 'upstream unavailable, serving stale tag');
         return { manifest: stale, cache: 'stale' };
       }
       if (row && err instanceof OciError && err.status === 404) this.db.deleteTag(upstream.name, name, tag);
@@ -371,7 +381,7 @@ export class Registry {
       if (!isUpstreamUnavailable(err)) throw err;
       const known = this.db.listTags(target.upstream.name, target.name);
       if (known.length === 0) throw err;
-      this.log.warn({ upstream: target.upstream.name, name: target.name, err: (err as Error).message }, 'upstream unavailable, listing cached tags');
+      this.warnOnce(target.upstream.name, { upstream: target.upstream.name, name: target.name, err: (err as Error).message }, 'upstream unavailable, listing cached tags');
       return { ...paginate(known, n, last), cache: 'stale' };
     }
   }

@@ -66,7 +66,7 @@ test('ocicache prefetch fetches an index and only the chosen platforms, from arg
   assert.match(bad.stdout, /; 2 failed\n$/);
 });
 
-test('POST /admin/prefetch: off without a token, 401 without the right one, NDJSON progress with it, and prefetch --server', async (t) => {
+test('POST /admin/prefetch and /admin/gc: off without a token, 401 without the right one, NDJSON progress with it, and prefetch --server', async (t) => {
   const registry = await startDistribution(t);
   if (!registry) return;
   const alpine = multiArch(platforms, 'alpine');
@@ -105,6 +105,13 @@ test('POST /admin/prefetch: off without a token, 401 without the right one, NDJS
   assert.deepEqual(events.at(-1)!.summary, { refs: 1, failedRefs: 0, blobs: 2, fetched: 2, bytes: alpine.images[0]!.blobs.reduce((n, b) => n + b.data.length, 0) });
   const text = await (await request(`${proxy.url}/metrics`)).body.text();
   assert.equal(metric(text, 'ocicache_prefetch_blobs_total', { result: 'fetched' }), 2);
+
+  const gc = await request(`${proxy.url}/admin/gc`, { method: 'POST', headers: { authorization: 'Bearer s3cret' } });
+  assert.equal(gc.statusCode, 200);
+  assert.deepEqual(await gc.body.json(), { blobs: 0, bytes: 0, manifests: 0, tags: 0, used: events.at(-1)!.summary!.bytes, danglingRows: 0, limit: null });
+  const gcDenied = await request(`${proxy.url}/admin/gc`, { method: 'POST' });
+  assert.equal(gcDenied.statusCode, 401);
+  await gcDenied.body.dump();
 
   const cli = await runCli(['prefetch', '--server', proxy.url, '--platform', 'linux/amd64,linux/arm64', 'alpine:3.20'], { OCICACHE_ADMIN_TOKEN: 's3cret' });
   assert.equal(cli.code, 0, cli.stdout + cli.stderr);

@@ -74,6 +74,15 @@ test('config: errors name the bad key', () => {
     [{ upstreams: [{ name: 'a.io', url: 'https://a' }, { name: 'b.io', url: 'https://b', aliases: ['a.io'] }] }, 'config: upstreams[1]: a.io is already used by a.io'],
     [{ upstreams: [{ name: 'a.io', url: 'https://a', auth: { username: 'u', password: 'p' } }] }, 'config: upstreams[0].auth.password: secrets are never written in the config: use passwordEnv or passwordFile'],
     [{ upstreams: [{ name: 'a.io', url: 'https://a', auth: { username: 'u', passwordEnv: 'NOPE' } }] }, 'config: upstreams[0].auth.passwordEnv: environment variable NOPE is not set'],
+    [{ ...base, storage: { maxSize: '10 gigs' } }, 'config: storage.maxSize: expected a size such as 512MiB or 50GiB, got "10 gigs"'],
+    [{ ...base, storage: { highWatermark: 80, lowWatermark: 80 } }, 'config: storage.lowWatermark: must be below storage.highWatermark'],
+    [{ ...base, storage: { highWatermark: 120 } }, 'config: storage.highWatermark: must be a percentage above 0 and at most 100'],
+    [{ ...base, offline: 'yes' }, 'config: offline: must be true or false'],
+    [{ ...base, upstreamDefaults: { maxConcurrent: 0 } }, 'config: upstreamDefaults.maxConcurrent: must be a whole number >= 1'],
+    [{ ...base, upstreamDefaults: { breakerCoolDown: '1m' } }, 'config: upstreamDefaults.breakerCoolDown: unknown key (known: offline, maxAge, maxConcurrent, maxRequestsPerSecond, breakerFailures, breakerCooldown, blobRetries)'],
+    [{ upstreams: [{ name: 'a.io', url: 'https://a', maxAge: 'forever' }] }, 'config: upstreams[0].maxAge: expected a duration such as 30s, 5m or 24h, got "forever"'],
+    [{ upstreams: [{ name: 'a.io', url: 'https://a', maxRequestsPerSecond: -1 }] }, 'config: upstreams[0].maxRequestsPerSecond: must be a number >= 0 (0: unlimited)'],
+    [{ ...base, admin: { token: 'hunter2' } }, 'config: admin.token: secrets are never written in the config: use tokenEnv or tokenFile'],
   ];
   for (const [doc, message] of cases) assert.throws(() => buildConfig(doc, {}), (e: unknown) => e instanceof ConfigError && e.message === message, message);
 });
@@ -83,6 +92,18 @@ test('config: env overrides', () => {
   assert.equal(c.server.port, 6000);
   assert.equal(c.storage.root, '/tmp/x');
   assert.equal(c.defaultUpstream, undefined);
+  assert.equal(c.offline, false);
+  assert.equal(buildConfig({ upstreams: [{ name: 'a.io', url: 'https://a' }] }, { OCICACHE_OFFLINE: 'true' }).offline, true);
+});
+
+test('config: upstreamDefaults apply to every upstream; an upstream overrides them', () => {
+  const c = buildConfig({
+    upstreamDefaults: { maxConcurrent: 8, breakerCooldown: '1m', maxAge: '30d' },
+    upstreams: [{ name: 'a.io', url: 'https://a' }, { name: 'b.io', url: 'https://b', maxConcurrent: 2, offline: true }],
+  }, {});
+  const [a, b] = c.upstreams;
+  assert.deepEqual([a!.maxConcurrent, a!.breakerCooldown, a!.maxAge, a!.offline, a!.blobRetries], [8, 60_000, 30 * 86_400_000, false, 5]);
+  assert.deepEqual([b!.maxConcurrent, b!.breakerCooldown, b!.offline], [2, 60_000, true]);
 });
 
 test('path parsing: routes from the right, upstream from ns, prefix or default', () => {
