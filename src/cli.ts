@@ -9,6 +9,7 @@ import { pino } from 'pino';
 import { request } from 'undici';
 import { buildApp } from './app.js';
 import { ConfigError, loadConfig, type Config } from './config.js';
+import { formatBytes } from './format.js';
 import { prefetch, type PrefetchEvent } from './prefetch.js';
 import { openCache, type Services } from './services.js';
 import { problems, verify } from './verify.js';
@@ -33,9 +34,6 @@ gc, verify and prefetch without --server open the cache directory themselves: ru
 server is stopped, or use the server's admin API (POST /admin/gc, /admin/prefetch).
 `;
 
-function mib(bytes: number): string {
-  return `${(bytes / 1024 / 1024).toFixed(1)} MiB`;
-}
 
 async function withCache<T>(config: Config, fn: (s: Services) => Promise<T>): Promise<T> {
   const log = pino({ level: config.log.level === 'info' ? 'warn' : config.log.level }, pino.destination(2));
@@ -53,8 +51,8 @@ async function gc(config: Config): Promise<void> {
     const dangling = s.db.pruneDangling();
     const usage = s.db.usage();
     process.stdout.write(
-      `gc: freed ${r.blobs} blobs (${mib(r.bytes)}); dropped ${r.manifests} manifests, ${r.tags} tags and ${dangling} dangling index rows\n` +
-        `cache: ${mib(usage.bytes)} in ${usage.count} blobs (limit ${config.storage.maxSize === undefined ? 'none' : mib(config.storage.maxSize)})\n`,
+      `gc: freed ${r.blobs} blobs (${formatBytes(r.bytes)}); dropped ${r.manifests} manifests, ${r.tags} tags and ${dangling} dangling index rows\n` +
+        `cache: ${formatBytes(usage.bytes)} in ${usage.count} blobs (limit ${config.storage.maxSize === undefined ? 'none' : formatBytes(config.storage.maxSize)})\n`,
     );
   });
 }
@@ -79,7 +77,7 @@ async function verifyCommand(config: Config): Promise<void> {
 function printEvent(e: PrefetchEvent): void {
   if (e.event === 'done') {
     const s = e.summary!;
-    process.stdout.write(`prefetch: ${s.refs} images, ${s.blobs} blobs (${s.fetched} fetched), ${mib(s.bytes)} in the cache; ${s.failedRefs} failed\n`);
+    process.stdout.write(`prefetch: ${s.refs} images, ${s.blobs} blobs (${s.fetched} fetched), ${formatBytes(s.bytes)} in the cache; ${s.failedRefs} failed\n`);
     if (s.failedRefs > 0) process.exitCode = 1;
     return;
   }
@@ -87,7 +85,7 @@ function printEvent(e: PrefetchEvent): void {
     process.stdout.write(`${e.ref}  error: ${e.error}\n`);
     return;
   }
-  const size = e.size === undefined ? '' : ` ${e.event === 'blob' ? mib(e.size) : `${e.size} B`}`;
+  const size = e.size === undefined ? '' : ` ${formatBytes(e.size)}`;
   const platform = e.platform ? ` (${e.platform})` : '';
   process.stdout.write(`${e.ref}  ${e.event} ${e.digest}${size} ${e.result}${platform}${e.error ? `: ${e.error}` : ''}\n`);
 }
@@ -99,11 +97,16 @@ async function prefetchCommand(config: Config | undefined, refs: string[], platf
     return;
   }
   const token = process.env.OCICACHE_ADMIN_TOKEN;
-  const res = await request(new URL('/admin/prefetch', server), {
-    method: 'POST',
-    headers: { 'content-type': 'application/json', ...(token ? { authorization: `Bearer ${token}` } : {}) },
-    body: JSON.stringify({ references: refs, platforms }),
-  });
+  let res: Awaited<ReturnType<typeof request>>;
+  try {
+    res = await request(new URL('/admin/prefetch', server), {
+      method: 'POST',
+      headers: { 'content-type': 'application/json', ...(token ? { authorization: `Bearer ${token}` } : {}) },
+      body: JSON.stringify({ references: refs, platforms }),
+    });
+  } catch (err) {
+    throw new UsageError(`cannot reach ${server}: ${(err as Error).message}`);
+  }
   if (res.statusCode !== 200) {
     const text = await res.body.text();
     throw new UsageError(`${server} answered ${res.statusCode}: ${text}`);
@@ -183,17 +186,23 @@ async function main(argv: string[]): Promise<void> {
       process.stdout.write(`${version()}\n`);
       return;
     case 'gc':
-      return gc(loadConfig(values.config));
+      return gc(loadConfig(values.config, process.env, { upstreamAuth: false, adminToken: false }));
     case 'verify':
-      return verifyCommand(loadConfig(values.config));
+      return verifyCommand(loadConfig(values.config, process.env, { upstreamAuth: false, adminToken: false }));
     case 'prefetch': {
       const refs = positionals.slice(1);
       for (const f of values.file ?? []) {
-        const text = readFileSync(f === '-' ? 0 : f, 'utf8');
+        let text: string;
+        try {
+          text = readFileSync(f === '-' ? 0 : f, 'utf8');
+        } catch (err) {
+          throw new UsageError(`--file ${f}: ${(err as Error).message}`);
+        }
         refs.push(...text.split('\n').map((l) => l.replace(/#.*/, '').trim()).filter(Boolean));
       }
       const platforms = values.platform?.flatMap((p) => p.split(',')).map((p) => p.trim()).filter(Boolean);
-      return prefetchCommand(values.server === undefined ? loadConfig(values.config) : undefined, refs, platforms, values.server);
+      const config = values.server === undefined ? loadConfig(values.config, process.env, { upstreamAuth: true, adminToken: false }) : undefined;
+      return prefetchCommand(config, refs, platforms, values.server);
     }
     default:
       process.stderr.write(`unknown command ${command}\n${USAGE}`);

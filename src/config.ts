@@ -181,7 +181,7 @@ function readSecret(o: Obj, path: string, env: NodeJS.ProcessEnv, field = 'passw
   throw new ConfigError(path, `needs ${field}Env or ${field}File`);
 }
 
-function upstream(raw: unknown, i: number, defaults: { tagTtl: number; policy: Policy }, env: NodeJS.ProcessEnv): UpstreamConfig {
+function upstream(raw: unknown, i: number, defaults: { tagTtl: number; policy: Policy }, env: NodeJS.ProcessEnv, needs: SecretNeeds): UpstreamConfig {
   const path = `upstreams[${i}]`;
   if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw new ConfigError(path, 'must be a mapping');
   const o = section({ u: raw }, 'u', path, ['name', 'url', 'aliases', 'dockerHubLibrary', 'tagTtl', 'auth', 'tokenRealms', ...POLICY_KEYS]);
@@ -201,7 +201,7 @@ function upstream(raw: unknown, i: number, defaults: { tagTtl: number; policy: P
   let auth: UpstreamAuth | undefined;
   if (o.auth !== undefined) {
     const a = section(o, 'auth', `${path}.auth`, ['username', 'password', 'passwordEnv', 'passwordFile']);
-    auth = { username: str(a, 'username', `${path}.auth`), password: readSecret(a, `${path}.auth`, env) };
+    auth = { username: str(a, 'username', `${path}.auth`), password: needs.upstreamAuth ? readSecret(a, `${path}.auth`, env) : '' };
   }
   return {
     name,
@@ -235,8 +235,20 @@ function applyEnv(doc: Obj, env: NodeJS.ProcessEnv): void {
   }
 }
 
+/**
+ * Which secrets a command needs. `serve` needs all; `prefetch` only upstream credentials; `gc`
+ * and `verify` none, so an operator can run them without the server's environment. A secret that
+ * is not needed is still validated in shape but not read.
+ */
+export interface SecretNeeds {
+  upstreamAuth: boolean;
+  adminToken: boolean;
+}
+
+const ALL_SECRETS: SecretNeeds = { upstreamAuth: true, adminToken: true };
+
 /** Parse and validate a config document; pure apart from reading credential files. */
-export function buildConfig(doc: unknown, env: NodeJS.ProcessEnv = process.env): Config {
+export function buildConfig(doc: unknown, env: NodeJS.ProcessEnv = process.env, needs: SecretNeeds = ALL_SECRETS): Config {
   const root = section({ root: doc ?? {} }, 'root', '(top level)', [
     'server', 'log', 'storage', 'cache', 'timeouts', 'offline', 'upstreamDefaults', 'admin', 'defaultUpstream', 'upstreams',
   ]);
@@ -269,7 +281,7 @@ export function buildConfig(doc: unknown, env: NodeJS.ProcessEnv = process.env):
   const tagTtl = parseDuration(cache.tagTtl ?? '5m', 'cache.tagTtl');
 
   if (!Array.isArray(root.upstreams) || root.upstreams.length === 0) throw new ConfigError('upstreams', 'must list at least one upstream');
-  const upstreams = root.upstreams.map((u, i) => upstream(u, i, { tagTtl, policy: defaultPolicy }, env));
+  const upstreams = root.upstreams.map((u, i) => upstream(u, i, { tagTtl, policy: defaultPolicy }, env, needs));
   const seen = new Map<string, string>();
   for (const [i, u] of upstreams.entries()) {
     for (const key of [u.name, ...u.aliases]) {
@@ -302,7 +314,7 @@ export function buildConfig(doc: unknown, env: NodeJS.ProcessEnv = process.env):
     },
     cache: { tagTtl, manifestMemory: parseSize(cache.manifestMemory ?? '64MiB', 'cache.manifestMemory') },
     offline: bool({ offline: root.offline }, 'offline', '', false),
-    admin: { token: Object.keys(admin).length === 0 ? undefined : readSecret(admin, 'admin', env, 'token') },
+    admin: { token: Object.keys(admin).length === 0 || !needs.adminToken ? undefined : readSecret(admin, 'admin', env, 'token') },
     timeouts: {
       connect: parseDuration(timeouts.connect ?? '10s', 'timeouts.connect'),
       manifest: parseDuration(timeouts.manifest ?? '30s', 'timeouts.manifest'),
@@ -315,7 +327,7 @@ export function buildConfig(doc: unknown, env: NodeJS.ProcessEnv = process.env):
 }
 
 /** Read a config file (the embedded default when none is given) and apply env overrides. */
-export function loadConfig(file: string | undefined, env: NodeJS.ProcessEnv = process.env): Config {
+export function loadConfig(file: string | undefined, env: NodeJS.ProcessEnv = process.env, needs: SecretNeeds = ALL_SECRETS): Config {
   file ||= env.OCICACHE_CONFIG || DEFAULT_CONFIG_FILE;
   let text: string;
   try {
@@ -329,5 +341,5 @@ export function loadConfig(file: string | undefined, env: NodeJS.ProcessEnv = pr
   } catch (err) {
     throw new ConfigError(file, `not valid YAML: ${(err as Error).message}`);
   }
-  return buildConfig(doc, env);
+  return buildConfig(doc, env, needs);
 }

@@ -5,6 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import test from 'node:test';
 import { request } from 'undici';
+import { formatBytes } from '../src/format.js';
 import { runCli, writeConfig } from './helpers/cli.js';
 import { startDistribution } from './helpers/distribution.js';
 import { metric, startProxy } from './helpers/proxy.js';
@@ -37,10 +38,10 @@ test('ocicache prefetch fetches an index and only the chosen platforms, from arg
   assert.equal(r.code, 0, r.stdout + r.stderr);
   const [amd64, arm64] = alpine.images;
   const lines = r.stdout.trim().split('\n');
-  assert.equal(lines[0], `docker.io/library/alpine:3.20  manifest ${alpine.digest} ${alpine.index.length} B fetched`);
-  assert.equal(lines[1], `docker.io/library/alpine:3.20  manifest ${arm64!.digest} ${arm64!.manifest.length} B fetched (linux/arm64)`);
-  assert.ok(lines.includes(`team/app:v1  manifest ${app.digest} ${app.manifest.length} B fetched`));
-  assert.equal(lines.at(-1), `prefetch: 2 images, 4 blobs (4 fetched), ${((arm64!.blobs.concat(app.blobs).reduce((n, b) => n + b.data.length, 0)) / 1024 / 1024).toFixed(1)} MiB in the cache; 0 failed`);
+  assert.equal(lines[0], `docker.io/library/alpine:3.20  manifest ${alpine.digest} ${formatBytes(alpine.index.length)} fetched`);
+  assert.equal(lines[1], `docker.io/library/alpine:3.20  manifest ${arm64!.digest} ${formatBytes(arm64!.manifest.length)} fetched (linux/arm64)`);
+  assert.ok(lines.includes(`team/app:v1  manifest ${app.digest} ${formatBytes(app.manifest.length)} fetched`));
+  assert.equal(lines.at(-1), `prefetch: 2 images, 4 blobs (4 fetched), ${formatBytes(arm64!.blobs.concat(app.blobs).reduce((n, b) => n + b.data.length, 0))} in the cache; 0 failed`);
   for (const b of [...arm64!.blobs, ...app.blobs]) assert.ok(existsSync(blobFile(root, b.descriptor.digest)), 'chosen platform cached');
   for (const b of amd64!.blobs) assert.equal(existsSync(blobFile(root, b.descriptor.digest)), false, 'other platform not fetched');
 
