@@ -2,19 +2,20 @@
  * The admin API under /admin: POST /admin/prefetch (NDJSON progress) and POST /admin/gc. Off
  * unless admin.tokenEnv or admin.tokenFile is configured; every call needs that bearer token.
  */
-import { timingSafeEqual } from 'node:crypto';
+import { createHash, timingSafeEqual } from 'node:crypto';
 import { PassThrough } from 'node:stream';
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { OciError } from './errors.js';
 import { prefetch } from './prefetch.js';
 import type { Services } from './services.js';
 
+const sha256 = (s: string): Buffer => createHash('sha256').update(s).digest();
+
 function checkToken(req: FastifyRequest, token: string | undefined): void {
   if (token === undefined) throw new OciError('DENIED', 'the admin API is off: set admin.tokenEnv or admin.tokenFile in the config');
   const m = /^Bearer (.+)$/i.exec(req.headers.authorization ?? '');
-  const given = Buffer.from(m?.[1] ?? '');
-  const want = Buffer.from(token);
-  if (given.length !== want.length || !timingSafeEqual(given, want)) {
+  // Equal-length digests: the comparison takes the same time whatever the guess (config.ts refuses empty tokens).
+  if (!m || !timingSafeEqual(sha256(m[1]!), sha256(token))) {
     throw new OciError('UNAUTHORIZED', 'admin token required', { headers: { 'www-authenticate': 'Bearer realm="ocicache-admin"' } });
   }
 }
@@ -26,7 +27,16 @@ function stringList(value: unknown, key: string): string[] | undefined {
 }
 
 export function registerAdmin(app: FastifyInstance, s: Services): void {
+  const running = new Set<Promise<unknown>>();
+  const stop = new AbortController();
   app.register(async (admin) => {
+    // Before the body is read: nobody without the token gets even a JSON parser.
+    admin.addHook('onRequest', async (req) => checkToken(req, s.config.admin.token));
+    // Shutdown stops prefetches between blobs (the fills they started finish or abort with the rest).
+    admin.addHook('preClose', async () => {
+      stop.abort(new Error('shutting down'));
+      await Promise.allSettled([...running]);
+    });
     admin.addContentTypeParser('application/json', { parseAs: 'string', bodyLimit: 1024 * 1024 }, (_req, body, done) => {
       try {
         done(null, JSON.parse(body as string));
@@ -37,7 +47,6 @@ export function registerAdmin(app: FastifyInstance, s: Services): void {
 
     // Body: {"references": ["docker.io/library/alpine:3.20", ...], "platforms": ["linux/amd64"]}.
     admin.post('/admin/prefetch', async (req, reply) => {
-      checkToken(req, s.config.admin.token);
       const body = (req.body ?? {}) as { references?: unknown; platforms?: unknown };
       const refs = stringList(body.references, 'references');
       if (!refs || refs.length === 0) throw new OciError('UNSUPPORTED', 'references must list at least one image', { status: 400 });
@@ -45,20 +54,27 @@ export function registerAdmin(app: FastifyInstance, s: Services): void {
       const out = new PassThrough();
       req.log.info({ references: refs, platforms }, 'prefetch started');
       // Progress as it happens, one JSON object per line; the work goes on if the caller leaves.
-      void prefetch(s, refs, platforms, (e) => {
-        if (!out.destroyed) out.write(`${JSON.stringify(e)}\n`);
-      }).then(
+      const task = prefetch(
+        s,
+        refs,
+        platforms,
+        (e) => {
+          if (!out.destroyed) out.write(`${JSON.stringify(e)}\n`);
+        },
+        stop.signal,
+      ).then(
         (summary) => {
           req.log.info({ ...summary }, 'prefetch finished');
           out.end();
         },
         (err: Error) => out.destroy(err),
       );
+      running.add(task);
+      void task.finally(() => running.delete(task));
       return reply.type('application/x-ndjson').send(out);
     });
 
-    admin.post('/admin/gc', async (req) => {
-      checkToken(req, s.config.admin.token);
+    admin.post('/admin/gc', async () => {
       const result = await s.lifecycle.pass('gc');
       const pruned = s.db.pruneDangling();
       return { ...result, danglingRows: pruned, limit: s.config.storage.maxSize ?? null };

@@ -17,6 +17,7 @@ import { mkdir, open, readdir, rename, rm, stat, statfs, unlink, type FileHandle
 import { join } from 'node:path';
 import { Readable, Writable } from 'node:stream';
 import { OciError } from './errors.js';
+import { checkDigest } from './reference.js';
 
 const READ_CHUNK = 256 * 1024;
 
@@ -41,8 +42,9 @@ export class BlobStore {
     return leftovers.length;
   }
 
-  /** Path of a blob; `digest` must already be validated (reference.ts checkDigest). */
+  /** Path of a blob. Refuses anything but a canonical digest: a name must never leave blobs/. */
   path(digest: string): string {
+    checkDigest(digest);
     const [algorithm, hex] = digest.split(':') as [string, string];
     return join(this.blobsDir, algorithm, hex.slice(0, 2), hex);
   }
@@ -104,13 +106,13 @@ export class BlobStore {
     return s.bavail * s.bsize;
   }
 
-  /** Every blob file as [digest, path], for verification. Skips names that are not digests. */
-  async *files(): AsyncGenerator<{ digest: string; path: string }> {
+  /** Every file under blobs/ with the digest its name claims; `canonical` when it sits where path(digest) says. */
+  async *files(): AsyncGenerator<{ digest: string; path: string; canonical: boolean }> {
     for (const algorithm of await readdir(this.blobsDir).catch(() => [] as string[])) {
       const algDir = join(this.blobsDir, algorithm);
       for (const prefix of await readdir(algDir).catch(() => [] as string[])) {
         for (const hex of await readdir(join(algDir, prefix)).catch(() => [] as string[])) {
-          yield { digest: `${algorithm}:${hex}`, path: join(algDir, prefix, hex) };
+          yield { digest: `${algorithm}:${hex}`, path: join(algDir, prefix, hex), canonical: hex.slice(0, 2) === prefix };
         }
       }
     }
@@ -158,15 +160,14 @@ export class Fill extends EventEmitter {
   private async append(bufs: Buffer[]): Promise<void> {
     if (!this.handle) throw new Error('fill is closed');
     let total = 0;
-    for (const b of bufs) {
-      this.hash.update(b);
-      total += b.length;
-    }
+    for (const b of bufs) total += b.length;
     if (this.size !== undefined && this.written + total > this.size) {
       throw new OciError('UNKNOWN', `upstream sent more than the ${this.size} bytes it announced`, { status: 502 });
     }
     const { bytesWritten } = await this.handle.writev(bufs, this.written);
-    if (bytesWritten !== total) throw new Error(`short write to ${this.tmpPath}: ${bytesWritten} of ${total} bytes`);
+    // A short write to a regular file means the filesystem is full; hash only what is on disk.
+    if (bytesWritten !== total) throw Object.assign(new Error(`short write to ${this.tmpPath}: ${bytesWritten} of ${total} bytes`), { code: 'ENOSPC' });
+    for (const b of bufs) this.hash.update(b);
     this.written += total;
     this.emit('progress');
   }

@@ -168,15 +168,19 @@ function readSecret(o: Obj, path: string, env: NodeJS.ProcessEnv, field = 'passw
   const fromFile = o[`${field}File`];
   if (typeof fromEnv === 'string') {
     const v = env[fromEnv];
-    if (!v) throw new ConfigError(`${path}.${field}Env`, `environment variable ${fromEnv} is not set`);
+    if (!v || v.trim() === '') throw new ConfigError(`${path}.${field}Env`, `environment variable ${fromEnv} is not set`);
     return v;
   }
   if (typeof fromFile === 'string') {
+    let v: string;
     try {
-      return readFileSync(fromFile, 'utf8').replace(/\r?\n$/, '');
+      v = readFileSync(fromFile, 'utf8').replace(/\r?\n$/, '');
     } catch (err) {
       throw new ConfigError(`${path}.${field}File`, `cannot read ${fromFile}: ${(err as Error).message}`);
     }
+    // An empty secret would compare equal to an empty guess.
+    if (v.trim() === '') throw new ConfigError(`${path}.${field}File`, `${fromFile} is empty`);
+    return v;
   }
   throw new ConfigError(path, `needs ${field}Env or ${field}File`);
 }

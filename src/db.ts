@@ -97,13 +97,16 @@ export class Db {
       ),
       deleteTag: db.prepare('DELETE FROM tags WHERE upstream = ? AND name = ? AND tag = ?'),
       listTags: db.prepare<[string, string], { tag: string }>('SELECT tag FROM tags WHERE upstream = ? AND name = ? ORDER BY tag'),
-      // Inserts adopt a verified file that has no row (a crash between rename and insert).
-      touchBlob: db.prepare(
+      // Rows are inserted only for a file just renamed into place (or verified by verify).
+      putBlob: db.prepare(
         `INSERT INTO blobs (digest, size, created_at, last_access) VALUES (?, ?, ?, ?)
          ON CONFLICT (digest) DO UPDATE SET last_access = max(last_access, excluded.last_access)`,
       ),
+      // Access times only ever update: a use recorded just as the blob was evicted must not
+      // bring back a row for a deleted file.
+      touchBlob: db.prepare('UPDATE blobs SET last_access = max(last_access, ?) WHERE digest = ?'),
       touchAccess: db.prepare(
-        `INSERT INTO blob_access (digest, upstream, last_access) VALUES (?, ?, ?)
+        `INSERT INTO blob_access (digest, upstream, last_access) SELECT ?, ?, ? WHERE EXISTS (SELECT 1 FROM blobs WHERE digest = ?)
          ON CONFLICT (digest, upstream) DO UPDATE SET last_access = max(last_access, excluded.last_access)`,
       ),
       blobSize: db.prepare<[string], { size: number }>('SELECT size FROM blobs WHERE digest = ?'),
@@ -191,19 +194,27 @@ export class Db {
     return this.stmt.listTags.all(upstream, name).map((r) => r.tag);
   }
 
-  /** Records blob uses (new blobs included), many in one transaction: the hot path never writes SQLite itself. */
+  /** Records blob uses, many in one transaction: the hot path never writes SQLite itself. Unknown digests are ignored. */
   touchBlobs(entries: Iterable<BlobAccess>): void {
     this.db.transaction(() => {
       for (const e of entries) {
-        this.stmt.touchBlob.run(e.digest, e.size, e.at, e.at);
-        this.stmt.touchAccess.run(e.digest, e.upstream, e.at);
+        this.stmt.touchBlob.run(e.at, e.digest);
+        this.stmt.touchAccess.run(e.digest, e.upstream, e.at, e.digest);
       }
+    })();
+  }
+
+  /** Indexes a blob file that was just renamed into place, and who fetched it. */
+  putBlob(digest: string, size: number, upstream: string, at = Date.now()): void {
+    this.db.transaction(() => {
+      this.stmt.putBlob.run(digest, size, at, at);
+      this.stmt.touchAccess.run(digest, upstream, at, digest);
     })();
   }
 
   /** Indexes a verified file found without a row (ocicache verify). */
   adoptBlob(digest: string, size: number, at: number): void {
-    this.stmt.touchBlob.run(digest, size, at, at);
+    this.stmt.putBlob.run(digest, size, at, at);
   }
 
   hasBlob(digest: string): boolean {

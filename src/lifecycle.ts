@@ -92,7 +92,7 @@ export class Lifecycle {
   /** A verified blob entered the cache. */
   added(digest: string, size: number, upstream: string): void {
     const known = this.db.hasBlob(digest);
-    this.db.touchBlobs([{ digest, size, upstream, at: Date.now() }]);
+    this.db.putBlob(digest, size, upstream);
     if (!known) this.used += size;
     this.report();
     this.schedule();
@@ -191,6 +191,8 @@ export class Lifecycle {
    * above the high one ('gc' evicts whenever above the low one). Passes never overlap.
    */
   pass(reason: EvictionReason): Promise<PassResult> {
+    // An explicit gc must not be answered by a size pass that stops at the high watermark.
+    if (this.running && reason === 'gc') return this.running.catch(() => undefined).then(() => this.pass('gc'));
     this.running ??= this.runPass(reason).finally(() => {
       this.running = undefined;
       if (this.rerun) {
@@ -255,8 +257,13 @@ export class Lifecycle {
       const dropped = this.db.dropBlob(row.digest);
       for (const k of this.pending.keys()) if (k.startsWith(`${row.digest}\n`)) this.pending.delete(k);
       this.onDropped(dropped.manifests);
-      await this.blobs.remove(row.digest);
       this.used -= row.size;
+      try {
+        await this.blobs.remove(row.digest);
+      } catch (err) {
+        // The index no longer names it; `ocicache verify` adopts or deletes the file later.
+        this.log.warn({ digest: row.digest, err: (err as Error).message }, 'could not delete an evicted blob file');
+      }
       result.blobs++;
       result.bytes += row.size;
       result.manifests += dropped.manifests.length;

@@ -6,7 +6,7 @@
 import { OciError } from './errors.js';
 import { INDEX_TYPES } from './manifest.js';
 import type { Metrics } from './metrics.js';
-import { parseV2Path, type Target, type UpstreamIndex } from './reference.js';
+import { checkDigest, parseV2Path, type Target, type UpstreamIndex } from './reference.js';
 import type { Registry } from './registry.js';
 
 export interface PrefetchEvent {
@@ -84,11 +84,13 @@ export async function prefetch(
   refs: string[],
   platforms: string[] | undefined,
   emit: (e: PrefetchEvent) => void,
+  signal?: AbortSignal,
 ): Promise<PrefetchSummary> {
   const summary: PrefetchSummary = { refs: refs.length, failedRefs: 0, blobs: 0, fetched: 0, bytes: 0 };
   for (const ref of refs) {
     let failed = false;
     try {
+      signal?.throwIfAborted();
       const { target, reference } = parseImageRef(ref, s.upstreams);
       const top = await s.registry.getManifest(target, reference, undefined, true);
       emit({ event: 'manifest', ref, digest: top.digest, mediaType: top.mediaType, size: top.size, result: top.cache === 'hit' ? 'cached' : 'fetched' });
@@ -98,7 +100,9 @@ export async function prefetch(
         if (children.length === 0) throw new OciError('MANIFEST_UNKNOWN', `no manifest in ${ref} for platform ${platforms?.join(', ')}`);
         images = [];
         for (const child of children) {
-          const m = await s.registry.getManifest(target, child.digest!, undefined, true);
+          signal?.throwIfAborted();
+          // Digests come from upstream content: validate before they name anything.
+          const m = await s.registry.getManifest(target, checkDigest(child.digest!), undefined, true);
           emit({ event: 'manifest', ref, digest: m.digest, mediaType: m.mediaType, platform: platformOf(child), size: m.size, result: m.cache === 'hit' ? 'cached' : 'fetched' });
           if (!INDEX_TYPES.has(m.mediaType)) images.push({ digest: m.digest, body: m.body!, platform: platformOf(child) });
         }
@@ -114,7 +118,8 @@ export async function prefetch(
             return;
           }
           try {
-            const b = await s.registry.ensureBlob(target, d.digest!);
+            signal?.throwIfAborted();
+            const b = await s.registry.ensureBlob(target, checkDigest(d.digest!));
             summary.bytes += b.size;
             if (b.result === 'fetched') summary.fetched++;
             s.metrics.prefetchBlobs.inc({ result: b.result });

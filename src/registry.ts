@@ -199,8 +199,8 @@ export class Registry {
 
   /** A blob stream from disk, tailing the (shared) fill from upstream, or straight through when storage is full. */
   async getBlob(target: Target, digest: string, rangeHeader: string | undefined): Promise<BlobResult> {
-    const opened = await this.blobs.open(digest);
-    if (opened) return this.fromFile(target, digest, opened.handle, opened.size, rangeHeader);
+    const opened = await this.openPinned(digest);
+    if (opened) return this.fromFile(target, digest, opened, rangeHeader);
     let fill: Fill;
     try {
       fill = await this.fillFor(target, digest);
@@ -209,8 +209,8 @@ export class Registry {
       throw err;
     }
     if (fill.state === 'committed') {
-      const again = await this.blobs.open(digest);
-      if (again) return this.fromFile(target, digest, again.handle, again.size, rangeHeader);
+      const again = await this.openPinned(digest);
+      if (again) return this.fromFile(target, digest, again, rangeHeader);
     }
     // Without a Content-Length from upstream the size is unknown until the end: ignore Range (RFC 9110 §14.2).
     const range = fill.size === undefined ? undefined : parseRange(rangeHeader, fill.size);
@@ -222,15 +222,30 @@ export class Registry {
     return { size: fill.size, range, stream: reader, cache: 'miss' };
   }
 
-  private fromFile(target: Target, digest: string, handle: FileHandle, size: number, rangeHeader: string | undefined): BlobResult {
+  /** Opens a cached blob, pinned first so eviction cannot slip in between the open and the pin. */
+  private async openPinned(digest: string): Promise<{ handle: FileHandle; size: number; release: () => void } | undefined> {
+    const release = this.lifecycle.pin(digest);
+    try {
+      const opened = await this.blobs.open(digest);
+      if (opened) return { ...opened, release };
+    } catch (err) {
+      release();
+      throw err;
+    }
+    release();
+    return undefined;
+  }
+
+  private fromFile(target: Target, digest: string, opened: { handle: FileHandle; size: number; release: () => void }, rangeHeader: string | undefined): BlobResult {
+    const { handle, size, release } = opened;
     let range: ByteRange | undefined;
     try {
       range = parseRange(rangeHeader, size);
     } catch (err) {
+      release();
       void handle.close();
       throw err;
     }
-    const release = this.lifecycle.pin(digest);
     this.lifecycle.touch(digest, size, target.upstream.name);
     const stream = handle.createReadStream({ start: range?.start ?? 0, end: range?.end, highWaterMark: 256 * 1024 });
     stream.once('close', release);
@@ -325,25 +340,32 @@ export class Registry {
    */
   private async download(target: Target, fill: Fill, first: BlobResponse, signal: AbortSignal): Promise<void> {
     const upstream = target.upstream;
-    let res = first;
+    let res: BlobResponse | undefined = first;
     for (let attempt = 0; ; attempt++) {
       try {
+        if (!res) {
+          res = await this.upstream.getBlob(target, fill.digest, signal, fill.written);
+          if (res.size !== undefined && res.size !== fill.size) {
+            res.body.destroy();
+            throw new OciError('UNKNOWN', `upstream ${upstream.name} changed the size of ${fill.digest} from ${fill.size} to ${res.size}`, { status: 502 });
+          }
+          this.metrics.blobResumes.inc({ upstream: upstream.name, how: res.start === fill.written ? 'range' : 'restart' });
+        }
         const skip = fill.written - res.start;
-        if (skip > 0) await pipeline(res.body, skipBytes(skip), fill.sink());
-        else await pipeline(res.body, fill.sink());
+        const body = res.body;
+        res = undefined;
+        if (skip > 0) await pipeline(body, skipBytes(skip), fill.sink());
+        else await pipeline(body, fill.sink());
         if (fill.size === undefined || fill.written === fill.size) return;
         throw Object.assign(new Error(`upstream body ended after ${fill.written} of ${fill.size} bytes`), { code: 'UND_ERR_RES_CONTENT_LENGTH_MISMATCH' });
       } catch (err) {
-        // Only a broken transfer is worth resuming; wrong content, shutdown and full disks are not.
-        if (err instanceof OciError || signal.aborted || isStorageError(err) || fill.size === undefined || attempt >= upstream.blobRetries) throw err;
+        res?.body.destroy();
+        res = undefined;
+        // Every byte arrived and only the connection's end failed: the digest check decides.
+        if (fill.size !== undefined && fill.written === fill.size) return;
+        if (!resumable(err, signal) || fill.size === undefined || attempt >= upstream.blobRetries) throw err;
         this.log.warn({ upstream: upstream.name, digest: fill.digest, at: fill.written, of: fill.size, attempt: attempt + 1, err: (err as Error).message }, 'blob download broke; resuming');
         await sleep(Math.min(250 * 2 ** attempt, 5000), undefined, { signal });
-        res = await this.upstream.getBlob(target, fill.digest, signal, fill.written);
-        if (res.size !== undefined && res.size !== fill.size) {
-          res.body.destroy();
-          throw new OciError('UNKNOWN', `upstream ${upstream.name} changed the size of ${fill.digest} from ${fill.size} to ${res.size}`, { status: 502 });
-        }
-        this.metrics.blobResumes.inc({ upstream: upstream.name, how: res.start === fill.written ? 'range' : 'restart' });
       }
     }
   }
@@ -392,6 +414,16 @@ export class Registry {
     const res = await this.upstream.getReferrers(target, digest, query);
     return { body: res.body, contentType: res.contentType ?? 'application/vnd.oci.image.index.v1+json', filtersApplied: res.filtersApplied };
   }
+}
+
+/**
+ * Worth another try: a broken transfer, or the upstream briefly unavailable or rate limiting.
+ * Not: wrong content (the fill refuses it), refusals, shutdown or the fill deadline, a full disk.
+ */
+function resumable(err: unknown, signal: AbortSignal): boolean {
+  if (signal.aborted || isStorageError(err)) return false;
+  if (err instanceof OciError) return err.code === 'UNAVAILABLE' || err.code === 'TOOMANYREQUESTS';
+  return true;
 }
 
 /** Drops the first `n` bytes of a stream (a 200 answer to a resume repeats what the fill already has). */

@@ -21,7 +21,7 @@ export interface VerifyReport {
   missingBlobs: string[];
   /** verified files without a row (a crash between rename and insert): adopted into the index */
   adoptedBlobs: string[];
-  /** files under blobs/ whose names are not digests: deleted */
+  /** files under blobs/ whose names are not digests, or that sit in the wrong directory: deleted */
   strayFiles: string[];
   /** manifest rows whose bytes do not hash to their digest: dropped with their tags */
   corruptManifests: string[];
@@ -55,7 +55,7 @@ export async function verify(s: Pick<Services, 'db' | 'blobs' | 'registry'>): Pr
   };
   const good = new Set<string>();
   for await (const file of blobs.files()) {
-    if (!isDigest(file.digest)) {
+    if (!isDigest(file.digest) || !file.canonical) {
       r.strayFiles.push(file.path);
       await rm(file.path, { force: true, recursive: true });
       continue;
@@ -65,7 +65,7 @@ export async function verify(s: Pick<Services, 'db' | 'blobs' | 'registry'>): Pr
     if (actual !== file.digest) {
       r.corruptBlobs.push(file.digest);
       drop(file.digest);
-      await blobs.remove(file.digest);
+      await rm(file.path, { force: true });
       continue;
     }
     good.add(file.digest);

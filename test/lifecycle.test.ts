@@ -206,6 +206,9 @@ test('ocicache verify finds and repairs corrupt, missing, stray and unindexed co
   const stray = join(root, 'blobs', 'sha256', 'zz', 'not-a-digest');
   mkdirSync(join(stray, '..'), { recursive: true });
   writeFileSync(stray, 'junk');
+  const misplaced = join(root, 'blobs', 'sha256', '00', other.blobs[0]!.descriptor.digest.slice(7));
+  mkdirSync(join(misplaced, '..'), { recursive: true });
+  writeFileSync(misplaced, other.blobs[0]!.data); // right content, wrong directory
   const orphan = Buffer.from('a verified blob without an index row');
   mkdirSync(join(blobFile(root, sha256(orphan)), '..'), { recursive: true });
   writeFileSync(blobFile(root, sha256(orphan)), orphan);
@@ -222,10 +225,10 @@ test('ocicache verify finds and repairs corrupt, missing, stray and unindexed co
       `corrupt blob ${one}: deleted`,
       `missing blob file ${two}: index row dropped`,
       `blob file without index row ${sha256(orphan)}: verified and adopted`,
-      `stray file ${stray}: deleted`,
+      ...[misplaced, stray].sort().map((p) => `stray file ${p}: deleted`),
       `corrupt manifest ${other.digest}: dropped`,
       'dropped 1 manifests and 2 tags that pointed to removed content',
-      'verify: checked 5 blobs and 1 manifests: 5 problems found and repaired',
+      'verify: checked 5 blobs and 1 manifests: 6 problems found and repaired',
       '',
     ].join('\n'),
   );

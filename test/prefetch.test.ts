@@ -1,6 +1,6 @@
 /** Warming the cache: `ocicache prefetch` (directly and via --server) and POST /admin/prefetch. */
 import assert from 'node:assert/strict';
-import { existsSync, mkdtempSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import test from 'node:test';
@@ -9,7 +9,8 @@ import { formatBytes } from '../src/format.js';
 import { runCli, writeConfig } from './helpers/cli.js';
 import { startDistribution } from './helpers/distribution.js';
 import { metric, startProxy } from './helpers/proxy.js';
-import { image, multiArch, Pusher, randomLayer } from './helpers/seed.js';
+import { startFakeUpstream } from './helpers/fake-upstream.js';
+import { image, multiArch, OCI_MANIFEST, Pusher, randomLayer, sha256 } from './helpers/seed.js';
 
 function blobFile(root: string, digest: string): string {
   return join(root, 'blobs', 'sha256', digest.slice(7, 9), digest.slice(7));
@@ -120,4 +121,28 @@ test('POST /admin/prefetch and /admin/gc: off without a token, 401 without the r
   const denied = await runCli(['prefetch', '--server', proxy.url, 'alpine:3.20'], { OCICACHE_ADMIN_TOKEN: '' });
   assert.equal(denied.code, 2);
   assert.match(denied.stderr, /answered 401/);
+});
+
+test('prefetch refuses digests from upstream content that are not digests (no path escapes the cache)', async (t) => {
+  const fake = await startFakeUpstream(t);
+  const outside = mkdtempSync(join(tmpdir(), 'ocicache-victim-'));
+  const victim = join(outside, 'victim.txt');
+  writeFileSync(victim, 'must survive');
+  const proxy = await startProxy(t, { upstreams: [{ name: 'evil.example', url: fake.url }], admin: { tokenEnv: 'T' }, env: { T: 'tok' } });
+  const evil = `sha256:${'../'.repeat(8)}${victim.slice(1)}`;
+  const manifest = Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: OCI_MANIFEST, config: { mediaType: 'application/vnd.oci.image.config.v1+json', digest: evil, size: 12 }, layers: [] }));
+  const serve = (req: import('node:http').IncomingMessage, res: import('node:http').ServerResponse): void => {
+    res.writeHead(200, { 'content-type': OCI_MANIFEST, 'docker-content-digest': sha256(manifest) });
+    res.end(req.method === 'HEAD' ? undefined : manifest);
+  };
+  fake.route('/v2/evil/app/manifests/v1', serve);
+  fake.route(`/v2/evil/app/manifests/${sha256(manifest)}`, serve);
+  const res = await request(`${proxy.url}/admin/prefetch`, { method: 'POST', headers: { authorization: 'Bearer tok', 'content-type': 'application/json' }, body: '{"references":["evil.example/evil/app:v1"]}' });
+  const events = (await res.body.text()).trim().split('\n').map((l) => JSON.parse(l) as { event: string; result?: string; error?: string });
+  const blob = events.find((e) => e.event === 'blob')!;
+  assert.equal(blob.result, 'failed');
+  assert.match(blob.error!, /^invalid digest/);
+  const gc = await request(`${proxy.url}/admin/gc`, { method: 'POST', headers: { authorization: 'Bearer tok' } });
+  assert.equal(((await gc.body.json()) as { blobs: number }).blobs, 0);
+  assert.equal(readFileSync(victim, 'utf8'), 'must survive');
 });

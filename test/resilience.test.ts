@@ -62,6 +62,7 @@ test('a broken blob download resumes and the client gets the whole, verified blo
     { what: 'reset mid-blob, upstream honours Range', fault: 'reset' as const, honourRange: true, how: 'range' },
     { what: 'upstream stalls (idle timeout), then honours Range', fault: 'stall' as const, honourRange: true, how: 'range' },
     { what: 'reset mid-blob, upstream ignores Range (200 from the start)', fault: 'reset' as const, honourRange: false, how: 'restart' },
+    { what: 'reset mid-blob, the first reconnect gets a 503, the next one resumes', fault: 'reset' as const, honourRange: true, how: 'range', blip: true },
   ];
   for (const c of cases) {
     await t.test(c.what, async (t) => {
@@ -71,7 +72,9 @@ test('a broken blob download resumes and the client gets the whole, verified blo
       const path = `/v2/flaky/repo/blobs/${digest}`;
       let calls = 0;
       fake.route(path, (req, res) => {
-        if (calls++ === 0) return blobHandler(data, { cutAt: 1024 * 1024, how: c.fault })(req, res);
+        const n = calls++;
+        if (n === 0) return blobHandler(data, { cutAt: 1024 * 1024, how: c.fault })(req, res);
+        if (n === 1 && c.blip) return void res.writeHead(503).end();
         rangeBlob(data, c.honourRange)(req, res);
       });
       const r = await get(`${proxy.url}${path}?ns=fake.example`);
@@ -79,9 +82,9 @@ test('a broken blob download resumes and the client gets the whole, verified blo
       assert.equal(r.aborted, undefined);
       assert.equal(sha256(r.body!), digest);
       const gets = fake.requests.filter((q) => q.method === 'GET' && q.url.startsWith(path));
-      assert.equal(gets.length, 2);
+      assert.equal(gets.length, c.blip ? 3 : 2);
       assert.equal(gets[0]!.headers.range, undefined);
-      assert.match(String(gets[1]!.headers.range), /^bytes=[1-9]\d*-$/, 'the resume asks for the bytes after those received');
+      assert.match(String(gets.at(-1)!.headers.range), /^bytes=[1-9]\d*-$/, 'the resume asks for the bytes after those received');
       await until('blob committed', () => existsSync(blobPath(proxy, digest)));
       assert.equal(metric(await metrics(proxy), 'ocicache_blob_resumes_total', { upstream: 'fake.example', how: c.how }), 1);
     });

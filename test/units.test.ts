@@ -1,6 +1,10 @@
 /** Pure pieces, table-driven: WWW-Authenticate, Range, Accept, config validation, path parsing. */
 import assert from 'node:assert/strict';
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import test from 'node:test';
+import { Db } from '../src/db.js';
 import { buildConfig, ConfigError } from '../src/config.js';
 import { OciError } from '../src/errors.js';
 import { accepts } from '../src/manifest.js';
@@ -61,6 +65,9 @@ test('Accept negotiation: lists, parameters, wildcards', () => {
   for (const [accept, want] of cases) assert.equal(accepts(accept, index), want, String(accept));
 });
 
+const EMPTY_FILE = join(mkdtempSync(join(tmpdir(), 'ocicache-units-')), 'empty-token');
+writeFileSync(EMPTY_FILE, '\n');
+
 test('config: errors name the bad key', () => {
   const base = { upstreams: [{ name: 'docker.io', url: 'https://registry-1.docker.io' }] };
   const cases: Array<[unknown, string]> = [
@@ -83,6 +90,7 @@ test('config: errors name the bad key', () => {
     [{ upstreams: [{ name: 'a.io', url: 'https://a', maxAge: 'forever' }] }, 'config: upstreams[0].maxAge: expected a duration such as 30s, 5m or 24h, got "forever"'],
     [{ upstreams: [{ name: 'a.io', url: 'https://a', maxRequestsPerSecond: -1 }] }, 'config: upstreams[0].maxRequestsPerSecond: must be a number >= 0 (0: unlimited)'],
     [{ ...base, admin: { token: 'hunter2' } }, 'config: admin.token: secrets are never written in the config: use tokenEnv or tokenFile'],
+    [{ ...base, admin: { tokenFile: EMPTY_FILE } }, `config: admin.tokenFile: ${EMPTY_FILE} is empty`],
   ];
   for (const [doc, message] of cases) assert.throws(() => buildConfig(doc, {}), (e: unknown) => e instanceof ConfigError && e.message === message, message);
 });
@@ -130,4 +138,25 @@ test('path parsing: routes from the right, upstream from ns, prefix or default',
   }
   assert.deepEqual(parseV2Path('/v2/', undefined, idx), { kind: 'base' });
   assert.deepEqual(parseV2Path('/ghcr.io/v2/', undefined, idx), { kind: 'base' });
+});
+
+test('db: batched access times only update; a use recorded after eviction brings no row back', () => {
+  const db = new Db(join(mkdtempSync(join(tmpdir(), 'ocicache-db-')), 'index.db'));
+  try {
+    const digest = `sha256:${'a'.repeat(64)}`;
+    db.touchBlobs([{ digest, size: 10, upstream: 'docker.io', at: 1000 }]);
+    assert.equal(db.hasBlob(digest), false);
+    db.putBlob(digest, 10, 'docker.io', 1000);
+    db.touchBlobs([{ digest, size: 10, upstream: 'ghcr.io', at: 2000 }]);
+    assert.deepEqual(db.oldestBlobs(10), [{ digest, size: 10 }]);
+    assert.deepEqual(db.expiredBlobs({ 'docker.io': 1500, 'ghcr.io': 1500 }, 0), [], 'ghcr.io used it at 2000');
+    assert.deepEqual(db.expiredBlobs({ 'docker.io': 2500, 'ghcr.io': 2500 }, 0), [{ digest, size: 10 }]);
+    assert.deepEqual(db.expiredBlobs({ 'docker.io': 2500 }, 0), [], 'ghcr.io has no maxAge: kept');
+    db.dropBlob(digest);
+    db.touchBlobs([{ digest, size: 10, upstream: 'docker.io', at: 3000 }]);
+    assert.equal(db.hasBlob(digest), false);
+    assert.equal(db.pruneDangling(), 0);
+  } finally {
+    db.close();
+  }
 });
