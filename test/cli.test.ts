@@ -1,16 +1,16 @@
 /** The `ocicache` command as an operator runs it: embedded default config, bad config, SIGTERM. */
 import assert from 'node:assert/strict';
-import { mkdtempSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import test from 'node:test';
 import { request, type Dispatcher } from 'undici';
 import { startCli } from './helpers/cli.js';
+import { tempDir } from './helpers/tools.js';
 
 const start = startCli;
 
 test('serve runs on the embedded default config and shuts down cleanly on SIGTERM', async (t) => {
-  const root = mkdtempSync(join(tmpdir(), 'ocicache-cli-'));
+  const root = tempDir(t, 'cli');
   const p = start(['serve'], { OCICACHE_HOST: '127.0.0.1', OCICACHE_PORT: '0', OCICACHE_STORAGE_ROOT: root, OCICACHE_CONFIG: '' });
   t.after(() => p.child.kill('SIGKILL'));
   let port: string | undefined;
@@ -32,8 +32,8 @@ test('serve runs on the embedded default config and shuts down cleanly on SIGTER
   assert.match(p.out(), /shutting down/);
 });
 
-test('a bad config stops start-up with a message that names the key', async () => {
-  const dir = mkdtempSync(join(tmpdir(), 'ocicache-cli-'));
+test('a bad config stops start-up with a message that names the key', async (t) => {
+  const dir = tempDir(t, 'cli');
   const file = join(dir, 'bad.yaml');
   writeFileSync(file, 'upstreams:\n  - name: docker.io\n    url: https://registry-1.docker.io\ncache:\n  tagTTL: 5m\n');
   const p = start(['serve', '--config', file], {});

@@ -6,15 +6,14 @@
  */
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { mkdirSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import test, { type TestContext } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { startDistribution, type Distribution } from './helpers/distribution.js';
 import { startProxy, type Proxy } from './helpers/proxy.js';
 import { image, multiArch, Pusher, sha256, type Image, type MultiArch } from './helpers/seed.js';
-import { need } from './helpers/tools.js';
+import { need, tempDir } from './helpers/tools.js';
 
 interface World {
   hub: Distribution;
@@ -61,7 +60,7 @@ test('skopeo pulls through the cache by direct reference and as a prefix mirror'
   if (!skopeo) return;
   const w = await world(t);
   if (!w) return;
-  const dir = mkdtempSync(join(tmpdir(), 'ocicache-skopeo-'));
+  const dir = tempDir(t, 'skopeo');
   const policy = join(dir, 'policy.json');
   writeFileSync(policy, JSON.stringify({ default: [{ type: 'insecureAcceptAnything' }] }));
 
@@ -107,7 +106,7 @@ test('containerd pulls multi-arch images from two upstreams through one endpoint
   }
   const w = await world(t);
   if (!w) return;
-  const dir = mkdtempSync(join(tmpdir(), 'ocicache-ctrd-'));
+  const dir = tempDir(t, 'ctrd');
   const socket = join(dir, 'containerd.sock');
   writeFileSync(
     join(dir, 'config.toml'),

@@ -4,13 +4,13 @@
  */
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { existsSync, mkdtempSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join, resolve } from 'node:path';
+import { existsSync } from 'node:fs';
+import { resolve } from 'node:path';
 import test from 'node:test';
 import { startDistribution } from './helpers/distribution.js';
 import { startProxy } from './helpers/proxy.js';
 import { image, multiArch, Pusher } from './helpers/seed.js';
+import { tempDir } from './helpers/tools.js';
 
 const BINARY = resolve('.tools/conformance.test');
 
@@ -30,7 +30,7 @@ test('OCI distribution-spec conformance: pull and content discovery through the 
   await push.pushMultiArch('conformance/repo1', 'multi', index);
   const proxy = await startProxy(t, { upstreams: [{ name: 'registry.example', url: upstream.url }], defaultUpstream: 'registry.example' });
 
-  const results = mkdtempSync(join(tmpdir(), 'ocicache-conformance-'));
+  const results = tempDir(t, 'conformance');
   const env = {
     PATH: process.env.PATH,
     HOME: process.env.HOME,

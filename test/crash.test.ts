@@ -7,8 +7,7 @@
  */
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
-import { createReadStream, existsSync, mkdtempSync, readdirSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { createReadStream, existsSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import test from 'node:test';
@@ -18,6 +17,7 @@ import { request } from 'undici';
 import { runCli, startCli, writeConfig, type Running } from './helpers/cli.js';
 import { startDistribution } from './helpers/distribution.js';
 import { image, OCI_MANIFEST, Pusher, randomLayer, sha256, type Image } from './helpers/seed.js';
+import { tempDir } from './helpers/tools.js';
 
 const MiB = 1024 * 1024;
 
@@ -89,7 +89,7 @@ test('kill -9 during concurrent pulls, fills and evictions never leaves unverifi
   const pusher = new Pusher({ url: registry.url });
   for (const [name, img] of images) await pusher.pushImage(name, 'v1', img);
 
-  const root = mkdtempSync(join(tmpdir(), 'ocicache-crash-'));
+  const root = tempDir(t, 'crash');
   // Smaller than all three images: eviction runs during the pulls too.
   const config = writeConfig(root, {
     server: { host: '127.0.0.1', port: 0 },

@@ -19,6 +19,7 @@ import { runCli, writeConfig } from './helpers/cli.js';
 import { startDistribution, type Distribution } from './helpers/distribution.js';
 import { metric, startProxy, type Proxy } from './helpers/proxy.js';
 import { image, OCI_MANIFEST, Pusher, sha256, type Image } from './helpers/seed.js';
+import { tempDir } from './helpers/tools.js';
 
 const MiB = 1024 * 1024;
 
@@ -154,7 +155,7 @@ test('ocicache gc: expiry by age since last access, per upstream, and eviction d
   const viaGhcr = image({ 'ghcr.bin': randomBytes(64 * 1024) });
   const registry = await seeded(t, { 'team/hub:v1': viaHub, 'team/ghcr:v1': viaGhcr });
   if (!registry) return;
-  const root = mkdtempSync(join(tmpdir(), 'ocicache-gc-'));
+  const root = tempDir(t, 'gc');
   const upstreams = [
     { name: 'docker.io', url: registry.url, maxAge: '1s' },
     { name: 'ghcr.io', url: registry.url },
@@ -193,7 +194,7 @@ test('ocicache verify finds and repairs corrupt, missing, stray and unindexed co
   const other = image({ 'three.bin': randomBytes(50_000) });
   const registry = await seeded(t, { 'team/app:v1': img, 'team/other:v1': other });
   if (!registry) return;
-  const root = mkdtempSync(join(tmpdir(), 'ocicache-verify-'));
+  const root = tempDir(t, 'verify');
   const upstreams = [{ name: 'docker.io', url: registry.url }];
   const proxy = await startProxy(t, { root, upstreams });
   await pull(proxy, 'team/app', 'v1');
@@ -254,7 +255,10 @@ test('disk full: blobs stream through uncached with a warning and a metric; cach
   const root = mkdtempSync(join(tmpdir(), 'ocicache-tmpfs-'));
   const mount = spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=40m', 'tmpfs', root], { encoding: 'utf8' });
   assert.equal(mount.status, 0, `mount tmpfs: ${mount.stderr}`);
-  t.after(() => void spawnSync('umount', ['-l', root]));
+  t.after(() => {
+    spawnSync('umount', ['-l', root]);
+    rmSync(root, { recursive: true, force: true });
+  });
   // Something else fills the filesystem: 12 MiB stay free, too few for a 16 MiB layer.
   const filler = join(root, 'other-data.bin');
   writeFileSync(filler, Buffer.alloc(28 * MiB));

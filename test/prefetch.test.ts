@@ -1,7 +1,6 @@
 /** Warming the cache: `ocicache prefetch` (directly and via --server) and POST /admin/prefetch. */
 import assert from 'node:assert/strict';
-import { existsSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import test from 'node:test';
 import { request } from 'undici';
@@ -11,6 +10,7 @@ import { startDistribution } from './helpers/distribution.js';
 import { metric, startProxy } from './helpers/proxy.js';
 import { startFakeUpstream } from './helpers/fake-upstream.js';
 import { image, multiArch, OCI_MANIFEST, Pusher, randomLayer, sha256 } from './helpers/seed.js';
+import { tempDir } from './helpers/tools.js';
 
 function blobFile(root: string, digest: string): string {
   return join(root, 'blobs', 'sha256', digest.slice(7, 9), digest.slice(7));
@@ -30,7 +30,7 @@ test('ocicache prefetch fetches an index and only the chosen platforms, from arg
   await pusher.pushMultiArch('library/alpine', '3.20', alpine);
   await pusher.pushImage('team/app', 'v1', app);
 
-  const root = mkdtempSync(join(tmpdir(), 'ocicache-prefetch-'));
+  const root = tempDir(t, 'prefetch');
   const upstreams = [{ name: 'docker.io', url: registry.url, dockerHubLibrary: true }];
   const config = writeConfig(root, { storage: { root }, upstreams, defaultUpstream: 'docker.io' });
   const refs = join(root, 'refs.txt');
@@ -125,7 +125,7 @@ test('POST /admin/prefetch and /admin/gc: off without a token, 401 without the r
 
 test('prefetch refuses digests from upstream content that are not digests (no path escapes the cache)', async (t) => {
   const fake = await startFakeUpstream(t);
-  const outside = mkdtempSync(join(tmpdir(), 'ocicache-victim-'));
+  const outside = tempDir(t, 'victim');
   const victim = join(outside, 'victim.txt');
   writeFileSync(victim, 'must survive');
   const proxy = await startProxy(t, { upstreams: [{ name: 'evil.example', url: fake.url }], admin: { tokenEnv: 'T' }, env: { T: 'tok' } });

@@ -4,7 +4,7 @@
  * auth (htpasswd) or token auth (a small issuer in token-issuer.ts).
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { TestContext } from 'node:test';
@@ -84,6 +84,9 @@ ${auth}`,
     await exited;
     clearTimeout(timer);
   };
-  t.after(stop);
+  t.after(async () => {
+    await stop();
+    rmSync(dir, { recursive: true, force: true });
+  });
   return { url: `http://${host}`, host, dir, process: child, accessLog, stop };
 }

@@ -1,5 +1,5 @@
 /** Starts ocicache in-process on a loopback port the kernel picks, with a fresh cache directory. */
-import { mkdtempSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -44,7 +44,11 @@ export async function startProxy(t: TestContext, options: ProxyOptions): Promise
   );
   const app = await buildApp(config, { logger: process.env.OCICACHE_TEST_LOG ? { level: process.env.OCICACHE_TEST_LOG } : false });
   await app.listen({ host: '127.0.0.1', port: 0 });
-  t.after(() => app.close());
+  t.after(async () => {
+    await app.close();
+    // A cache directory this helper made is removed; one passed in belongs to the test.
+    if (!options.root) rmSync(root, { recursive: true, force: true });
+  });
   const { port } = app.server.address() as AddressInfo;
   return { url: `http://127.0.0.1:${port}`, host: `127.0.0.1:${port}`, root, app, config };
 }

@@ -3,6 +3,9 @@
  * program fails the test; on a developer machine it skips with a message saying what to install.
  */
 import { spawnSync } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import type { TestContext } from 'node:test';
 
 export function which(name: string): string | undefined {
@@ -18,4 +21,11 @@ export function need(t: TestContext, name: string, hint: string): string | undef
   if (process.env.CI) throw new Error(`${msg} (required under CI)`);
   t.skip(msg);
   return undefined;
+}
+
+/** A fresh directory under the system temp dir, removed when the test ends. */
+export function tempDir(t: TestContext, prefix: string): string {
+  const dir = mkdtempSync(join(tmpdir(), `ocicache-${prefix}-`));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  return dir;
 }

@@ -1,0 +1,3 @@
+module ocicache/bench/loadgen
+
+go 1.22
