@@ -93,11 +93,12 @@ async function waitHttp(url: string, ms = 20_000): Promise<void> {
   fail(`${url} did not come up`);
 }
 
-function kill(child: ChildProcess): Promise<void> {
+function kill(child: ChildProcess, signal: NodeJS.Signals = 'SIGKILL'): Promise<void> {
   if (child.exitCode !== null || child.signalCode !== null) return Promise.resolve();
   const done = new Promise<void>((r) => child.once('exit', () => r()));
-  child.kill('SIGKILL');
-  return done;
+  child.kill(signal);
+  const force = setTimeout(() => child.kill('SIGKILL'), 5000);
+  return done.finally(() => clearTimeout(force));
 }
 
 /** Peak RSS since the last reset (VmHWM), in MiB; writing 5 to clear_refs resets it (proc(5)). */
@@ -181,8 +182,10 @@ http {
 }
 `,
   );
-  const child = spawn('nginx', ['-c', join(dir, 'nginx.conf'), '-p', dir, '-g', 'daemon off;'], { stdio: 'inherit' });
-  cleanups.push(() => kill(child));
+  // Not inherited stdio: nginx workers would hold our stdout open. Stopped with SIGQUIT, which the
+  // master passes on to its workers (SIGKILL would orphan them).
+  const child = spawn('nginx', ['-c', join(dir, 'nginx.conf'), '-p', dir, '-g', 'daemon off;'], { stdio: 'ignore' });
+  cleanups.push(() => kill(child, 'SIGQUIT'));
   await waitHttp(`http://127.0.0.1:${port}/`);
   return `http://127.0.0.1:${port}`;
 }
@@ -264,6 +267,8 @@ async function main(): Promise<void> {
     [blobPath]: { data: layer.data, type: 'application/octet-stream', digest: layer.descriptor.digest },
     [manifestPath]: { data: big.manifest, type: OCI_MANIFEST, digest: big.digest },
   });
+  // The floor for figure 4 on loopback: sending the same 32 bodies at once from static files.
+  const herdFloor = (await loadgen(['-url', nginx + blobPath, '-c', '32', '-n', '32'])).seconds;
   const peer = await startPeer(upstream.url);
   await loadgen(['-url', peer + blobPath, '-c', '1', '-n', '1']); // warm the peer
   await sleep(500);
@@ -311,7 +316,7 @@ async function main(): Promise<void> {
       ]),
     ),
     cold: { directSeconds: r2(median(direct)), ocicacheSeconds: r2(median(cold)), ratio: r2(median(cold) / median(direct)) },
-    herd: { upstreamGets: herdGets, seconds: r2(herd.seconds), vsOneCold: r2(herd.seconds / median(cold)) },
+    herd: { upstreamGets: herdGets, seconds: r2(herd.seconds), vsOneCold: r2(herd.seconds / median(cold)), nginxSameLoadSeconds: r2(herdFloor), vsNginxSameLoad: r2(herd.seconds / herdFloor) },
     rssMiB: { herd: Math.round(rssHerd), warmBlobs: Math.round(rssWarm) },
     index: { tags: P.tags, lookupP99us: lookup.p99us, lookupP50us: lookup.p50us, startMs: scaled.startMs },
   };
@@ -335,7 +340,7 @@ function table(r: any): string {
       mark(r.manifest[m].vsNginx >= 0.5 && r.manifest[m].vsPeer >= 50),
     ]),
     ['3: cold blob', `${r.cold.ocicacheSeconds} s (direct ${r.cold.directSeconds} s)`, `${r.cold.ratio}× direct`, '≤ 1.1× direct', mark(r.cold.ratio <= 1.1)],
-    ['4: 32 concurrent cold', `${r.herd.upstreamGets} upstream GET, ${r.herd.seconds} s`, `${r.herd.vsOneCold}× one cold request`, 'exactly 1 GET; ≤ 1.2×', mark(r.herd.upstreamGets === 1 && r.herd.vsOneCold <= 1.2)],
+    ['4: 32 concurrent cold', `${r.herd.upstreamGets} upstream GET, ${r.herd.seconds} s (nginx sending the same 32 bodies: ${r.herd.nginxSameLoadSeconds} s)`, `${r.herd.vsOneCold}× one cold request, ${r.herd.vsNginxSameLoad}× nginx`, 'exactly 1 GET; ≤ 1.2×', mark(r.herd.upstreamGets === 1 && r.herd.vsOneCold <= 1.2)],
     ['5: peak RSS', `${r.rssMiB.herd} MiB during 4, ${r.rssMiB.warmBlobs} MiB during 1`, '', '≤ 150 MiB', mark(Math.max(r.rssMiB.herd, r.rssMiB.warmBlobs) <= 150)],
     ['6: index at scale', `${r.index.tags} tags: lookup p99 ${(r.index.lookupP99us / 1000).toFixed(2)} ms (p50 ${(r.index.lookupP50us / 1000).toFixed(2)} ms), start-up ${r.index.startMs} ms`, '', 'p99 < 1 ms; start-up < 2 s', mark(r.index.lookupP99us < 1000 && r.index.startMs < 2000)],
   ];

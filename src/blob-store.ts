@@ -19,7 +19,9 @@ import { Readable, Writable } from 'node:stream';
 import { OciError } from './errors.js';
 import { checkDigest } from './reference.js';
 
-const READ_CHUNK = 256 * 1024;
+const READ_CHUNK = 1024 * 1024;
+/** How far disk writes may lag behind the network per fill before the upstream is paused (memory bound). */
+const WRITE_WINDOW = 4 * 1024 * 1024;
 
 export class BlobStore {
   readonly blobsDir: string;
@@ -127,7 +129,15 @@ type FillState = 'filling' | 'verified' | 'committed' | 'failed';
  * changes. Owned by the registry; clients only ever hold a reader.
  */
 export class Fill extends EventEmitter {
+  /** Bytes on disk in the temp file. */
   written = 0;
+  /** Bytes received and hashed, in order: on disk or still in `pending`. */
+  received = 0;
+  private pending: Buffer[] = [];
+  private pendingBytes = 0;
+  private writing: Promise<void> | undefined;
+  private writeError: Error | undefined;
+  private windowWaiters: Array<(err?: Error | null) => void> = [];
   state: FillState = 'filling';
   error: Error | undefined;
   private readonly hash: Hash;
@@ -146,34 +156,95 @@ export class Fill extends EventEmitter {
     this.hash = createHash(digest.split(':')[0]!);
   }
 
-  /** The sink to pipe the upstream body into. */
+  /**
+   * The sink to pipe the upstream body into. Each chunk is hashed and handed to readers from
+   * memory at once; a writer loop puts it on disk behind them. Readers are never held up by the
+   * disk unless it falls more than WRITE_WINDOW behind the network (then the upstream is paused).
+   */
   sink(): Writable {
     return new Writable({
       highWaterMark: 1024 * 1024,
-      writev: (chunks, cb) => {
-        const bufs = chunks.map((c) => c.chunk as Buffer);
-        this.append(bufs).then(() => cb(), cb);
+      write: (chunk: Buffer, _enc, cb) => {
+        if (this.writeError) return cb(this.writeError);
+        if (this.state !== 'filling') return cb(new Error('fill is closed'));
+        if (this.size !== undefined && this.received + chunk.length > this.size) {
+          return cb(new OciError('UNKNOWN', `upstream sent more than the ${this.size} bytes it announced`, { status: 502 }));
+        }
+        this.hash.update(chunk);
+        this.pending.push(chunk);
+        this.pendingBytes += chunk.length;
+        this.received += chunk.length;
+        this.emit('progress');
+        this.pumpWrites();
+        if (this.pendingBytes < WRITE_WINDOW) return cb();
+        this.windowWaiters.push(cb);
+      },
+      final: (cb) => {
+        this.flushed().then(() => cb(), cb);
       },
     });
   }
 
-  private async append(bufs: Buffer[]): Promise<void> {
-    if (!this.handle) throw new Error('fill is closed');
-    let total = 0;
-    for (const b of bufs) total += b.length;
-    if (this.size !== undefined && this.written + total > this.size) {
-      throw new OciError('UNKNOWN', `upstream sent more than the ${this.size} bytes it announced`, { status: 502 });
+  /** Writes pending chunks in order, one positional writev at a time. */
+  private pumpWrites(): void {
+    if (this.writing || this.pending.length === 0) return;
+    this.writing = (async () => {
+      try {
+        while (this.pending.length > 0) {
+          if (!this.handle) throw new Error('fill is closed');
+          const batch = this.pending.slice(0, 64);
+          let total = 0;
+          for (const b of batch) total += b.length;
+          const { bytesWritten } = await this.handle.writev(batch, this.written);
+          // A short write to a regular file means the filesystem is full.
+          if (bytesWritten !== total) throw Object.assign(new Error(`short write to ${this.tmpPath}: ${bytesWritten} of ${total} bytes`), { code: 'ENOSPC' });
+          // On disk now: readers behind `written` read the file, so the memory can go.
+          this.pending.splice(0, batch.length);
+          this.pendingBytes -= total;
+          this.written += total;
+          if (this.pendingBytes < WRITE_WINDOW) this.releaseWindow();
+        }
+      } catch (err) {
+        this.writeError = err as Error;
+        this.releaseWindow();
+      } finally {
+        this.writing = undefined;
+      }
+    })();
+  }
+
+  private releaseWindow(): void {
+    const waiters = this.windowWaiters;
+    this.windowWaiters = [];
+    for (const cb of waiters) cb(this.writeError);
+  }
+
+  /** Resolves when everything received is on disk. */
+  private async flushed(): Promise<void> {
+    for (;;) {
+      this.pumpWrites();
+      if (!this.writing) break;
+      await this.writing;
     }
-    const { bytesWritten } = await this.handle.writev(bufs, this.written);
-    // A short write to a regular file means the filesystem is full; hash only what is on disk.
-    if (bytesWritten !== total) throw Object.assign(new Error(`short write to ${this.tmpPath}: ${bytesWritten} of ${total} bytes`), { code: 'ENOSPC' });
-    for (const b of bufs) this.hash.update(b);
-    this.written += total;
-    this.emit('progress');
+    if (this.writeError) throw this.writeError;
+  }
+
+  /** Up to `max` received bytes at `pos` that are still in memory (pos >= written), or undefined. */
+  fromMemory(pos: number, max: number): Buffer | undefined {
+    let at = this.written;
+    for (const b of this.pending) {
+      if (pos < at + b.length) {
+        const from = pos - at;
+        return b.subarray(from, from + Math.min(max, b.length - from));
+      }
+      at += b.length;
+    }
+    return undefined;
   }
 
   /** Verifies digest and size, makes the bytes durable, and renames the file into place. */
   async commit(): Promise<number> {
+    await this.flushed();
     const actual = `${this.digest.split(':')[0]}:${this.hash.digest('hex')}`;
     if (this.size !== undefined && this.written !== this.size) {
       throw new OciError('UNKNOWN', `upstream body ended after ${this.written} of ${this.size} bytes`, { status: 502 });
@@ -200,8 +271,13 @@ export class Fill extends EventEmitter {
     this.state = 'failed';
     this.error = err;
     this.emit('progress');
+    this.pending = [];
+    this.pendingBytes = 0;
+    this.writeError ??= err;
+    this.releaseWindow();
     const handle = this.handle;
     this.handle = undefined;
+    await this.writing?.catch(() => undefined);
     await handle?.close().catch(() => undefined);
     await rm(this.tmpPath, { force: true });
   }
@@ -211,8 +287,8 @@ export class Fill extends EventEmitter {
    * is checked, so a client never receives a complete-looking body with the wrong content.
    */
   get deliverable(): number {
-    if (this.state !== 'filling' || this.size === undefined) return this.written;
-    return Math.min(this.written, this.size - 1);
+    if (this.state !== 'filling' || this.size === undefined) return this.received;
+    return Math.min(this.received, this.size - 1);
   }
 
   /** Resolves once the blob is committed; rejects with the fill's error if it fails. */
@@ -278,14 +354,24 @@ export class TailReader extends Readable {
       this.destroy(fill.error ?? new Error('fill failed'));
       return;
     }
-    const limit = this.end !== undefined ? this.end + 1 : fill.state === 'filling' ? Infinity : fill.written;
+    const limit = this.end !== undefined ? this.end + 1 : fill.state === 'filling' ? Infinity : fill.received;
     if (this.pos >= limit) {
       this.push(null);
       return;
     }
     const available = Math.min(fill.deliverable, limit) - this.pos;
-    if (available > 0) {
-      const n = Math.min(available, READ_CHUNK);
+    if (available > 0 && this.pos >= fill.written) {
+      // Not on disk yet: straight from the fill's memory (no copy, no syscall).
+      const mem = fill.fromMemory(this.pos, Math.min(available, READ_CHUNK));
+      if (mem) {
+        this.pos += mem.length;
+        this.bytesRead += mem.length;
+        this.push(mem);
+        return;
+      }
+    }
+    if (available > 0 && this.pos < fill.written) {
+      const n = Math.min(available, READ_CHUNK, fill.written - this.pos);
       const buf = Buffer.allocUnsafe(n);
       const at = this.pos;
       this.pos += n;
@@ -299,7 +385,7 @@ export class TailReader extends Readable {
       );
       return;
     }
-    if (fill.state !== 'filling') {
+    if (fill.state !== 'filling' && available <= 0) {
       // Fewer bytes than the range asked for: the blob is shorter than announced.
       this.destroy(new Error('blob ended before the requested range'));
     } else {

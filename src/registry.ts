@@ -9,7 +9,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { LRUCache } from 'lru-cache';
 import type { BlobStore, Fill } from './blob-store.js';
 import type { Config } from './config.js';
-import type { Db, ManifestRecord } from './db.js';
+import type { Db, ManifestRecord, TagRecord } from './db.js';
 import { DigestGuard } from './digest-guard.js';
 import { OciError, isUpstreamUnavailable } from './errors.js';
 import { isStorageError, type Lifecycle } from './lifecycle.js';
@@ -19,6 +19,9 @@ import { parseRange, type ByteRange } from './range.js';
 import { isDigest, type Target } from './reference.js';
 import { SingleFlight } from './single-flight.js';
 import type { BlobResponse, UpstreamClient } from './upstream.js';
+
+/** Read size for cached blobs: large reads mean fewer syscalls and event-loop turns per MiB (bench figure 1). */
+const FILE_CHUNK = 1024 * 1024;
 
 /** Thrown to every waiter of a fill that could not start because storage is full: each streams through instead. */
 class StorageUnavailable extends Error {}
@@ -60,6 +63,8 @@ export class Registry {
   private readonly fillsDone = new Set<Promise<void>>();
   private readonly fillAbort = new AbortController();
   private readonly lastWarned = new Map<string, number>();
+  /** Recently used tag rows. SQLite stays the truth; a tag whose manifest was evicted misses in loadManifest and revalidates. */
+  private readonly tagMemory = new LRUCache<string, TagRecord>({ max: 100_000 });
 
   constructor(
     private readonly config: Pick<Config, 'timeouts' | 'cache'>,
@@ -131,14 +136,33 @@ export class Registry {
       throw new OciError('UNKNOWN', `upstream ${target.upstream.name} sent manifest bytes hashing to ${digest} for ${claimed}`, { status: 502 });
     }
     const manifest = { digest, mediaType: mediaTypeOf(res.body, res.contentType), body: res.body };
-    this.db.putManifest(manifest, childrenOf(res.body), target.upstream.name, target.name, tag);
+    const now = Date.now();
+    this.db.putManifest(manifest, childrenOf(res.body), target.upstream.name, target.name, tag, now);
+    if (tag !== undefined) this.tagMemory.set(tagKey(target, tag), { digest, checkedAt: now });
     this.manifestMemory.set(digest, manifest);
     return manifest;
   }
 
+  /** A tag's row, from memory when recently used: a warm tag lookup never touches SQLite. */
+  private getTag(target: Target, tag: string): TagRecord | undefined {
+    const key = tagKey(target, tag);
+    let row = this.tagMemory.get(key);
+    if (!row) {
+      row = this.db.getTag(target.upstream.name, target.name, tag);
+      if (row) this.tagMemory.set(key, row);
+    }
+    return row;
+  }
+
+  private putTag(target: Target, tag: string, digest: string): void {
+    const now = Date.now();
+    this.db.putTag(target.upstream.name, target.name, tag, digest, now);
+    this.tagMemory.set(tagKey(target, tag), { digest, checkedAt: now });
+  }
+
   private async manifestByTag(target: Target, tag: string): Promise<TagResult> {
-    const { upstream, name } = target;
-    const row = this.db.getTag(upstream.name, name, tag);
+    const { upstream } = target;
+    const row = this.getTag(target, tag);
     if (row && Date.now() - row.checkedAt < upstream.tagTtl) {
       const manifest = this.loadManifest(row.digest);
       if (manifest) return { manifest, cache: 'hit' };
@@ -148,19 +172,19 @@ export class Registry {
       const manifest = this.loadManifest(row.digest);
       if (manifest) return { manifest, cache: 'stale' };
     }
-    return this.tagFlights.do(`${upstream.name}\n${name}\n${tag}`, () => this.revalidateTag(target, tag));
+    return this.tagFlights.do(tagKey(target, tag), () => this.revalidateTag(target, tag));
   }
 
   /** HEAD the tag upstream; GET only when the digest is new. Serve stale when the upstream is down. */
   private async revalidateTag(target: Target, tag: string): Promise<TagResult> {
     const { upstream, name } = target;
-    const row = this.db.getTag(upstream.name, name, tag);
+    const row = this.getTag(target, tag);
     try {
       const head = await this.upstream.headManifest(target, tag);
       const digest = head.digest && isDigest(head.digest) ? head.digest : undefined;
       const known = digest && this.loadManifest(digest);
       if (digest && known) {
-        this.db.putTag(upstream.name, name, tag, digest);
+        this.putTag(target, tag, digest);
         return { manifest: known, cache: row?.digest === digest ? 'revalidated' : 'miss' };
       }
       // By digest when the HEAD named one (Docker Hub counts either GET as a pull; this one is verifiable).
@@ -171,7 +195,10 @@ export class Registry {
         this.warnOnce(upstream.name, { upstream: upstream.name, name, reference: tag, digest: stale.digest, err: (err as Error).message }, 'upstream unavailable, serving stale tag');
         return { manifest: stale, cache: 'stale' };
       }
-      if (row && err instanceof OciError && err.status === 404) this.db.deleteTag(upstream.name, name, tag);
+      if (row && err instanceof OciError && err.status === 404) {
+        this.db.deleteTag(upstream.name, name, tag);
+        this.tagMemory.delete(tagKey(target, tag));
+      }
       throw err;
     }
   }
@@ -247,7 +274,7 @@ export class Registry {
       throw err;
     }
     this.lifecycle.touch(digest, size, target.upstream.name);
-    const stream = handle.createReadStream({ start: range?.start ?? 0, end: range?.end, highWaterMark: 256 * 1024 });
+    const stream = handle.createReadStream({ start: range?.start ?? 0, end: range?.end, highWaterMark: FILE_CHUNK });
     stream.once('close', release);
     return { size, range, stream, cache: 'hit' };
   }
@@ -267,7 +294,7 @@ export class Registry {
       throw err;
     }
     await fill.settled();
-    return { size: fill.written, result: 'fetched' };
+    return { size: fill.received, result: 'fetched' };
   }
 
   /** Storage is full or failing: stream the blob from upstream without caching, still verifying it. */
@@ -318,7 +345,7 @@ export class Registry {
         async (err: Error) => {
           if (isStorageError(err)) this.lifecycle.storageFailed(err);
           this.metrics.fillFailures.inc({ upstream, reason: err instanceof OciError ? 'invalid' : isStorageError(err) ? 'storage' : 'transport' });
-          this.log.warn({ upstream, digest, bytes: fill.written, err: err.message }, 'blob fill failed; nothing cached');
+          this.log.warn({ upstream, digest, bytes: fill.received, err: err.message }, 'blob fill failed; nothing cached');
           await fill.fail(err);
         },
       )
@@ -344,27 +371,27 @@ export class Registry {
     for (let attempt = 0; ; attempt++) {
       try {
         if (!res) {
-          res = await this.upstream.getBlob(target, fill.digest, signal, fill.written);
+          res = await this.upstream.getBlob(target, fill.digest, signal, fill.received);
           if (res.size !== undefined && res.size !== fill.size) {
             res.body.destroy();
             throw new OciError('UNKNOWN', `upstream ${upstream.name} changed the size of ${fill.digest} from ${fill.size} to ${res.size}`, { status: 502 });
           }
-          this.metrics.blobResumes.inc({ upstream: upstream.name, how: res.start === fill.written ? 'range' : 'restart' });
+          this.metrics.blobResumes.inc({ upstream: upstream.name, how: res.start === fill.received ? 'range' : 'restart' });
         }
-        const skip = fill.written - res.start;
+        const skip = fill.received - res.start;
         const body = res.body;
         res = undefined;
         if (skip > 0) await pipeline(body, skipBytes(skip), fill.sink());
         else await pipeline(body, fill.sink());
-        if (fill.size === undefined || fill.written === fill.size) return;
-        throw Object.assign(new Error(`upstream body ended after ${fill.written} of ${fill.size} bytes`), { code: 'UND_ERR_RES_CONTENT_LENGTH_MISMATCH' });
+        if (fill.size === undefined || fill.received === fill.size) return;
+        throw Object.assign(new Error(`upstream body ended after ${fill.received} of ${fill.size} bytes`), { code: 'UND_ERR_RES_CONTENT_LENGTH_MISMATCH' });
       } catch (err) {
         res?.body.destroy();
         res = undefined;
         // Every byte arrived and only the connection's end failed: the digest check decides.
-        if (fill.size !== undefined && fill.written === fill.size) return;
+        if (fill.size !== undefined && fill.received === fill.size) return;
         if (!resumable(err, signal) || fill.size === undefined || attempt >= upstream.blobRetries) throw err;
-        this.log.warn({ upstream: upstream.name, digest: fill.digest, at: fill.written, of: fill.size, attempt: attempt + 1, err: (err as Error).message }, 'blob download broke; resuming');
+        this.log.warn({ upstream: upstream.name, digest: fill.digest, at: fill.received, of: fill.size, attempt: attempt + 1, err: (err as Error).message }, 'blob download broke; resuming');
         await sleep(Math.min(250 * 2 ** attempt, 5000), undefined, { signal });
       }
     }
@@ -424,6 +451,10 @@ function resumable(err: unknown, signal: AbortSignal): boolean {
   if (signal.aborted || isStorageError(err)) return false;
   if (err instanceof OciError) return err.code === 'UNAVAILABLE' || err.code === 'TOOMANYREQUESTS';
   return true;
+}
+
+function tagKey(target: Target, tag: string): string {
+  return `${target.upstream.name}\n${target.name}\n${tag}`;
 }
 
 /** Drops the first `n` bytes of a stream (a 200 answer to a resume repeats what the fill already has). */
