@@ -9,6 +9,8 @@ import { OciError, type ErrorCode } from './errors.js';
 import { registerAdmin } from './admin.js';
 import { registerRoutes } from './routes.js';
 import { openCache } from './services.js';
+import { registerStatus, Stats } from './status.js';
+import { version } from './version.js';
 
 declare module 'fastify' {
   interface FastifyInstance {
@@ -46,6 +48,7 @@ export async function buildApp(config: Config, options: AppOptions = {}): Promis
   const services = await openCache(config, app.log, { sweep: true });
   const { metrics, blobs, db, registry, upstreams, lifecycle } = services;
   lifecycle.start();
+  const stats = new Stats();
   let closing = false;
   let inflight = 0;
   let drained: (() => void) | undefined;
@@ -91,6 +94,7 @@ export async function buildApp(config: Config, options: AppOptions = {}): Promis
     const bytes = ctx.bytes();
     if (ctx.upstream && ctx.cache) {
       metrics.cacheRequests.inc({ upstream: ctx.upstream, kind: ctx.kind, result: ctx.cache });
+      stats.record(ctx.upstream, ctx.kind, ctx.cache, ctx.name, ctx.reference !== undefined && !ctx.reference.includes(':'), req.method);
       if (bytes > 0) metrics.servedBytes.inc({ upstream: ctx.upstream, source: ctx.cache === 'hit' ? 'cache' : 'upstream' }, bytes);
     }
     req.log.info(
@@ -101,6 +105,7 @@ export async function buildApp(config: Config, options: AppOptions = {}): Promis
 
   registerRoutes(app, { registry, upstreams, metrics });
   registerAdmin(app, services);
+  registerStatus(app, services, stats, version());
 
   app.get('/healthz', async () => ({ status: 'ok' }));
   app.get('/readyz', async (_req, reply) => {

@@ -19,7 +19,7 @@ import { Readable, Writable } from 'node:stream';
 import { OciError } from './errors.js';
 import { checkDigest } from './reference.js';
 
-const READ_CHUNK = 1024 * 1024;
+const READ_CHUNK = 256 * 1024;
 /** How far disk writes may lag behind the network per fill before the upstream is paused (memory bound). */
 const WRITE_WINDOW = 4 * 1024 * 1024;
 

@@ -13,6 +13,7 @@ import { formatBytes } from './format.js';
 import { prefetch, type PrefetchEvent } from './prefetch.js';
 import { openCache, type Services } from './services.js';
 import { problems, verify } from './verify.js';
+import { version } from './version.js';
 
 const USAGE = `usage: ocicache <command> [--config FILE] [options]
 
@@ -124,10 +125,6 @@ async function prefetchCommand(config: Config | undefined, refs: string[], platf
 
 class UsageError extends Error {}
 
-function version(): string {
-  const pkg = JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version: string };
-  return pkg.version;
-}
 
 async function serve(configFile: string | undefined): Promise<void> {
   const config = loadConfig(configFile);

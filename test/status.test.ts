@@ -1,0 +1,84 @@
+/**
+ * The status page at `/`, as an operator sees it: rendered by headless Chromium (Debian's
+ * chromium driven by playwright-core), with a screenshot kept in .test-artifacts/status.png.
+ */
+import assert from 'node:assert/strict';
+import { mkdirSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { join } from 'node:path';
+import test from 'node:test';
+import { chromium } from 'playwright-core';
+import { request } from 'undici';
+import { startDistribution } from './helpers/distribution.js';
+import { startProxy } from './helpers/proxy.js';
+import { image, OCI_MANIFEST, Pusher } from './helpers/seed.js';
+import { need } from './helpers/tools.js';
+import { formatBytes } from '../src/format.js';
+import { version } from '../src/version.js';
+
+async function deadPort(): Promise<number> {
+  const s = createServer();
+  await new Promise<void>((r) => s.listen(0, '127.0.0.1', r));
+  const port = (s.address() as { port: number }).port;
+  await new Promise<void>((r) => s.close(() => r()));
+  return port;
+}
+
+test('status page: version, upstream states, cache size and limit, hit ratio, most pulled images', async (t) => {
+  const browserPath = need(t, 'chromium', 'apt-get install chromium');
+  const registry = await startDistribution(t);
+  if (!browserPath || !registry) return;
+  const app = image({ 'app.txt': Buffer.from('status page\n') });
+  const tool = image({ 'tool.txt': Buffer.from('another image\n') });
+  const pusher = new Pusher({ url: registry.url });
+  await pusher.pushImage('team/app', 'v1', app);
+  await pusher.pushImage('team/tool', 'v1', tool);
+  const proxy = await startProxy(t, {
+    storage: { maxSize: '1GiB' },
+    upstreams: [
+      { name: 'docker.io', url: registry.url },
+      { name: 'quay.io', url: registry.url, offline: true },
+      { name: 'ghcr.io', url: `http://127.0.0.1:${await deadPort()}`, breakerFailures: 1, breakerCooldown: '1h' },
+    ],
+  });
+  const get = async (path: string): Promise<void> => {
+    const res = await request(`${proxy.url}${path}`, { headers: { accept: OCI_MANIFEST } });
+    await res.body.dump();
+  };
+  // team/app pulled three times (the blobs are hits after the first), team/tool once.
+  for (let i = 0; i < 3; i++) {
+    await get('/v2/team/app/manifests/v1?ns=docker.io');
+    for (const b of app.blobs) await get(`/v2/team/app/blobs/${b.descriptor.digest}?ns=docker.io`);
+  }
+  await get('/v2/team/tool/manifests/v1?ns=docker.io');
+  await get('/v2/team/x/manifests/v1?ns=ghcr.io'); // unreachable: opens the breaker
+
+  const browser = await chromium.launch({ executablePath: browserPath, args: ['--no-sandbox'] });
+  t.after(() => browser.close());
+  const page = await browser.newPage({ viewport: { width: 1000, height: 800 } });
+  const res = await page.goto(`${proxy.url}/`);
+  assert.equal(res?.status(), 200);
+  assert.equal(res?.headers()['content-type'], 'text/html; charset=utf-8');
+  assert.equal(await page.textContent('h1'), `ocicache ${version()}`);
+  const states = await page.$$eval('#upstreams tbody tr', (rows) => rows.map((r) => [...r.querySelectorAll('td')].map((td) => td.textContent)));
+  assert.deepEqual(
+    states.map(([name, , state]) => [name, state]),
+    [
+      ['docker.io', 'ok'],
+      ['quay.io', 'serving from the cache only'],
+      ['ghcr.io', 'breaker open: failing fast'],
+    ],
+  );
+  const size = app.blobs.reduce((n, b) => n + b.data.length, 0);
+  assert.equal(await page.textContent('#disk'), `${formatBytes(size)} in ${app.blobs.length} blobs (0.0% of 1.00 GiB)`);
+  // 3 app manifests (miss, hit, hit) + 6 app blobs (2 misses, 4 hits) + 1 tool manifest (miss): 6 hits of 10.
+  assert.equal(await page.textContent('#hit-ratio'), '60.0% of manifest and blob requests since start');
+  const top = await page.$$eval('#top-images tbody tr', (rows) => rows.map((r) => [...r.querySelectorAll('td')].map((td) => td.textContent)));
+  assert.deepEqual(top, [
+    ['docker.io/team/app', '3'],
+    ['docker.io/team/tool', '1'],
+  ]);
+  const dir = join(process.cwd(), '.test-artifacts');
+  mkdirSync(dir, { recursive: true });
+  await page.screenshot({ path: join(dir, 'status.png'), fullPage: true });
+});
