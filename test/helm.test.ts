@@ -1,0 +1,167 @@
+/**
+ * The Helm chart, proven offline: `helm lint --strict` and `helm template` for the central and the
+ * node-local shapes (helm built from its Go module by scripts/build-helm.sh), every rendered
+ * document validated against the Kubernetes API schemas (kubernetes-models), the rendered config
+ * accepted by ocicache's own config validation, and the Grafana dashboard's metrics checked
+ * against what /metrics exposes.
+ */
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { cpSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+import test, { type TestContext } from 'node:test';
+import { request } from 'undici';
+import { parse, parseAllDocuments } from 'yaml';
+import { buildConfig } from '../src/config.js';
+import { startProxy } from './helpers/proxy.js';
+import { tempDir } from './helpers/tools.js';
+
+const HELM = resolve('.tools/helm');
+const CHART = resolve('helm/ocicache');
+
+type Doc = { apiVersion: string; kind: string; metadata: { name: string }; spec?: any; data?: Record<string, string> };
+
+function helmBinary(t: TestContext): string | undefined {
+  if (existsSync(HELM)) return HELM;
+  if (process.env.CI) throw new Error('.tools/helm missing: run scripts/build-helm.sh (required under CI)');
+  t.skip('.tools/helm missing: run scripts/build-helm.sh');
+  return undefined;
+}
+
+function helm(args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  return new Promise((resolveRun) => {
+    const child = spawn(HELM, args, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, HELM_CACHE_HOME: '/tmp/helm-cache', HELM_CONFIG_HOME: '/tmp/helm-config', HELM_DATA_HOME: '/tmp/helm-data' } });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    child.once('exit', (code) => resolveRun({ code, stdout, stderr }));
+  });
+}
+
+/** The kubernetes-models class for a document: core/v1 under v1/, groups under group/version/. */
+async function validate(doc: Doc): Promise<void> {
+  const path = doc.apiVersion.startsWith('monitoring.coreos.com/')
+    ? `@kubernetes-models/prometheus-operator/${doc.apiVersion}/${doc.kind}`
+    : `kubernetes-models/${doc.apiVersion}/${doc.kind}`;
+  const mod = (await import(path)) as Record<string, new (d: unknown) => { validate(): void }>;
+  const Model = mod[doc.kind] ?? mod.default;
+  assert.ok(Model, `no model for ${doc.apiVersion} ${doc.kind}`);
+  new Model(doc).validate();
+}
+
+const FULL = `
+credentials:
+  passwords: {ghcr-password: s3cret}
+admin:
+  existingSecret: ocicache-admin
+serviceMonitor: {enabled: true}
+dashboard: {enabled: true}
+config:
+  upstreams:
+    - name: docker.io
+      url: https://registry-1.docker.io
+      dockerHubLibrary: true
+    - name: ghcr.io
+      url: https://ghcr.io
+      auth: {username: bot, passwordSecretKey: ghcr-password}
+      maxAge: 30d
+`;
+
+test('helm chart: lint --strict, template, Kubernetes schemas, rendered config, both shapes', async (t) => {
+  if (!helmBinary(t)) return;
+  const dir = tempDir(t, 'helm');
+  const fullValues = join(dir, 'full.yaml');
+  writeFileSync(fullValues, FULL);
+  const cases = [
+    { what: 'default values (central)', values: [] as string[], workload: 'StatefulSet' },
+    { what: 'values-node.yaml (DaemonSet)', values: [join(CHART, 'values-node.yaml')], workload: 'DaemonSet' },
+    { what: 'node mode with emptyDir and hostNetwork', values: [join(CHART, 'values-node.yaml')], set: ['node.cache.type=emptyDir', 'node.hostNetwork=true'], workload: 'DaemonSet' },
+    { what: 'credentials, admin token, ServiceMonitor, dashboard', values: [fullValues], workload: 'StatefulSet' },
+  ];
+  for (const c of cases) {
+    await t.test(c.what, async () => {
+      const args = [...c.values.flatMap((v) => ['-f', v]), ...(c.set ?? []).flatMap((s) => ['--set', s])];
+      const lint = await helm(['lint', '--strict', CHART, ...args]);
+      assert.equal(lint.code, 0, lint.stdout + lint.stderr);
+      const out = await helm(['template', 'cache', CHART, '--namespace', 'registry', ...args]);
+      assert.equal(out.code, 0, out.stderr);
+      const docs = parseAllDocuments(out.stdout).map((d) => d.toJSON() as Doc).filter(Boolean);
+      for (const doc of docs) await validate(doc);
+      const kinds = docs.map((d) => d.kind).sort();
+      assert.ok(kinds.includes(c.workload) && kinds.includes('Service') && kinds.includes('ConfigMap') && kinds.includes('PodDisruptionBudget'), kinds.join(','));
+
+      const workload = docs.find((d) => d.kind === c.workload)!;
+      const pod = workload.spec.template.spec;
+      const container = pod.containers[0];
+      assert.equal(pod.securityContext.runAsNonRoot, true);
+      assert.deepEqual(container.securityContext, { allowPrivilegeEscalation: false, readOnlyRootFilesystem: true, capabilities: { drop: ['ALL'] } });
+      assert.deepEqual([container.readinessProbe.httpGet.path, container.livenessProbe.httpGet.path], ['/readyz', '/healthz']);
+      if (c.workload === 'StatefulSet') assert.equal(workload.spec.volumeClaimTemplates[0].metadata.name, 'cache');
+      else {
+        const cache = pod.volumes.find((v: { name: string }) => v.name === 'cache');
+        assert.ok(c.set ? cache.emptyDir : cache.hostPath.path === '/var/cache/ocicache');
+        if (!c.set) assert.equal(container.ports[0].hostPort, 5000);
+        else assert.equal(pod.hostNetwork, true);
+      }
+
+      // The rendered config passes ocicache's own validation (secrets are files in the pod).
+      const configMap = docs.find((d) => d.kind === 'ConfigMap' && d.metadata.name === 'cache-ocicache')!;
+      const configText = configMap.data!['config.yaml']!;
+      const config = buildConfig(parse(configText), {}, { upstreamAuth: false, adminToken: false });
+      assert.equal(config.storage.root, '/data');
+      assert.equal(config.server.port, 5000);
+      if (c.values[0] === fullValues) {
+        const ghcr = parse(configText).upstreams[1];
+        assert.deepEqual(ghcr.auth, { username: 'bot', passwordFile: '/etc/ocicache/secrets/ghcr-password' });
+        assert.deepEqual(parse(configText).admin, { tokenFile: '/etc/ocicache/admin/token' });
+        assert.ok(kinds.includes('Secret') && kinds.includes('ServiceMonitor'));
+        const dash = docs.find((d) => d.metadata.name === 'cache-ocicache-dashboard')!;
+        assert.equal(JSON.parse(dash.data!['ocicache.json']!).uid, 'ocicache');
+      }
+    });
+  }
+});
+
+test('helm chart: values.schema.json refuses bad values with a message that names them', async (t) => {
+  if (!helmBinary(t)) return;
+  for (const [set, message] of [
+    ['mode=sideways', /mode.*(must be one of|value must be one of)/],
+    ['config.storage.maxSize=lots', /maxSize/],
+    ['node.cache.type=nfs', /type/],
+  ] as const) {
+    const out = await helm(['template', 'cache', CHART, '--set', set]);
+    assert.notEqual(out.code, 0, set);
+    assert.match(out.stderr, message, out.stderr);
+  }
+});
+
+test('helm chart: NOTES print the containerd hosts.toml for the chosen shape', async (t) => {
+  if (!helmBinary(t)) return;
+  // helm renders NOTES.txt only on install, and helm 3.22's `install --dry-run=client` still asks
+  // a cluster for its API. So render the same text with the same engine, as a document of a copy.
+  const copy = join(tempDir(t, 'helm-notes'), 'ocicache');
+  cpSync(CHART, copy, { recursive: true });
+  const notes = readFileSync(join(copy, 'templates', 'NOTES.txt'), 'utf8');
+  writeFileSync(
+    join(copy, 'templates', 'zz-notes.yaml'),
+    `{{- define "zz.notes" -}}\n${notes}\n{{- end -}}\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\ndata:\n  NOTES.txt: {{ include "zz.notes" . | toJson }}\n`,
+  );
+  const render = async (args: string[]): Promise<string> => {
+    const out = await helm(['template', 'cache', copy, '--namespace', 'registry', '--show-only', 'templates/zz-notes.yaml', ...args]);
+    assert.equal(out.code, 0, out.stderr);
+    return (parse(out.stdout) as Doc).data!['NOTES.txt']!;
+  };
+  assert.match(await render([]), /\[host\."http:\/\/cache-ocicache\.registry\.svc\.cluster\.local:5000"\]\n\s+capabilities = \["pull", "resolve"\]/);
+  assert.match(await render(['-f', join(CHART, 'values-node.yaml')]), /\[host\."http:\/\/127\.0\.0\.1:5000"\]\n\s+capabilities = \["pull", "resolve"\]/);
+});
+
+test('the Grafana dashboard only queries metrics that ocicache exposes', async (t) => {
+  const proxy = await startProxy(t, { upstreams: [{ name: 'docker.io', url: 'http://127.0.0.1:9' }] });
+  const text = await (await request(`${proxy.url}/metrics`)).body.text();
+  const exposed = new Set([...text.matchAll(/^# HELP (\w+)/gm)].map((m) => m[1]!));
+  const dashboard = readFileSync(join(CHART, 'dashboards', 'ocicache.json'), 'utf8');
+  const used = new Set([...dashboard.matchAll(/\b(ocicache_\w+)/g)].map((m) => m[1]!.replace(/_(bucket|sum|count)$/, '')));
+  assert.ok(used.size >= 10);
+  for (const name of used) assert.ok(exposed.has(name), `${name} is not in /metrics`);
+});
