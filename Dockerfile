@@ -7,6 +7,8 @@ ARG BASE=docker.io/library/node:22-bookworm-slim
 
 # ---- build: compile better-sqlite3 and the TypeScript, then drop the dev dependencies ----
 FROM ${BASE} AS build
+# Where node-gyp finds Node's headers when it cannot download them (e.g. /usr); unset by default.
+ARG npm_config_nodedir
 RUN if ! command -v make >/dev/null || ! command -v g++ >/dev/null || ! command -v python3 >/dev/null; then \
       apt-get update && apt-get install -y --no-install-recommends python3 make g++ && rm -rf /var/lib/apt/lists/*; \
     fi
@@ -19,10 +21,7 @@ RUN npm run build && npm prune --omit=dev
 
 # ---- runtime: no compilers, non-root, cache in a volume ----
 FROM ${BASE}
-ENV NODE_ENV=production \
-    OCICACHE_STORAGE_ROOT=/data \
-    OCICACHE_HOST=0.0.0.0 \
-    OCICACHE_PORT=5000
+ENV NODE_ENV=production
 WORKDIR /app
 COPY --from=build /src/package.json ./
 COPY --from=build /src/node_modules ./node_modules
@@ -31,6 +30,9 @@ COPY config ./config
 RUN groupadd --system --gid 10001 ocicache && useradd --system --uid 10001 --gid ocicache --home-dir /data --shell /usr/sbin/nologin ocicache \
  && mkdir -p /data && chown ocicache:ocicache /data
 USER 10001:10001
+# The embedded config's storage.root is ./data: from / that is the volume. No OCICACHE_* env is set
+# here, so a mounted config file is taken as written (env overrides win over the file).
+WORKDIR /
 VOLUME ["/data"]
 EXPOSE 5000
 # Config: the embedded config/default.yaml, or mount a file and pass --config /etc/ocicache/config.yaml

@@ -1,0 +1,108 @@
+/**
+ * The container image, built from the Dockerfile with buildah (chroot isolation, no registry: the
+ * base is assembled locally by scripts/build-test-base.sh) and run: it serves as UID 10001 with
+ * its cache in the /data volume, and skopeo pulls a real registry's image through it.
+ */
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { writeFileSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { join } from 'node:path';
+import test from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { stringify } from 'yaml';
+import { startDistribution } from './helpers/distribution.js';
+import { image, Pusher } from './helpers/seed.js';
+import { need, tempDir } from './helpers/tools.js';
+
+const IMAGE = 'localhost/ocicache:test';
+const BASE = 'localhost/ocicache-test-base:latest';
+
+function run(cmd: string, args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    child.once('exit', (code) => resolve({ code, stdout, stderr }));
+  });
+}
+
+async function freePort(): Promise<number> {
+  const s = createServer();
+  await new Promise<void>((r) => s.listen(0, '127.0.0.1', r));
+  const port = (s.address() as { port: number }).port;
+  await new Promise<void>((r) => s.close(() => r()));
+  return port;
+}
+
+test('the Dockerfile builds with buildah and the image serves pulls as a non-root user', { timeout: 900_000 }, async (t) => {
+  const buildah = need(t, 'buildah', 'apt-get install buildah');
+  const debootstrap = need(t, 'debootstrap', 'apt-get install debootstrap');
+  const skopeo = need(t, 'skopeo', 'apt-get install skopeo');
+  if (!buildah || !debootstrap || !skopeo) return;
+  if (process.getuid?.() !== 0) {
+    if (process.env.CI) assert.fail('building the base image with debootstrap needs root under CI');
+    return t.skip('debootstrap needs root');
+  }
+  const base = await run('scripts/build-test-base.sh', []);
+  assert.equal(base.code, 0, base.stdout + base.stderr);
+  const bud = await run(buildah, ['bud', '--isolation', 'chroot', '--pull=never', '--build-arg', `BASE=${BASE}`, '--build-arg', 'npm_config_nodedir=/usr', '-t', IMAGE, '.']);
+  assert.equal(bud.code, 0, bud.stdout.slice(-3000) + bud.stderr.slice(-3000));
+
+  const inspect = JSON.parse((await run(buildah, ['inspect', '--type', 'image', IMAGE])).stdout) as { OCIv1: { config: { User: string; Volumes: Record<string, unknown>; ExposedPorts: Record<string, unknown>; Entrypoint: string[]; Cmd: string[] } } };
+  const config = inspect.OCIv1.config;
+  assert.equal(config.User, '10001:10001');
+  assert.deepEqual(Object.keys(config.Volumes), ['/data']);
+  assert.deepEqual(Object.keys(config.ExposedPorts), ['5000/tcp']);
+  assert.deepEqual([...config.Entrypoint, ...config.Cmd], ['node', '/app/dist/cli.js', 'serve']);
+
+  const registry = await startDistribution(t);
+  if (!registry) return;
+  const img = image({ 'hello.txt': Buffer.from('from the container\n') });
+  await new Pusher({ url: registry.url }).pushImage('team/hello', 'v1', img);
+  const port = await freePort();
+  const dir = tempDir(t, 'image');
+  const file = join(dir, 'config.yaml');
+  writeFileSync(file, stringify({ server: { host: '127.0.0.1', port }, defaultUpstream: 'local.test', upstreams: [{ name: 'local.test', url: registry.url }] }));
+
+  const ctr = (await run(buildah, ['from', '--pull=never', IMAGE])).stdout.trim();
+  assert.ok(ctr);
+  t.after(async () => void (await run(buildah, ['rm', ctr])));
+  assert.equal((await run(buildah, ['run', ctr, '--', 'id', '-u'])).stdout.trim(), '10001');
+  // Host network: chroot isolation, like a container with --network host.
+  const serve = spawn(buildah, ['run', '--isolation', 'chroot', '--network', 'host', '-v', `${file}:/etc/ocicache/config.yaml:ro`, ctr, '--', 'node', '/app/dist/cli.js', 'serve', '--config', '/etc/ocicache/config.yaml'], { stdio: ['ignore', 'pipe', 'pipe'], detached: true });
+  const exited = new Promise<number | null>((r) => serve.once('exit', (code) => r(code)));
+  let log = '';
+  serve.stdout.on('data', (d: Buffer) => (log += d.toString()));
+  serve.stderr.on('data', (d: Buffer) => (log += d.toString()));
+  t.after(async () => {
+    // The whole process group: buildah's chroot runner and node in it.
+    try {
+      process.kill(-serve.pid!, 'SIGKILL');
+    } catch {
+      /* already gone */
+    }
+    await run(buildah, ['rmi', '--prune']);
+  });
+  for (let i = 0; i < 200 && !log.includes('"ocicache ready"'); i++) await sleep(50);
+  const ready = JSON.parse(log.split('\n').find((l) => l.includes('"ocicache ready"')) ?? 'null') as { storage: string } | null;
+  assert.ok(ready, `the image did not start:\n${log}`);
+  assert.equal(ready.storage, '/data', 'the cache lives in the volume');
+
+  const out = join(dir, 'pulled');
+  const copy = await run(skopeo, ['copy', '--src-tls-verify=false', `docker://127.0.0.1:${port}/local.test/team/hello:v1`, `dir:${out}`]);
+  assert.equal(copy.code, 0, copy.stderr);
+  const inspected = await run(skopeo, ['inspect', '--tls-verify=false', `docker://127.0.0.1:${port}/team/hello:v1`]);
+  assert.equal((JSON.parse(inspected.stdout) as { Digest: string }).Digest, img.digest);
+  assert.match(log, /"url":"\/v2\/local\.test\/team\/hello\/blobs\/sha256:[a-f0-9]{64}","status":200/);
+
+  // SIGTERM to ocicache in the container (PID 1 under a container engine, the exec-form ENTRYPOINT):
+  // it drains and exits 0, and buildah run passes the status on.
+  const pid = Number((await run('pgrep', ['-u', '10001', '-f', '^/usr/bin/node /app/dist/cli.js serve'])).stdout.trim().split('\n')[0]);
+  assert.ok(pid > 0, 'found the node process in the container');
+  process.kill(pid, 'SIGTERM');
+  assert.equal(await Promise.race([exited, sleep(15_000).then(() => 'timeout')]), 0, log);
+  assert.match(log, /shutting down/);
+});
