@@ -3,7 +3,7 @@
 #   docker run -p 5000:5000 -v ocicache-data:/data ocicache
 # BASE is any Debian-based image with Node.js (20 or newer) on the PATH; the default is the
 # official Node LTS slim image. The tests build with a locally assembled base (no registry here).
-ARG BASE=docker.io/library/node:22-bookworm-slim
+ARG BASE=docker.io/library/node:24-bookworm-slim
 
 # ---- build: compile better-sqlite3 and the TypeScript, then drop the dev dependencies ----
 FROM ${BASE} AS build

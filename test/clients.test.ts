@@ -13,6 +13,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { startDistribution, type Distribution } from './helpers/distribution.js';
 import { startProxy, type Proxy } from './helpers/proxy.js';
 import { image, multiArch, Pusher, sha256, type Image, type MultiArch } from './helpers/seed.js';
+import { localSnippet } from './helpers/readme.js';
 import { need, tempDir } from './helpers/tools.js';
 
 interface World {
@@ -76,23 +77,16 @@ test('skopeo pulls through the cache by direct reference and as a prefix mirror'
   const home = join(dir, 'home');
   mkdirSync(join(home, '.config', 'containers'), { recursive: true });
   const conf = join(home, '.config', 'containers', 'registries.conf');
-  writeFileSync(
-    conf,
-    `[[registry]]
-prefix = "docker.io"
-location = "127.0.0.1:1"
-insecure = true
-
-[[registry.mirror]]
-location = "${w.proxy.host}/docker.io"
-insecure = true
-`,
-  );
+  writeFileSync(conf, localSnippet('registries.conf', w.proxy.host));
   await run(skopeo, ['--policy', policy, 'copy', '--all', '--preserve-digests', `docker://docker.io/library/alpine:3.20`, `oci:${join(dir, 'mirror')}:3.20`], { ...process.env, HOME: home, CONTAINERS_REGISTRIES_CONF: conf });
   const mirrored = JSON.parse(readFileSync(join(dir, 'mirror', 'index.json'), 'utf8')) as { manifests: Array<{ digest: string }> };
   assert.equal(mirrored.manifests[0]!.digest, w.alpine.digest);
   const blobs = readdirSync(join(dir, 'mirror', 'blobs', 'sha256'));
   for (const img of w.alpine.images) for (const b of img.blobs) assert.ok(blobs.includes(b.descriptor.digest.slice(7)));
+  // The snippet's second registry goes through the same cache under its own prefix.
+  await run(skopeo, ['--policy', policy, 'copy', '--all', '--preserve-digests', 'docker://ghcr.io/team/app:v1', `oci:${join(dir, 'mirror-ghcr')}:v1`], { ...process.env, HOME: home, CONTAINERS_REGISTRIES_CONF: conf });
+  const ghcr = JSON.parse(readFileSync(join(dir, 'mirror-ghcr', 'index.json'), 'utf8')) as { manifests: Array<{ digest: string }> };
+  assert.equal(ghcr.manifests[0]!.digest, w.ghcrApp.digest);
 });
 
 test('containerd pulls multi-arch images from two upstreams through one endpoint (hosts.toml, ns)', async (t) => {
@@ -136,11 +130,8 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
   // One hosts.toml for docker.io, and _default for everything else (ghcr.io here). `server` is a
   // dead port so a pull can only succeed through the cache.
   const hostsDir = join(dir, 'certs.d');
-  const hostsToml = `server = "http://127.0.0.1:1"
-
-[host."http://${w.proxy.host}"]
-  capabilities = ["pull", "resolve"]
-`;
+  const hostsToml = localSnippet('containerd-hosts.toml', w.proxy.host);
+  assert.match(hostsToml, /^server = "http:\/\/127\.0\.0\.1:1"$/m);
   for (const sub of ['docker.io', '_default']) {
     mkdirSync(join(hostsDir, sub), { recursive: true });
     writeFileSync(join(hostsDir, sub, 'hosts.toml'), hostsToml);
