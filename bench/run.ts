@@ -10,7 +10,6 @@
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { cpus, tmpdir, totalmem } from 'node:os';
 import { dirname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -20,7 +19,8 @@ import { request } from 'undici';
 import { stringify } from 'yaml';
 import { Db } from '../src/db.js';
 import { startDistribution } from '../test/helpers/distribution.js';
-import { image, multiArch, OCI_MANIFEST, Pusher, randomLayer, sha256 } from '../test/helpers/seed.js';
+import { freePort } from '../test/helpers/tools.js';
+import { image, multiArch, OCI_MANIFEST, Pusher, sha256 } from '../test/helpers/seed.js';
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..');
 const quick = process.argv.includes('--quick');
@@ -40,14 +40,6 @@ function fail(msg: string): never {
 
 function log(msg: string): void {
   process.stderr.write(`[bench] ${msg}\n`);
-}
-
-async function freePort(): Promise<number> {
-  const s = createServer();
-  await new Promise<void>((r) => s.listen(0, '127.0.0.1', r));
-  const port = (s.address() as { port: number }).port;
-  await new Promise<void>((r) => s.close(() => r()));
-  return port;
 }
 
 function need(bin: string, hint: string): void {

@@ -10,154 +10,49 @@ export type CacheResult = 'hit' | 'miss' | 'stale' | 'revalidated' | 'passthroug
 export class Metrics {
   readonly registry = new Registry();
 
-  readonly cacheRequests = new Counter({
-    name: 'ocicache_cache_requests_total',
-    help: 'Requests for manifests, blobs, tag lists and referrers by cache result.',
-    labelNames: ['upstream', 'kind', 'result'] as const,
-    registers: [this.registry],
-  });
+  readonly cacheRequests = this.counter('ocicache_cache_requests_total', 'Requests for manifests, blobs, tag lists and referrers by cache result.', ['upstream', 'kind', 'result']);
 
-  readonly servedBytes = new Counter({
-    name: 'ocicache_served_bytes_total',
-    help: 'Blob and manifest bytes sent to clients, by where they came from (cache or upstream).',
-    labelNames: ['upstream', 'source'] as const,
-    registers: [this.registry],
-  });
+  readonly servedBytes = this.counter('ocicache_served_bytes_total', 'Blob and manifest bytes sent to clients, by where they came from (cache or upstream).', ['upstream', 'source']);
 
-  readonly upstreamRequests = new Counter({
-    name: 'ocicache_upstream_requests_total',
-    help: 'Requests sent to upstream registries, by kind and HTTP status ("error" for transport failures).',
-    labelNames: ['upstream', 'kind', 'status'] as const,
-    registers: [this.registry],
-  });
+  readonly upstreamRequests = this.counter('ocicache_upstream_requests_total', 'Requests sent to upstream registries, by kind and HTTP status ("error" for transport failures).', ['upstream', 'kind', 'status']);
 
-  readonly upstreamBytes = new Counter({
-    name: 'ocicache_upstream_bytes_total',
-    help: 'Blob bytes downloaded from upstream registries into the cache.',
-    labelNames: ['upstream'] as const,
-    registers: [this.registry],
-  });
+  readonly upstreamBytes = this.counter('ocicache_upstream_bytes_total', 'Blob bytes downloaded from upstream registries into the cache.', ['upstream']);
 
-  readonly fillsInFlight = new Gauge({
-    name: 'ocicache_fills_in_flight',
-    help: 'Blob downloads from upstream currently being written to the cache.',
-    registers: [this.registry],
-  });
+  readonly fillsInFlight = this.gauge('ocicache_fills_in_flight', 'Blob downloads from upstream currently being written to the cache.');
 
-  readonly fillFailures = new Counter({
-    name: 'ocicache_fill_failures_total',
-    help: 'Blob downloads that did not enter the cache, by reason.',
-    labelNames: ['upstream', 'reason'] as const,
-    registers: [this.registry],
-  });
+  readonly fillFailures = this.counter('ocicache_fill_failures_total', 'Blob downloads that did not enter the cache, by reason.', ['upstream', 'reason']);
 
-  readonly diskUsed = new Gauge({
-    name: 'ocicache_disk_used_bytes',
-    help: 'Bytes of blobs in the cache.',
-    registers: [this.registry],
-  });
+  readonly diskUsed = this.gauge('ocicache_disk_used_bytes', 'Bytes of blobs in the cache.');
 
-  readonly diskLimit = new Gauge({
-    name: 'ocicache_disk_limit_bytes',
-    help: 'storage.maxSize in bytes (0: unbounded).',
-    registers: [this.registry],
-  });
+  readonly diskLimit = this.gauge('ocicache_disk_limit_bytes', 'storage.maxSize in bytes (0: unbounded).');
 
-  readonly evictions = new Counter({
-    name: 'ocicache_evictions_total',
-    help: 'Blobs removed from the cache, by reason (size: watermark, age: maxAge, gc: on demand).',
-    labelNames: ['reason'] as const,
-    registers: [this.registry],
-  });
+  readonly evictions = this.counter('ocicache_evictions_total', 'Blobs removed from the cache, by reason (size: watermark, age: maxAge, gc: on demand).', ['reason']);
 
-  readonly evictedBytes = new Counter({
-    name: 'ocicache_evicted_bytes_total',
-    help: 'Bytes of blobs removed from the cache, by reason.',
-    labelNames: ['reason'] as const,
-    registers: [this.registry],
-  });
+  readonly evictedBytes = this.counter('ocicache_evicted_bytes_total', 'Bytes of blobs removed from the cache, by reason.', ['reason']);
 
-  readonly storageWritable = new Gauge({
-    name: 'ocicache_storage_writable',
-    help: '1 while new blobs are cached; 0 while storage is full or failing and blobs stream through uncached.',
-    registers: [this.registry],
-  });
+  readonly storageWritable = this.gauge('ocicache_storage_writable', '1 while new blobs are cached; 0 while storage is full or failing and blobs stream through uncached.');
 
-  readonly storageErrors = new Counter({
-    name: 'ocicache_storage_errors_total',
-    help: 'Storage failures (ENOSPC, EROFS, ...) that turned caching off for a while, by errno code.',
-    labelNames: ['code'] as const,
-    registers: [this.registry],
-  });
+  readonly storageErrors = this.counter('ocicache_storage_errors_total', 'Storage failures (ENOSPC, EROFS, ...) that turned caching off for a while, by errno code.', ['code']);
 
-  readonly uncachedBlobs = new Counter({
-    name: 'ocicache_uncached_blobs_total',
-    help: 'Blobs streamed to a client without being cached because storage was full or failing.',
-    labelNames: ['upstream'] as const,
-    registers: [this.registry],
-  });
+  readonly uncachedBlobs = this.counter('ocicache_uncached_blobs_total', 'Blobs streamed to a client without being cached because storage was full or failing.', ['upstream']);
 
-  readonly blobResumes = new Counter({
-    name: 'ocicache_blob_resumes_total',
-    help: 'Broken blob downloads resumed, by how (range: 206 from the offset; restart: the upstream ignored Range).',
-    labelNames: ['upstream', 'how'] as const,
-    registers: [this.registry],
-  });
+  readonly blobResumes = this.counter('ocicache_blob_resumes_total', 'Broken blob downloads resumed, by how (range: 206 from the offset; restart: the upstream ignored Range).', ['upstream', 'how']);
 
-  readonly breakerState = new Gauge({
-    name: 'ocicache_upstream_breaker_state',
-    help: 'Circuit breaker per upstream: 0 closed, 1 open (failing fast), 2 half-open (probing).',
-    labelNames: ['upstream'] as const,
-    registers: [this.registry],
-  });
+  readonly breakerState = this.gauge('ocicache_upstream_breaker_state', 'Circuit breaker per upstream: 0 closed, 1 open (failing fast), 2 half-open (probing).', ['upstream']);
 
-  readonly upstreamOffline = new Gauge({
-    name: 'ocicache_upstream_offline',
-    help: '1 when the upstream is in offline mode (served from the cache only).',
-    labelNames: ['upstream'] as const,
-    registers: [this.registry],
-  });
+  readonly upstreamOffline = this.gauge('ocicache_upstream_offline', '1 when the upstream is in offline mode (served from the cache only).', ['upstream']);
 
-  readonly rateLimited = new Counter({
-    name: 'ocicache_upstream_rate_limited_total',
-    help: '429 answers from upstreams.',
-    labelNames: ['upstream'] as const,
-    registers: [this.registry],
-  });
+  readonly rateLimited = this.counter('ocicache_upstream_rate_limited_total', '429 answers from upstreams.', ['upstream']);
 
-  readonly upstreamRefused = new Counter({
-    name: 'ocicache_upstream_refused_total',
-    help: 'Requests answered without calling the upstream, by why (offline, breaker, retry_after, queue_timeout).',
-    labelNames: ['upstream', 'reason'] as const,
-    registers: [this.registry],
-  });
+  readonly upstreamRefused = this.counter('ocicache_upstream_refused_total', 'Requests answered without calling the upstream, by why (offline, breaker, retry_after, queue_timeout).', ['upstream', 'reason']);
 
-  readonly ratelimitLimit = new Gauge({
-    name: 'ocicache_upstream_ratelimit_limit',
-    help: "The upstream's ratelimit-limit header (Docker Hub: pulls per window).",
-    labelNames: ['upstream'] as const,
-    registers: [this.registry],
-  });
+  readonly ratelimitLimit = this.gauge('ocicache_upstream_ratelimit_limit', "The upstream's ratelimit-limit header (Docker Hub: pulls per window).", ['upstream']);
 
-  readonly ratelimitRemaining = new Gauge({
-    name: 'ocicache_upstream_ratelimit_remaining',
-    help: "The upstream's ratelimit-remaining header (Docker Hub: pulls left in the window).",
-    labelNames: ['upstream'] as const,
-    registers: [this.registry],
-  });
+  readonly ratelimitRemaining = this.gauge('ocicache_upstream_ratelimit_remaining', "The upstream's ratelimit-remaining header (Docker Hub: pulls left in the window).", ['upstream']);
 
-  readonly prefetchBlobs = new Counter({
-    name: 'ocicache_prefetch_blobs_total',
-    help: 'Blobs handled by prefetch, by result (fetched, cached: already there, failed).',
-    labelNames: ['result'] as const,
-    registers: [this.registry],
-  });
+  readonly prefetchBlobs = this.counter('ocicache_prefetch_blobs_total', 'Blobs handled by prefetch, by result (fetched, cached: already there, failed).', ['result']);
 
-  readonly prefetchBytes = new Counter({
-    name: 'ocicache_prefetch_bytes_total',
-    help: 'Blob bytes prefetch made sure are in the cache.',
-    registers: [this.registry],
-  });
+  readonly prefetchBytes = this.counter('ocicache_prefetch_bytes_total', 'Blob bytes prefetch made sure are in the cache.');
 
   readonly httpDuration = new Histogram({
     name: 'ocicache_http_request_duration_seconds',
@@ -166,6 +61,14 @@ export class Metrics {
     buckets: [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120],
     registers: [this.registry],
   });
+
+  private counter<L extends string = never>(name: string, help: string, labelNames: readonly L[] = []): Counter<L> {
+    return new Counter({ name, help, labelNames, registers: [this.registry] });
+  }
+
+  private gauge<L extends string = never>(name: string, help: string, labelNames: readonly L[] = []): Gauge<L> {
+    return new Gauge({ name, help, labelNames, registers: [this.registry] });
+  }
 
   constructor() {
     collectDefaultMetrics({ register: this.registry, prefix: 'ocicache_' });

@@ -1,11 +1,13 @@
 /** The `ocicache` command as an operator runs it: embedded default config, bad config, SIGTERM. */
 import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import test from 'node:test';
 import { request, type Dispatcher } from 'undici';
 import { startCli } from './helpers/cli.js';
-import { tempDir } from './helpers/tools.js';
+import { readmeSnippet } from './helpers/readme.js';
+import { need, tempDir } from './helpers/tools.js';
 
 const start = startCli;
 
@@ -39,4 +41,14 @@ test('a bad config stops start-up with a message that names the key', async (t) 
   const p = start(['serve', '--config', file], {});
   assert.equal(await p.exit, 2);
   assert.equal(p.err().trim(), 'config: cache.tagTTL: unknown key (known: tagTtl, manifestMemory)');
+});
+
+test("the README's systemd unit passes systemd-analyze verify", async (t) => {
+  const analyze = need(t, 'systemd-analyze', 'apt-get install systemd');
+  if (!analyze) return;
+  const unit = join(tempDir(t, 'systemd'), 'ocicache.service');
+  writeFileSync(unit, readmeSnippet('ocicache.service'));
+  const r = spawnSync(analyze, ['verify', unit], { encoding: 'utf8' });
+  assert.equal(r.status, 0, r.stderr);
+  assert.match(readmeSnippet('ocicache.service'), /^ExecStart=\/usr\/bin\/node \/opt\/ocicache\/dist\/cli\.js serve --config \/etc\/ocicache\/config\.yaml$/m);
 });

@@ -6,14 +6,13 @@
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { join } from 'node:path';
 import test from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { stringify } from 'yaml';
 import { startDistribution } from './helpers/distribution.js';
 import { image, Pusher } from './helpers/seed.js';
-import { need, tempDir } from './helpers/tools.js';
+import { freePort, need, tempDir } from './helpers/tools.js';
 
 const IMAGE = 'localhost/ocicache:test';
 const BASE = 'localhost/ocicache-test-base:latest';
@@ -27,14 +26,6 @@ function run(cmd: string, args: string[]): Promise<{ code: number | null; stdout
     child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
     child.once('exit', (code) => resolve({ code, stdout, stderr }));
   });
-}
-
-async function freePort(): Promise<number> {
-  const s = createServer();
-  await new Promise<void>((r) => s.listen(0, '127.0.0.1', r));
-  const port = (s.address() as { port: number }).port;
-  await new Promise<void>((r) => s.close(() => r()));
-  return port;
 }
 
 test('the Dockerfile builds with buildah and the image serves pulls as a non-root user', { timeout: 900_000 }, async (t) => {

@@ -4,7 +4,6 @@
  */
 import assert from 'node:assert/strict';
 import { mkdirSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { join } from 'node:path';
 import test from 'node:test';
 import { chromium } from 'playwright-core';
@@ -12,17 +11,9 @@ import { request } from 'undici';
 import { startDistribution } from './helpers/distribution.js';
 import { startProxy } from './helpers/proxy.js';
 import { image, OCI_MANIFEST, Pusher } from './helpers/seed.js';
-import { need } from './helpers/tools.js';
+import { freePort, need } from './helpers/tools.js';
 import { formatBytes } from '../src/format.js';
 import { version } from '../src/version.js';
-
-async function deadPort(): Promise<number> {
-  const s = createServer();
-  await new Promise<void>((r) => s.listen(0, '127.0.0.1', r));
-  const port = (s.address() as { port: number }).port;
-  await new Promise<void>((r) => s.close(() => r()));
-  return port;
-}
 
 test('status page: version, upstream states, cache size and limit, hit ratio, most pulled images', async (t) => {
   const browserPath = need(t, 'chromium', 'apt-get install chromium');
@@ -38,7 +29,7 @@ test('status page: version, upstream states, cache size and limit, hit ratio, mo
     upstreams: [
       { name: 'docker.io', url: registry.url },
       { name: 'quay.io', url: registry.url, offline: true },
-      { name: 'ghcr.io', url: `http://127.0.0.1:${await deadPort()}`, breakerFailures: 1, breakerCooldown: '1h' },
+      { name: 'ghcr.io', url: `http://127.0.0.1:${await freePort()}`, breakerFailures: 1, breakerCooldown: '1h' },
     ],
   });
   const get = async (path: string): Promise<void> => {
