@@ -89,6 +89,27 @@ test('skopeo pulls through the cache by direct reference and as a prefix mirror'
   assert.equal(ghcr.manifests[0]!.digest, w.ghcrApp.digest);
 });
 
+test('podman pulls through the README registries.conf (prefix mirrors for docker.io and ghcr.io)', async (t) => {
+  const podman = need(t, 'podman', 'apt-get install podman');
+  if (!podman) return;
+  const w = await world(t);
+  if (!w) return;
+  const dir = tempDir(t, 'podman');
+  const conf = join(dir, 'registries.conf');
+  writeFileSync(conf, localSnippet('registries.conf', w.proxy.host));
+  // Its own storage, so the test leaves nothing in the machine's image store.
+  const storage = ['--root', join(dir, 'storage'), '--runroot', join(dir, 'run'), '--storage-driver', 'vfs'];
+  const env = { ...process.env, CONTAINERS_REGISTRIES_CONF: conf };
+  for (const [ref, digest] of [
+    ['docker.io/library/alpine:3.20', w.alpine.digest],
+    ['ghcr.io/team/app:v1', w.ghcrApp.digest],
+  ] as const) {
+    await run(podman, [...storage, 'pull', '--quiet', ref], env);
+    const repoDigests = JSON.parse(await run(podman, [...storage, 'image', 'inspect', '--format', '{{json .RepoDigests}}', ref], env)) as string[];
+    assert.ok(repoDigests.includes(`${ref.split(':')[0]}@${digest}`), `${ref}: ${repoDigests.join(', ')}`);
+  }
+});
+
 test('containerd pulls multi-arch images from two upstreams through one endpoint (hosts.toml, ns)', async (t) => {
   const containerd = need(t, 'containerd', 'apt-get install containerd');
   const ctr = need(t, 'ctr', 'apt-get install containerd');
