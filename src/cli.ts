@@ -135,6 +135,10 @@ async function serve(configFile: string | undefined): Promise<void> {
     'ocicache ready',
   );
   let stopping = false;
+  // Logs go to stdout asynchronously (app.ts): write out what is buffered before exiting.
+  const exit = (code: number): void => {
+    (app.log as unknown as { flush(cb: () => void): void }).flush(() => process.exit(code));
+  };
   const stop = (signal: string): void => {
     if (stopping) return;
     stopping = true;
@@ -142,16 +146,16 @@ async function serve(configFile: string | undefined): Promise<void> {
     // A second chance for stuck connections, then give up: the cache is crash-safe anyway.
     setTimeout(() => {
       app.log.warn('shutdown took too long, exiting');
-      process.exit(1);
+      exit(1);
     }, config.server.shutdownTimeout + 5000).unref();
     app
       .drain(config.server.shutdownTimeout)
       .then(() => app.close())
       .then(
-      () => process.exit(0),
+      () => exit(0),
       (err: unknown) => {
         app.log.error({ err }, 'error during shutdown');
-        process.exit(1);
+        exit(1);
       },
     );
   };
