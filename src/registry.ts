@@ -163,15 +163,10 @@ export class Registry {
   private async manifestByTag(target: Target, tag: string): Promise<TagResult> {
     const { upstream } = target;
     const row = this.getTag(target, tag);
-    if (row && Date.now() - row.checkedAt < upstream.tagTtl) {
-      const manifest = this.loadManifest(row.digest);
-      if (manifest) return { manifest, cache: 'hit' };
-    }
-    if (row && this.upstream.gate(upstream.name).offline) {
-      // Offline by choice: the cached tag is the answer, with no warning per request.
-      const manifest = this.loadManifest(row.digest);
-      if (manifest) return { manifest, cache: 'stale' };
-    }
+    const manifest = row && this.loadManifest(row.digest);
+    if (manifest && Date.now() - row.checkedAt < upstream.tagTtl) return { manifest, cache: 'hit' };
+    // Offline by choice: the cached tag is the answer, with no warning per request.
+    if (manifest && this.upstream.gate(upstream.name).offline) return { manifest, cache: 'stale' };
     return this.tagFlights.do(tagKey(target, tag), () => this.revalidateTag(target, tag));
   }
 
