@@ -75,9 +75,7 @@ export function registerAdmin(app: FastifyInstance, s: Services): void {
     });
 
     admin.post('/admin/gc', async () => {
-      const result = await s.lifecycle.pass('gc');
-      const pruned = s.db.pruneDangling();
-      return { ...result, danglingRows: pruned, limit: s.config.storage.maxSize ?? null };
+      return { ...(await s.lifecycle.pass('gc')), limit: s.config.storage.maxSize ?? null };
     });
   });
 }

@@ -98,10 +98,6 @@ export class BlobStore {
     return tracked;
   }
 
-  isRemoving(digest: string): boolean {
-    return this.removing.has(digest);
-  }
-
   /** Bytes free for this (non-root) process on the cache's filesystem. */
   async freeBytes(): Promise<number> {
     const s = await statfs(this.root);

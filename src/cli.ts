@@ -49,10 +49,9 @@ async function withCache<T>(config: Config, fn: (s: Services) => Promise<T>): Pr
 async function gc(config: Config): Promise<void> {
   await withCache(config, async (s) => {
     const r = await s.lifecycle.pass('gc');
-    const dangling = s.db.pruneDangling();
     const usage = s.db.usage();
     process.stdout.write(
-      `gc: freed ${r.blobs} blobs (${formatBytes(r.bytes)}); dropped ${r.manifests} manifests, ${r.tags} tags and ${dangling} dangling index rows\n` +
+      `gc: freed ${r.blobs} blobs (${formatBytes(r.bytes)}); dropped ${r.manifests} manifests, ${r.tags} tags and ${r.danglingRows} dangling index rows\n` +
         `cache: ${formatBytes(usage.bytes)} in ${usage.count} blobs (limit ${config.storage.maxSize === undefined ? 'none' : formatBytes(config.storage.maxSize)})\n`,
     );
   });

@@ -22,6 +22,8 @@ export interface PassResult {
   tags: number;
   /** bytes of blobs after the pass */
   used: number;
+  /** index rows pointing at nothing, deleted (gc passes only) */
+  danglingRows: number;
 }
 
 export interface LifecycleLog {
@@ -50,9 +52,9 @@ export class Lifecycle {
   private timers: NodeJS.Timeout[] = [];
   /** Until when caching is off after a storage write error (0: not blocked). */
   private storageDownUntil = 0;
-  private lastUnpinPass = 0;
+  private lastSoon = 0;
   private rerun = false;
-  private unpinTimer: NodeJS.Timeout | undefined;
+  private soonTimer: NodeJS.Timeout | undefined;
   /** Caching is off (low space or a write error); logged once per episode. */
   private down = false;
 
@@ -82,10 +84,11 @@ export class Lifecycle {
     return this.used;
   }
 
-  /** A blob was served from the cache: remember when, in memory only. */
+  /**
+   * A blob was served from the cache: remember when, in memory only. A use recorded just as the
+   * blob was evicted is harmless: the flush only updates rows that exist (Db.touchBlobs).
+   */
   touch(digest: string, size: number, upstream: string, at = Date.now()): void {
-    // Opened just as it was evicted: recording the use would bring back a row for a deleted file.
-    if (this.blobs.isRemoving(digest)) return;
     this.pending.set(`${digest}\n${upstream}`, { digest, size, upstream, at });
   }
 
@@ -108,15 +111,19 @@ export class Lifecycle {
       const n = (this.pins.get(digest) ?? 1) - 1;
       if (n > 0) return void this.pins.set(digest, n);
       this.pins.delete(digest);
-      // A pass may have skipped this blob while it was pinned: look again, at most once a second.
-      if (this.overHigh() && !this.unpinTimer) {
-        this.unpinTimer = setTimeout(() => {
-          this.unpinTimer = undefined;
-          this.schedule();
-        }, Math.max(0, this.lastUnpinPass + 1000 - Date.now())).unref();
-        this.lastUnpinPass = Date.now();
-      }
+      // A pass may have skipped this blob while it was pinned: look again.
+      if (this.overHigh()) this.scheduleSoon();
     };
+  }
+
+  /** Runs schedule() soon, at most once a second, for pin releases and passes that need a rerun. */
+  private scheduleSoon(): void {
+    if (this.soonTimer) return;
+    this.soonTimer = setTimeout(() => {
+      this.soonTimer = undefined;
+      this.schedule();
+    }, Math.max(0, this.lastSoon + 1000 - Date.now())).unref();
+    this.lastSoon = Date.now();
   }
 
   /** Writes batched access times to SQLite in one transaction. */
@@ -188,7 +195,8 @@ export class Lifecycle {
 
   /**
    * One pass: expire by age, then evict least recently used blobs down to the low watermark when
-   * above the high one ('gc' evicts whenever above the low one). Passes never overlap.
+   * above the high one ('gc' evicts whenever above the low one, and prunes dangling index rows).
+   * Passes never overlap.
    */
   pass(reason: EvictionReason): Promise<PassResult> {
     // An explicit gc must not be answered by a size pass that stops at the high watermark.
@@ -197,11 +205,7 @@ export class Lifecycle {
       this.running = undefined;
       if (this.rerun) {
         this.rerun = false;
-        clearTimeout(this.unpinTimer);
-        this.unpinTimer = setTimeout(() => {
-          this.unpinTimer = undefined;
-          this.schedule();
-        }, 1000).unref();
+        this.scheduleSoon();
       }
     });
     return this.running;
@@ -209,7 +213,7 @@ export class Lifecycle {
 
   private async runPass(reason: EvictionReason): Promise<PassResult> {
     this.flush();
-    const result: PassResult = { blobs: 0, bytes: 0, manifests: 0, tags: 0, used: 0 };
+    const result: PassResult = { blobs: 0, bytes: 0, manifests: 0, tags: 0, used: 0, danglingRows: 0 };
     this.used = this.db.usage().bytes;
     const now = Date.now();
     const cutoffs: Record<string, number> = {};
@@ -225,6 +229,7 @@ export class Lifecycle {
         await this.evict(this.lruUntil(this.used - low), reason === 'gc' ? 'gc' : 'size', result);
       }
     }
+    if (reason === 'gc') result.danglingRows = this.db.pruneDangling();
     result.used = this.used;
     if (result.blobs > 0) this.log.info({ reason, ...result }, 'evicted blobs');
     return result;
@@ -255,7 +260,6 @@ export class Lifecycle {
       // Rows first, in one transaction with the manifests that point to the blob; then the file.
       // A crash in between leaves a verified file without a row, which is adopted or swept later.
       const dropped = this.db.dropBlob(row.digest);
-      for (const k of this.pending.keys()) if (k.startsWith(`${row.digest}\n`)) this.pending.delete(k);
       this.onDropped(dropped.manifests);
       this.used -= row.size;
       try {
@@ -283,7 +287,7 @@ export class Lifecycle {
   async close(): Promise<void> {
     for (const t of this.timers) clearInterval(t);
     this.timers = [];
-    clearTimeout(this.unpinTimer);
+    clearTimeout(this.soonTimer);
     await this.running?.catch(() => undefined);
     this.flush();
   }
