@@ -19,7 +19,7 @@ import { request } from 'undici';
 import { stringify } from 'yaml';
 import { Db } from '../src/db.js';
 import { startDistribution } from '../test/helpers/distribution.js';
-import { freePort } from '../test/helpers/tools.js';
+import { exec, freePort, which } from '../test/helpers/tools.js';
 import { image, multiArch, OCI_MANIFEST, Pusher, sha256 } from '../test/helpers/seed.js';
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..');
@@ -43,7 +43,7 @@ function log(msg: string): void {
 }
 
 function need(bin: string, hint: string): void {
-  if (spawnSync('sh', ['-c', `command -v ${bin}`]).status !== 0) fail(`${bin} not found: ${hint}`);
+  if (!which(bin)) fail(`${bin} not found: ${hint}`);
 }
 
 interface Load {
@@ -60,12 +60,7 @@ interface Load {
 
 /** Runs loadgen asynchronously: a blocked event loop would stop draining the upstream's log pipe and stall it. */
 async function loadgen(args: string[]): Promise<Load> {
-  const child = spawn(join(ROOT, '.tools', 'loadgen'), args, { stdio: ['ignore', 'pipe', 'pipe'] });
-  let stdout = '';
-  let stderr = '';
-  child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-  child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-  const code = await new Promise<number | null>((r) => child.once('exit', r));
+  const { code, stdout, stderr } = await exec(join(ROOT, '.tools', 'loadgen'), args);
   if (code !== 0) fail(`loadgen ${args.join(' ')}: ${stderr}`);
   const out = JSON.parse(stdout) as Load;
   if (out.errors > 0 || out.non2xx > 0) fail(`loadgen ${args.join(' ')}: ${out.errors} errors, ${out.non2xx} non-2xx`);

@@ -11,23 +11,8 @@ import test, { type TestContext } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { request } from 'undici';
 import { blobHandler, startFakeUpstream, startTrap, type FakeUpstream } from './helpers/fake-upstream.js';
-import { startProxy, type Proxy } from './helpers/proxy.js';
+import { blobFile, fetchBody, startProxy, type Proxy } from './helpers/proxy.js';
 import { image, sha256 } from './helpers/seed.js';
-
-function blobPath(proxy: Proxy, digest: string): string {
-  const hex = digest.slice(7);
-  return join(proxy.root, 'blobs', 'sha256', hex.slice(0, 2), hex);
-}
-
-/** GET that reports whether the body arrived complete or the connection was cut. */
-async function fetchBody(url: string, headers: Record<string, string> = {}): Promise<{ status: number; headers: Record<string, unknown>; body?: Buffer; aborted?: Error }> {
-  const res = await request(url, { headers });
-  try {
-    return { status: res.statusCode, headers: res.headers, body: Buffer.from(await res.body.arrayBuffer()) };
-  } catch (err) {
-    return { status: res.statusCode, headers: res.headers, aborted: err as Error };
-  }
-}
 
 async function setup(t: TestContext, extra: Record<string, unknown> = {}, timeouts: Record<string, unknown> = {}, env: NodeJS.ProcessEnv = {}): Promise<{ fake: FakeUpstream; proxy: Proxy }> {
   const fake = await startFakeUpstream(t);
@@ -52,7 +37,7 @@ test('a blob whose upstream misbehaves mid-body (resuming off) is never cached, 
       const r = await fetchBody(`${proxy.url}/v2/some/repo/blobs/${digest}?ns=fake.example`);
       assert.ok(r.aborted || (r.body && r.body.length < data.length), 'the client must not get a complete-looking body');
       await sleep(100);
-      assert.equal(existsSync(blobPath(proxy, digest)), false);
+      assert.equal(existsSync(blobFile(proxy.root, digest)), false);
       assert.ok(tmpEmpty(proxy), 'temp file removed');
       // The upstream recovers: the next request fills and serves the right bytes.
       fake.route(`/v2/some/repo/blobs/${digest}`, blobHandler(data));
@@ -60,8 +45,8 @@ test('a blob whose upstream misbehaves mid-body (resuming off) is never cached, 
       assert.equal(ok.status, 200);
       assert.equal(sha256(ok.body!), digest);
       // The last bytes reach the client just before the fill's fsync and rename.
-      for (let i = 0; i < 40 && !existsSync(blobPath(proxy, digest)); i++) await sleep(25);
-      assert.ok(existsSync(blobPath(proxy, digest)));
+      for (let i = 0; i < 40 && !existsSync(blobFile(proxy.root, digest)); i++) await sleep(25);
+      assert.ok(existsSync(blobFile(proxy.root, digest)));
     });
   }
 });
@@ -74,7 +59,7 @@ test('wrong bytes for a digest: the client never gets a complete body and nothin
   const r = await fetchBody(`${proxy.url}/v2/some/repo/blobs/${digest}?ns=fake.example`);
   assert.ok(r.aborted, 'the connection is aborted rather than finishing a wrong body');
   await sleep(50);
-  assert.equal(existsSync(blobPath(proxy, digest)), false);
+  assert.equal(existsSync(blobFile(proxy.root, digest)), false);
   assert.ok(tmpEmpty(proxy));
 });
 
@@ -183,8 +168,8 @@ test('a client that disconnects does not abort the fill', async (t) => {
   const res = await request(`${proxy.url}/v2/slow/repo/blobs/${digest}?ns=fake.example`);
   for await (const _chunk of res.body) break; // read a little, then hang up
   res.body.destroy();
-  for (let i = 0; i < 100 && !existsSync(blobPath(proxy, digest)); i++) await sleep(50);
-  assert.ok(existsSync(blobPath(proxy, digest)), 'the fill finished and was committed');
+  for (let i = 0; i < 100 && !existsSync(blobFile(proxy.root, digest)); i++) await sleep(50);
+  assert.ok(existsSync(blobFile(proxy.root, digest)), 'the fill finished and was committed');
   assert.equal(fake.count('GET', `/v2/slow/repo/blobs/${digest}`), 1);
 });
 

@@ -6,7 +6,6 @@
  * against what /metrics exposes.
  */
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import { cpSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import test, { type TestContext } from 'node:test';
@@ -14,7 +13,7 @@ import { request } from 'undici';
 import { parse, parseAllDocuments } from 'yaml';
 import { buildConfig } from '../src/config.js';
 import { startProxy } from './helpers/proxy.js';
-import { tempDir } from './helpers/tools.js';
+import { exec, tempDir } from './helpers/tools.js';
 
 const HELM = resolve('.tools/helm');
 const CHART = resolve('helm/ocicache');
@@ -28,15 +27,9 @@ function helmBinary(t: TestContext): string | undefined {
   return undefined;
 }
 
-function helm(args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  return new Promise((resolveRun) => {
-    const child = spawn(HELM, args, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, HELM_CACHE_HOME: '/tmp/helm-cache', HELM_CONFIG_HOME: '/tmp/helm-config', HELM_DATA_HOME: '/tmp/helm-data' } });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-    child.once('exit', (code) => resolveRun({ code, stdout, stderr }));
-  });
+/** helm with its caches outside $HOME. */
+function helm(args: string[]): ReturnType<typeof exec> {
+  return exec(HELM, args, { ...process.env, HELM_CACHE_HOME: '/tmp/helm-cache', HELM_CONFIG_HOME: '/tmp/helm-config', HELM_DATA_HOME: '/tmp/helm-data' });
 }
 
 /** The kubernetes-models class for a document: core/v1 under v1/, groups under group/version/. */

@@ -12,21 +12,10 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { stringify } from 'yaml';
 import { startDistribution } from './helpers/distribution.js';
 import { image, Pusher } from './helpers/seed.js';
-import { freePort, need, tempDir } from './helpers/tools.js';
+import { exec, freePort, need, tempDir } from './helpers/tools.js';
 
 const IMAGE = 'localhost/ocicache:test';
 const BASE = 'localhost/ocicache-test-base:latest';
-
-function run(cmd: string, args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-    child.once('exit', (code) => resolve({ code, stdout, stderr }));
-  });
-}
 
 test('the Dockerfile builds with buildah and the image serves pulls as a non-root user', { timeout: 900_000 }, async (t) => {
   const buildah = need(t, 'buildah', 'apt-get install buildah');
@@ -37,12 +26,12 @@ test('the Dockerfile builds with buildah and the image serves pulls as a non-roo
     if (process.env.CI) assert.fail('building the base image with debootstrap needs root under CI');
     return t.skip('debootstrap needs root');
   }
-  const base = await run('scripts/build-test-base.sh', []);
+  const base = await exec('scripts/build-test-base.sh', []);
   assert.equal(base.code, 0, base.stdout + base.stderr);
-  const bud = await run(buildah, ['bud', '--isolation', 'chroot', '--pull=never', '--build-arg', `BASE=${BASE}`, '--build-arg', 'npm_config_nodedir=/usr', '-t', IMAGE, '.']);
+  const bud = await exec(buildah, ['bud', '--isolation', 'chroot', '--pull=never', '--build-arg', `BASE=${BASE}`, '--build-arg', 'npm_config_nodedir=/usr', '-t', IMAGE, '.']);
   assert.equal(bud.code, 0, bud.stdout.slice(-3000) + bud.stderr.slice(-3000));
 
-  const inspect = JSON.parse((await run(buildah, ['inspect', '--type', 'image', IMAGE])).stdout) as { OCIv1: { config: { User: string; Volumes: Record<string, unknown>; ExposedPorts: Record<string, unknown>; Entrypoint: string[]; Cmd: string[] } } };
+  const inspect = JSON.parse((await exec(buildah, ['inspect', '--type', 'image', IMAGE])).stdout) as { OCIv1: { config: { User: string; Volumes: Record<string, unknown>; ExposedPorts: Record<string, unknown>; Entrypoint: string[]; Cmd: string[] } } };
   const config = inspect.OCIv1.config;
   assert.equal(config.User, '10001:10001');
   assert.deepEqual(Object.keys(config.Volumes), ['/data']);
@@ -58,10 +47,10 @@ test('the Dockerfile builds with buildah and the image serves pulls as a non-roo
   const file = join(dir, 'config.yaml');
   writeFileSync(file, stringify({ server: { host: '127.0.0.1', port }, defaultUpstream: 'local.test', upstreams: [{ name: 'local.test', url: registry.url }] }));
 
-  const ctr = (await run(buildah, ['from', '--pull=never', IMAGE])).stdout.trim();
+  const ctr = (await exec(buildah, ['from', '--pull=never', IMAGE])).stdout.trim();
   assert.ok(ctr);
-  t.after(async () => void (await run(buildah, ['rm', ctr])));
-  assert.equal((await run(buildah, ['run', ctr, '--', 'id', '-u'])).stdout.trim(), '10001');
+  t.after(async () => void (await exec(buildah, ['rm', ctr])));
+  assert.equal((await exec(buildah, ['run', ctr, '--', 'id', '-u'])).stdout.trim(), '10001');
   // Host network: chroot isolation, like a container with --network host.
   const serve = spawn(buildah, ['run', '--isolation', 'chroot', '--network', 'host', '-v', `${file}:/etc/ocicache/config.yaml:ro`, ctr, '--', 'node', '/app/dist/cli.js', 'serve', '--config', '/etc/ocicache/config.yaml'], { stdio: ['ignore', 'pipe', 'pipe'], detached: true });
   const exited = new Promise<number | null>((r) => serve.once('exit', (code) => r(code)));
@@ -75,7 +64,7 @@ test('the Dockerfile builds with buildah and the image serves pulls as a non-roo
     } catch {
       /* already gone */
     }
-    await run(buildah, ['rmi', '--prune']);
+    await exec(buildah, ['rmi', '--prune']);
   });
   for (let i = 0; i < 200 && !log.includes('"ocicache ready"'); i++) await sleep(50);
   const ready = JSON.parse(log.split('\n').find((l) => l.includes('"ocicache ready"')) ?? 'null') as { storage: string } | null;
@@ -83,15 +72,15 @@ test('the Dockerfile builds with buildah and the image serves pulls as a non-roo
   assert.equal(ready.storage, '/data', 'the cache lives in the volume');
 
   const out = join(dir, 'pulled');
-  const copy = await run(skopeo, ['copy', '--src-tls-verify=false', `docker://127.0.0.1:${port}/local.test/team/hello:v1`, `dir:${out}`]);
+  const copy = await exec(skopeo, ['copy', '--src-tls-verify=false', `docker://127.0.0.1:${port}/local.test/team/hello:v1`, `dir:${out}`]);
   assert.equal(copy.code, 0, copy.stderr);
-  const inspected = await run(skopeo, ['inspect', '--tls-verify=false', `docker://127.0.0.1:${port}/team/hello:v1`]);
+  const inspected = await exec(skopeo, ['inspect', '--tls-verify=false', `docker://127.0.0.1:${port}/team/hello:v1`]);
   assert.equal((JSON.parse(inspected.stdout) as { Digest: string }).Digest, img.digest);
   assert.match(log, /"url":"\/v2\/local\.test\/team\/hello\/blobs\/sha256:[a-f0-9]{64}","status":200/);
 
   // SIGTERM to ocicache in the container (PID 1 under a container engine, the exec-form ENTRYPOINT):
   // it drains and exits 0, and buildah run passes the status on.
-  const pid = Number((await run('pgrep', ['-u', '10001', '-f', '^/usr/bin/node /app/dist/cli.js serve'])).stdout.trim().split('\n')[0]);
+  const pid = Number((await exec('pgrep', ['-u', '10001', '-f', '^/usr/bin/node /app/dist/cli.js serve'])).stdout.trim().split('\n')[0]);
   assert.ok(pid > 0, 'found the node process in the container');
   process.kill(pid, 'SIGTERM');
   assert.equal(await Promise.race([exited, sleep(15_000).then(() => 'timeout')]), 0, log);

@@ -17,24 +17,11 @@ import { request } from 'undici';
 import { formatBytes } from '../src/format.js';
 import { runCli, writeConfig } from './helpers/cli.js';
 import { startDistribution, type Distribution } from './helpers/distribution.js';
-import { metric, startProxy, type Proxy } from './helpers/proxy.js';
+import { blobFile, metric, metricsText, startProxy, type Proxy } from './helpers/proxy.js';
 import { image, OCI_MANIFEST, Pusher, sha256, type Image } from './helpers/seed.js';
-import { tempDir } from './helpers/tools.js';
+import { tempDir, until } from './helpers/tools.js';
 
 const MiB = 1024 * 1024;
-
-function blobFile(root: string, digest: string): string {
-  return join(root, 'blobs', 'sha256', digest.slice(7, 9), digest.slice(7));
-}
-
-async function until(what: string, check: () => boolean | Promise<boolean>, ms = 5000): Promise<void> {
-  for (const end = Date.now() + ms; Date.now() < end; await sleep(20)) if (await check()) return;
-  assert.fail(`timed out waiting for ${what}`);
-}
-
-async function metrics(proxy: Proxy): Promise<string> {
-  return (await request(`${proxy.url}/metrics`)).body.text();
-}
 
 /** Pulls an image the way a client does: manifest by tag, then config and layers; returns their X-Cache values. */
 async function pull(proxy: Proxy, name: string, tag: string, ns = 'docker.io'): Promise<string[]> {
@@ -108,7 +95,7 @@ test('watermark eviction drops the least recently used blobs and the manifests t
   assert.deepEqual(dbRows(proxy.root, 'SELECT digest FROM manifests'), [b.digest], "A's manifest went with its blobs; B's stays");
   assert.deepEqual(dbRows(proxy.root, "SELECT name || ':' || tag FROM tags"), ['team/b:v1']);
   assertConsistent(proxy.root);
-  const text = await metrics(proxy);
+  const text = await metricsText(proxy);
   assert.equal(metric(text, 'ocicache_evictions_total', { reason: 'size' }), 2);
   const kept = [cB, s, lB].reduce((n, d) => n + statSync(blobFile(proxy.root, d!)).size, 0);
   assert.equal(metric(text, 'ocicache_disk_used_bytes'), kept);
@@ -139,7 +126,7 @@ test('a blob being streamed to a client is never evicted or cut off', async (t) 
   await pull(proxy, 'team/small', 'v1');
   const smallLayer = small.blobs[1]!.descriptor.digest;
   // The pass takes every unpinned blob (it cannot reach the low mark without the pinned one).
-  await until('eviction', async () => metric(await metrics(proxy), 'ocicache_evictions_total', { reason: 'size' }) === 3);
+  await until('eviction', async () => metric(await metricsText(proxy), 'ocicache_evictions_total', { reason: 'size' }) === 3);
   assert.ok(existsSync(blobFile(proxy.root, layer)), 'the blob being read is kept');
   assert.equal(existsSync(blobFile(proxy.root, smallLayer)), false, 'the unpinned blobs went instead');
   assertConsistent(proxy.root);
@@ -269,14 +256,14 @@ test('disk full: blobs stream through uncached with a warning and a metric; cach
   assert.equal(results[2], 'PASSTHROUGH', 'served from upstream, verified on the way');
   assert.equal(existsSync(blobFile(root, layer)), false);
   assert.deepEqual(readdirSync(join(root, 'tmp')), []);
-  let text = await metrics(proxy);
+  let text = await metricsText(proxy);
   assert.equal(metric(text, 'ocicache_storage_writable'), 0);
   assert.equal(metric(text, 'ocicache_uncached_blobs_total', { upstream: 'docker.io' }), 1);
 
   rmSync(filler);
   assert.equal((await pull(proxy, 'team/app', 'v1'))[2], 'MISS');
   await until('the layer is cached', () => existsSync(blobFile(root, layer)));
-  text = await metrics(proxy);
+  text = await metricsText(proxy);
   assert.equal(metric(text, 'ocicache_storage_writable'), 1);
   assert.equal((await pull(proxy, 'team/app', 'v1'))[2], 'HIT');
 });

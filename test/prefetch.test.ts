@@ -7,14 +7,10 @@ import { request } from 'undici';
 import { formatBytes } from '../src/format.js';
 import { runCli, writeConfig } from './helpers/cli.js';
 import { startDistribution } from './helpers/distribution.js';
-import { metric, startProxy } from './helpers/proxy.js';
+import { blobFile, metric, startProxy } from './helpers/proxy.js';
 import { startFakeUpstream } from './helpers/fake-upstream.js';
 import { image, multiArch, OCI_MANIFEST, Pusher, randomLayer, sha256 } from './helpers/seed.js';
 import { tempDir } from './helpers/tools.js';
-
-function blobFile(root: string, digest: string): string {
-  return join(root, 'blobs', 'sha256', digest.slice(7, 9), digest.slice(7));
-}
 
 const platforms = [
   { os: 'linux', architecture: 'amd64' },

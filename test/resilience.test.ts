@@ -6,36 +6,13 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import type { IncomingMessage, ServerResponse } from 'node:http';
-import { join } from 'node:path';
 import test, { type TestContext } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { request } from 'undici';
 import { startDistribution } from './helpers/distribution.js';
+import { until } from './helpers/tools.js';
 import { blobHandler, startFakeUpstream, startTrap, type FakeUpstream } from './helpers/fake-upstream.js';
-import { metric, startProxy, type Proxy } from './helpers/proxy.js';
+import { blobFile, fetchBody, metric, metricsText, startProxy, type Proxy } from './helpers/proxy.js';
 import { image, OCI_MANIFEST, Pusher, randomLayer, sha256 } from './helpers/seed.js';
-
-function blobPath(proxy: Proxy, digest: string): string {
-  return join(proxy.root, 'blobs', 'sha256', digest.slice(7, 9), digest.slice(7));
-}
-
-async function get(url: string, headers: Record<string, string> = {}, method: 'GET' | 'HEAD' = 'GET'): Promise<{ status: number; headers: Record<string, unknown>; body?: Buffer; aborted?: Error }> {
-  const res = await request(url, { headers, method });
-  try {
-    return { status: res.statusCode, headers: res.headers, body: Buffer.from(await res.body.arrayBuffer()) };
-  } catch (err) {
-    return { status: res.statusCode, headers: res.headers, aborted: err as Error };
-  }
-}
-
-async function metrics(proxy: Proxy): Promise<string> {
-  return (await request(`${proxy.url}/metrics`)).body.text();
-}
-
-async function until(what: string, check: () => boolean | Promise<boolean>, ms = 5000): Promise<void> {
-  for (const end = Date.now() + ms; Date.now() < end; await sleep(20)) if (await check()) return;
-  assert.fail(`timed out waiting for ${what}`);
-}
 
 async function setup(t: TestContext, upstream: Record<string, unknown> = {}, options: { timeouts?: Record<string, unknown>; offline?: boolean } = {}): Promise<{ fake: FakeUpstream; proxy: Proxy }> {
   const fake = await startFakeUpstream(t);
@@ -77,7 +54,7 @@ test('a broken blob download resumes and the client gets the whole, verified blo
         if (n === 1 && c.blip) return void res.writeHead(503).end();
         rangeBlob(data, c.honourRange)(req, res);
       });
-      const r = await get(`${proxy.url}${path}?ns=fake.example`);
+      const r = await fetchBody(`${proxy.url}${path}?ns=fake.example`);
       assert.equal(r.status, 200);
       assert.equal(r.aborted, undefined);
       assert.equal(sha256(r.body!), digest);
@@ -85,8 +62,8 @@ test('a broken blob download resumes and the client gets the whole, verified blo
       assert.equal(gets.length, c.blip ? 3 : 2);
       assert.equal(gets[0]!.headers.range, undefined);
       assert.match(String(gets.at(-1)!.headers.range), /^bytes=[1-9]\d*-$/, 'the resume asks for the bytes after those received');
-      await until('blob committed', () => existsSync(blobPath(proxy, digest)));
-      assert.equal(metric(await metrics(proxy), 'ocicache_blob_resumes_total', { upstream: 'fake.example', how: c.how }), 1);
+      await until('blob committed', () => existsSync(blobFile(proxy.root, digest)));
+      assert.equal(metric(await metricsText(proxy), 'ocicache_blob_resumes_total', { upstream: 'fake.example', how: c.how }), 1);
     });
   }
 });
@@ -97,11 +74,11 @@ test('a blob download that keeps breaking gives up after blobRetries, caching no
   const digest = sha256(data);
   const path = `/v2/flaky/repo/blobs/${digest}`;
   fake.route(path, blobHandler(data, { cutAt: 512 * 1024, how: 'reset' }));
-  const r = await get(`${proxy.url}${path}?ns=fake.example`);
+  const r = await fetchBody(`${proxy.url}${path}?ns=fake.example`);
   assert.ok(r.aborted || r.body!.length < data.length, 'the client must not get a complete-looking body');
-  await until('the fill to give up', async () => metric(await metrics(proxy), 'ocicache_fill_failures_total', { upstream: 'fake.example' }) === 1);
+  await until('the fill to give up', async () => metric(await metricsText(proxy), 'ocicache_fill_failures_total', { upstream: 'fake.example' }) === 1);
   assert.equal(fake.count('GET', path), 3, 'first try and two resumes');
-  assert.equal(existsSync(blobPath(proxy, digest)), false);
+  assert.equal(existsSync(blobFile(proxy.root, digest)), false);
 });
 
 test('circuit breaker: opens after consecutive failures, serves cached tags, fails fast, probes after the cool-down', async (t) => {
@@ -118,21 +95,21 @@ test('circuit breaker: opens after consecutive failures, serves cached tags, fai
   fake.route(`/v2/app/manifests/${digest}`, serveManifest);
   fake.route(`/v2/app/blobs/${sha256('missing')}`, (_req, res) => res.socket?.destroy());
   const tagUrl = `${proxy.url}/v2/app/manifests/v1?ns=fake.example`;
-  assert.equal((await get(tagUrl)).status, 200);
+  assert.equal((await fetchBody(tagUrl)).status, 200);
 
   down = true;
   for (let i = 0; i < 3; i++) {
-    const r = await get(tagUrl);
+    const r = await fetchBody(tagUrl);
     assert.equal(r.status, 200, 'the cached tag is served while the upstream fails');
     assert.equal(r.headers['x-cache'], 'STALE');
   }
-  const text = await metrics(proxy);
+  const text = await metricsText(proxy);
   assert.equal(metric(text, 'ocicache_upstream_breaker_state', { upstream: 'fake.example' }), 1, 'open');
   const before = fake.requests.length;
-  const stale = await get(tagUrl);
+  const stale = await fetchBody(tagUrl);
   assert.equal(stale.status, 200);
   assert.equal(stale.headers['x-cache'], 'STALE');
-  const uncached = await get(`${proxy.url}/v2/app/blobs/${sha256('missing')}?ns=fake.example`);
+  const uncached = await fetchBody(`${proxy.url}/v2/app/blobs/${sha256('missing')}?ns=fake.example`);
   assert.equal(uncached.status, 503);
   assert.equal(JSON.parse(uncached.body!.toString()).errors[0].code, 'UNAVAILABLE');
   assert.match(JSON.parse(uncached.body!.toString()).errors[0].message, /circuit open/);
@@ -140,17 +117,17 @@ test('circuit breaker: opens after consecutive failures, serves cached tags, fai
 
   // Half-open: after the cool-down one probe goes out; it fails, so the breaker opens again.
   await sleep(1100);
-  assert.equal((await get(tagUrl)).headers['x-cache'], 'STALE');
+  assert.equal((await fetchBody(tagUrl)).headers['x-cache'], 'STALE');
   assert.equal(fake.requests.length, before + 1, 'one probe');
-  assert.equal(metric(await metrics(proxy), 'ocicache_upstream_breaker_state', { upstream: 'fake.example' }), 1);
-  assert.equal((await get(tagUrl)).headers['x-cache'], 'STALE');
+  assert.equal(metric(await metricsText(proxy), 'ocicache_upstream_breaker_state', { upstream: 'fake.example' }), 1);
+  assert.equal((await fetchBody(tagUrl)).headers['x-cache'], 'STALE');
   assert.equal(fake.requests.length, before + 1, 'open again: no second probe');
 
   // The upstream recovers: the next probe closes the breaker.
   down = false;
   await sleep(1100);
-  assert.equal((await get(tagUrl)).headers['x-cache'], 'REVALIDATED');
-  assert.equal(metric(await metrics(proxy), 'ocicache_upstream_breaker_state', { upstream: 'fake.example' }), 0, 'closed');
+  assert.equal((await fetchBody(tagUrl)).headers['x-cache'], 'REVALIDATED');
+  assert.equal(metric(await metricsText(proxy), 'ocicache_upstream_breaker_state', { upstream: 'fake.example' }), 0, 'closed');
 });
 
 test("a 429's Retry-After is honoured: nothing goes upstream until it passes, cached tags are still served", async (t) => {
@@ -166,29 +143,29 @@ test("a 429's Retry-After is honoured: nothing goes upstream until it passes, ca
   fake.route('/v2/app/manifests/v1', serve);
   fake.route(`/v2/app/manifests/${digest}`, serve);
   const tagUrl = `${proxy.url}/v2/app/manifests/v1?ns=fake.example`;
-  assert.equal((await get(tagUrl)).status, 200);
-  let text = await metrics(proxy);
+  assert.equal((await fetchBody(tagUrl)).status, 200);
+  let text = await metricsText(proxy);
   assert.equal(metric(text, 'ocicache_upstream_ratelimit_limit', { upstream: 'fake.example' }), 100);
   assert.equal(metric(text, 'ocicache_upstream_ratelimit_remaining', { upstream: 'fake.example' }), 76);
 
   limited = true;
-  const first = await get(tagUrl);
+  const first = await fetchBody(tagUrl);
   assert.equal(first.status, 200);
   assert.equal(first.headers['x-cache'], 'STALE');
   const seen = fake.requests.length;
-  for (let i = 0; i < 5; i++) assert.equal((await get(tagUrl)).headers['x-cache'], 'STALE');
-  const blob = await get(`${proxy.url}/v2/app/blobs/${sha256('x')}?ns=fake.example`);
+  for (let i = 0; i < 5; i++) assert.equal((await fetchBody(tagUrl)).headers['x-cache'], 'STALE');
+  const blob = await fetchBody(`${proxy.url}/v2/app/blobs/${sha256('x')}?ns=fake.example`);
   assert.equal(blob.status, 429);
   assert.deepEqual(JSON.parse(blob.body!.toString()).errors[0].code, 'TOOMANYREQUESTS');
   assert.match(String(blob.headers['retry-after']), /^[12]$/);
   assert.equal(fake.requests.length, seen, 'no request to the upstream before Retry-After passes');
-  text = await metrics(proxy);
+  text = await metricsText(proxy);
   assert.equal(metric(text, 'ocicache_upstream_rate_limited_total', { upstream: 'fake.example' }), 1);
   assert.ok(metric(text, 'ocicache_upstream_refused_total', { upstream: 'fake.example', reason: 'retry_after' }) >= 6);
 
   limited = false;
   await sleep(2100);
-  assert.equal((await get(tagUrl)).headers['x-cache'], 'REVALIDATED');
+  assert.equal((await fetchBody(tagUrl)).headers['x-cache'], 'REVALIDATED');
   assert.equal(fake.requests.length, seen + 1);
 });
 
@@ -205,7 +182,7 @@ test('per-upstream limits: maxConcurrent requests in flight, maxRequestsPerSecon
         setTimeout(() => blobHandler(data)(req, res), 150);
       });
     }
-    const results = await Promise.all(blobs.map((d) => get(`${proxy.url}/v2/app/blobs/${sha256(d)}?ns=fake.example`)));
+    const results = await Promise.all(blobs.map((d) => fetchBody(`${proxy.url}/v2/app/blobs/${sha256(d)}?ns=fake.example`)));
     results.forEach((r, i) => assert.equal(sha256(r.body!), sha256(blobs[i]!)));
     assert.equal(peak, 2);
   });
@@ -218,7 +195,7 @@ test('per-upstream limits: maxConcurrent requests in flight, maxRequestsPerSecon
         res.writeHead(404, { 'content-type': 'application/json' }).end('{"errors":[{"code":"MANIFEST_UNKNOWN","message":"no"}]}');
       });
     }
-    await Promise.all(Array.from({ length: 10 }, (_, i) => get(`${proxy.url}/v2/app/manifests/t${i}?ns=fake.example`)));
+    await Promise.all(Array.from({ length: 10 }, (_, i) => fetchBody(`${proxy.url}/v2/app/manifests/t${i}?ns=fake.example`)));
     assert.equal(at.length, 10);
     // A burst of one second's worth (4), then one every 250 ms: the 10th is at least 1.25 s after the first.
     assert.ok(at[9]! - at[0]! >= 1200, `10 requests spread over ${at[9]! - at[0]!} ms`);
@@ -235,11 +212,11 @@ test('offline mode, global and per upstream, serves the cache and connects to no
 
   const online = await startProxy(t, { upstreams: [{ name: 'docker.io', url: registry.url }] });
   const pull = async (proxy: Proxy, ns: string, name = 'team/app', tag = 'v1'): Promise<number[]> => {
-    const m = await get(`${proxy.url}/v2/${name}/manifests/${tag}?ns=${ns}`, { accept: OCI_MANIFEST });
+    const m = await fetchBody(`${proxy.url}/v2/${name}/manifests/${tag}?ns=${ns}`, { accept: OCI_MANIFEST });
     if (m.status !== 200) return [m.status];
     const desc = JSON.parse(m.body!.toString()) as { config: { digest: string }; layers: Array<{ digest: string }> };
     const statuses = [m.status];
-    for (const d of [desc.config, ...desc.layers]) statuses.push((await get(`${proxy.url}/v2/${name}/blobs/${d.digest}?ns=${ns}`)).status);
+    for (const d of [desc.config, ...desc.layers]) statuses.push((await fetchBody(`${proxy.url}/v2/${name}/blobs/${d.digest}?ns=${ns}`)).status);
     return statuses;
   };
   assert.deepEqual(await pull(online, 'docker.io'), [200, 200, 200, 200]);
@@ -254,12 +231,12 @@ test('offline mode, global and per upstream, serves the cache and connects to no
       const trap = await startTrap(t, '127.0.0.1');
       const proxy = await startProxy(t, { root: online.root, env: c.env, upstreams: [{ name: 'docker.io', url: `http://${trap.host}`, tagTtl: '1ms', ...c.upstream }] });
       assert.deepEqual(await pull(proxy, 'docker.io'), [200, 200, 200, 200], 'cached content is served');
-      const m = await get(`${proxy.url}/v2/team/app/manifests/v1?ns=docker.io`, { accept: OCI_MANIFEST });
+      const m = await fetchBody(`${proxy.url}/v2/team/app/manifests/v1?ns=docker.io`, { accept: OCI_MANIFEST });
       assert.equal(m.headers['x-cache'], 'STALE');
-      const missing = await get(`${proxy.url}/v2/team/other/manifests/v1?ns=docker.io`);
+      const missing = await fetchBody(`${proxy.url}/v2/team/other/manifests/v1?ns=docker.io`);
       assert.equal(missing.status, 503);
       assert.deepEqual(JSON.parse(missing.body!.toString()), { errors: [{ code: 'UNAVAILABLE', message: 'upstream docker.io is offline: serving from the cache only' }] });
-      assert.equal(metric(await metrics(proxy), 'ocicache_upstream_offline', { upstream: 'docker.io' }), 1);
+      assert.equal(metric(await metricsText(proxy), 'ocicache_upstream_offline', { upstream: 'docker.io' }), 1);
       await sleep(100);
       assert.equal(trap.connections, 0, 'no connection to the upstream');
     });

@@ -5,6 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { TestContext } from 'node:test';
 import type { FastifyInstance } from 'fastify';
+import { request } from 'undici';
 import { buildApp } from '../../src/app.js';
 import { buildConfig, type Config } from '../../src/config.js';
 
@@ -64,4 +65,24 @@ export function metric(text: string, name: string, labels: Record<string, string
     if (Object.entries(labels).every(([k, v]) => have[k] === v)) total += Number(m[3]);
   }
   return total;
+}
+
+/** Where a blob lives in a cache directory (src/blob-store.ts layout). */
+export function blobFile(root: string, digest: string): string {
+  const [algorithm, hex] = digest.split(':') as [string, string];
+  return join(root, 'blobs', algorithm, hex.slice(0, 2), hex);
+}
+
+export async function metricsText(proxy: Proxy): Promise<string> {
+  return (await request(`${proxy.url}/metrics`)).body.text();
+}
+
+/** A request that reports whether the body arrived complete or the connection was cut. */
+export async function fetchBody(url: string, headers: Record<string, string> = {}, method: 'GET' | 'HEAD' = 'GET'): Promise<{ status: number; headers: Record<string, unknown>; body?: Buffer; aborted?: Error }> {
+  const res = await request(url, { headers, method });
+  try {
+    return { status: res.statusCode, headers: res.headers, body: Buffer.from(await res.body.arrayBuffer()) };
+  } catch (err) {
+    return { status: res.statusCode, headers: res.headers, aborted: err as Error };
+  }
 }
