@@ -6,15 +6,16 @@
  */
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import test, { type TestContext } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { startDistribution, type Distribution } from './helpers/distribution.js';
 import { startProxy, type Proxy } from './helpers/proxy.js';
 import { image, multiArch, Pusher, sha256, type Image, type MultiArch } from './helpers/seed.js';
-import { localSnippet } from './helpers/readme.js';
-import { need, tempDir } from './helpers/tools.js';
+import { localSnippet, pointAtCache, readmeSnippet } from './helpers/readme.js';
+import { exec, need, tempDir, until } from './helpers/tools.js';
 
 interface World {
   hub: Distribution;
@@ -24,8 +25,11 @@ interface World {
   ghcrApp: Image;
 }
 
-/** Two upstreams (as docker.io and ghcr.io) and a proxy with no default upstream: every request must name one. */
-async function world(t: TestContext): Promise<World | undefined> {
+/**
+ * Two upstreams (as docker.io and ghcr.io) and a proxy with no default upstream unless one is
+ * asked for: every request must name its upstream.
+ */
+async function world(t: TestContext, defaultUpstream?: string): Promise<World | undefined> {
   const hub = await startDistribution(t);
   const ghcr = await startDistribution(t);
   if (!hub || !ghcr) return undefined;
@@ -38,6 +42,7 @@ async function world(t: TestContext): Promise<World | undefined> {
       { name: 'docker.io', url: hub.url, aliases: ['index.docker.io', 'registry-1.docker.io'], dockerHubLibrary: true },
       { name: 'ghcr.io', url: ghcr.url },
     ],
+    defaultUpstream,
   });
   return { hub, ghcr, proxy, alpine, ghcrApp };
 }
@@ -110,17 +115,16 @@ test('podman pulls through the README registries.conf (prefix mirrors for docker
   }
 });
 
-test('containerd pulls multi-arch images from two upstreams through one endpoint (hosts.toml, ns)', async (t) => {
+/** A containerd daemon of its own (no CRI), stopped when the test ends; undefined when skipped. */
+async function startContainerd(t: TestContext): Promise<{ ctr: string; socket: string; dir: string } | undefined> {
   const containerd = need(t, 'containerd', 'apt-get install containerd');
   const ctr = need(t, 'ctr', 'apt-get install containerd');
-  if (!containerd || !ctr) return;
+  if (!containerd || !ctr) return undefined;
   if (process.getuid?.() !== 0) {
     if (process.env.CI) throw new Error('the containerd test needs root');
     t.skip('the containerd test needs root');
-    return;
+    return undefined;
   }
-  const w = await world(t);
-  if (!w) return;
   const dir = tempDir(t, 'ctrd');
   const socket = join(dir, 'containerd.sock');
   writeFileSync(
@@ -147,29 +151,127 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
   });
   for (let i = 0; i < 100 && !readdirSync(dir).includes('containerd.sock'); i++) await sleep(100);
   assert.ok(readdirSync(dir).includes('containerd.sock'), `containerd did not start:\n${daemonLog.slice(-3000)}`);
+  return { ctr, socket, dir };
+}
 
+/** Pulls each reference with `ctr --hosts-dir` and checks the image it recorded has the expected digest. */
+async function ctrPulls(c: { ctr: string; socket: string }, hostsDir: string, pulls: Array<[string, string]>, namespace = 'default'): Promise<void> {
+  for (const [ref, digest] of pulls) {
+    await run(c.ctr, ['--address', c.socket, '--namespace', namespace, 'images', 'pull', '--hosts-dir', hostsDir, '--all-platforms', ref]);
+    const ls = await run(c.ctr, ['--address', c.socket, '--namespace', namespace, 'images', 'ls']);
+    const line = ls.split('\n').find((l) => l.startsWith(`${ref} `));
+    assert.ok(line?.includes(digest), `${ref} should resolve to ${digest}:\n${ls}`);
+  }
+}
+
+test('containerd pulls multi-arch images from two upstreams through one endpoint (hosts.toml, ns)', async (t) => {
+  const c = await startContainerd(t);
+  if (!c) return;
+  const w = await world(t);
+  if (!w) return;
   // One hosts.toml for docker.io, and _default for everything else (ghcr.io here). `server` is a
   // dead port so a pull can only succeed through the cache.
-  const hostsDir = join(dir, 'certs.d');
+  const hostsDir = join(c.dir, 'certs.d');
   const hostsToml = localSnippet('containerd-hosts.toml', w.proxy.host);
   assert.match(hostsToml, /^server = "http:\/\/127\.0\.0\.1:1"$/m);
   for (const sub of ['docker.io', '_default']) {
     mkdirSync(join(hostsDir, sub), { recursive: true });
     writeFileSync(join(hostsDir, sub, 'hosts.toml'), hostsToml);
   }
-  const pulls: Array<[string, string]> = [
+  await ctrPulls(c, hostsDir, [
     ['docker.io/library/alpine:3.20', w.alpine.digest],
     ['ghcr.io/team/app:v1', w.ghcrApp.digest],
-  ];
-  for (const [ref, digest] of pulls) {
-    await run(ctr, ['--address', socket, 'images', 'pull', '--hosts-dir', hostsDir, '--all-platforms', ref]);
-    const ls = await run(ctr, ['--address', socket, 'images', 'ls']);
-    const line = ls.split('\n').find((l) => l.startsWith(`${ref} `));
-    assert.ok(line?.includes(digest), `${ref} should resolve to ${digest}:\n${ls}`);
-  }
+  ]);
   // A second containerd namespace pulls again: all from the cache now.
   const before = w.hub.accessLog.length;
-  await run(ctr, ['--address', socket, '--namespace', 'second', 'images', 'pull', '--hosts-dir', hostsDir, '--all-platforms', 'docker.io/library/alpine:3.20']);
+  await ctrPulls(c, hostsDir, [['docker.io/library/alpine:3.20', w.alpine.digest]], 'second');
   await sleep(50);
   assert.deepEqual(w.hub.accessLog.slice(before), [], 'the second pull sent nothing upstream');
+});
+
+test('containerd pulls through the hosts.toml files k3s renders from the README registries.yaml', async (t) => {
+  // k3s itself cannot run here; test/fixtures/k3s holds what its own rendering code wrote for the snippet.
+  const fixtures = new URL('./fixtures/k3s/', import.meta.url);
+  assert.equal(readmeSnippet('registries.yaml'), readFileSync(new URL('registries.yaml', fixtures), 'utf8'), 'README k3s snippet and test/fixtures/k3s/registries.yaml differ: render certs.d again with k3s');
+  const c = await startContainerd(t);
+  if (!c) return;
+  const w = await world(t);
+  if (!w) return;
+  const hostsDir = join(c.dir, 'certs.d');
+  for (const sub of ['docker.io', '_default']) {
+    const rendered = pointAtCache(readFileSync(new URL(`certs.d/${sub}/hosts.toml`, fixtures), 'utf8'), w.proxy.host);
+    assert.match(rendered, new RegExp(`^\\[host\\."http://${w.proxy.host.replace(/[.]/g, '\\.')}/v2"\\]$`, 'm'));
+    mkdirSync(join(hostsDir, sub), { recursive: true });
+    writeFileSync(join(hostsDir, sub, 'hosts.toml'), rendered);
+  }
+  await ctrPulls(c, hostsDir, [
+    ['docker.io/library/alpine:3.20', w.alpine.digest],
+    ['ghcr.io/team/app:v1', w.ghcrApp.digest],
+  ]);
+  // containerd sent the registry as ns, so each upstream served only its own image.
+  assert.ok(w.hub.accessLog.some((l) => l.includes('/v2/library/alpine/manifests/3.20')), w.hub.accessLog.join('\n'));
+  assert.ok(w.ghcr.accessLog.some((l) => l.includes('/v2/team/app/manifests/v1')), w.ghcr.accessLog.join('\n'));
+  assert.ok(!w.ghcr.accessLog.some((l) => l.includes('alpine')) && !w.hub.accessLog.some((l) => l.includes('team/app')));
+});
+
+/** Whether `dir` is a mount point (dockerd bind-mounts its data root onto itself). */
+function isMountPoint(dir: string): boolean {
+  return readFileSync('/proc/self/mountinfo', 'utf8').split('\n').some((l) => l.split(' ')[4] === dir);
+}
+
+test('Docker Engine pulls through the README daemon.json (registry-mirrors, no ns: the default upstream)', async (t) => {
+  const dockerd = need(t, 'dockerd', 'apt-get install docker.io');
+  const docker = need(t, 'docker', 'apt-get install docker.io');
+  if (!dockerd || !docker) return;
+  if (process.getuid?.() !== 0) {
+    if (process.env.CI) throw new Error('the Docker test needs root');
+    t.skip('the Docker test needs root');
+    return;
+  }
+  const w = await world(t, 'docker.io');
+  if (!w) return;
+  // Not tempDir: the daemon's data root must be unmounted before the directory can go.
+  const dir = mkdtempSync(join(tmpdir(), 'ocicache-dockerd-'));
+  const dataRoot = join(dir, 'root');
+  let daemon: ReturnType<typeof spawn> | undefined;
+  t.after(async () => {
+    if (daemon && daemon.exitCode === null) {
+      const exited = new Promise((r) => daemon!.once('exit', r));
+      daemon.kill('SIGTERM');
+      const timer = setTimeout(() => daemon!.kill('SIGKILL'), 20_000);
+      await exited;
+      clearTimeout(timer);
+    }
+    // A killed daemon leaves its data root mounted, and the directory could not be removed.
+    if (isMountPoint(dataRoot)) await exec('umount', ['-l', dataRoot]);
+    rmSync(dir, { recursive: true, force: true });
+  });
+  const daemonJson = localSnippet('daemon.json', w.proxy.host);
+  assert.match(daemonJson, new RegExp(`"http://${w.proxy.host.replace(/[.]/g, '\\.')}"`));
+  writeFileSync(join(dir, 'daemon.json'), daemonJson);
+  const socket = join(dir, 'docker.sock');
+  // A daemon of its own: no iptables or bridge (nothing runs), vfs needs no kernel overlay support,
+  // and its own managed containerd under the exec root.
+  daemon = spawn(
+    dockerd,
+    ['--config-file', join(dir, 'daemon.json'), '--data-root', dataRoot, '--exec-root', join(dir, 'exec'), '--pidfile', join(dir, 'docker.pid'),
+      '-H', `unix://${socket}`, '--iptables=false', '--ip-masq=false', '--bridge=none', '--storage-driver=vfs'],
+    { stdio: ['ignore', 'ignore', 'pipe'] },
+  );
+  let daemonLog = '';
+  daemon.stderr!.on('data', (d: Buffer) => (daemonLog += d.toString()));
+  const env = { ...process.env, DOCKER_HOST: `unix://${socket}`, DOCKER_CONFIG: join(dir, 'client') };
+  await until('dockerd to answer', async () => (await exec(docker, ['info'], env)).code === 0, 60_000).catch(() => {
+    assert.fail(`dockerd did not start:\n${daemonLog.slice(-3000)}`);
+  });
+  const info = await run(docker, ['info', '--format', '{{json .RegistryConfig.Mirrors}}'], env);
+  assert.deepEqual(JSON.parse(info), [`http://${w.proxy.host}/`]);
+
+  // No network here: registry-1.docker.io cannot answer, so this pull succeeds only through the mirror.
+  await run(docker, ['pull', '--quiet', 'alpine:3.20'], env);
+  const repoDigests = JSON.parse(await run(docker, ['image', 'inspect', '--format', '{{json .RepoDigests}}', 'alpine:3.20'], env)) as string[];
+  assert.deepEqual(repoDigests, [`alpine@${w.alpine.digest}`]);
+  const manifests = w.hub.accessLog.filter((l) => l.includes('/v2/library/alpine/manifests/'));
+  assert.ok(manifests.length > 0, `the upstream behind the default served the manifests:\n${w.hub.accessLog.join('\n')}`);
+  assert.deepEqual(w.ghcr.accessLog.filter((l) => l.includes('/v2/library/')), [], 'nothing went to the other upstream');
 });

@@ -10,7 +10,12 @@ export function readmeSnippet(name: string): string {
 
 /** A README snippet pointed at the cache under test, with the real registries at a dead address. */
 export function localSnippet(name: string, cacheHost: string): string {
-  return readmeSnippet(name)
+  return pointAtCache(readmeSnippet(name), cacheHost);
+}
+
+/** Client configuration written for `cache.example.internal:5000` pointed at the cache under test instead. */
+export function pointAtCache(text: string, cacheHost: string): string {
+  return text
     .replaceAll('cache.example.internal:5000', cacheHost)
     .replace(/https:\/\/registry-1\.docker\.io/g, 'http://127.0.0.1:1')
     .replace(/location = "(registry-1\.docker\.io|ghcr\.io)"/g, 'location = "127.0.0.1:1"\ninsecure = true');
