@@ -52,7 +52,7 @@ export function registerAdmin(app: FastifyInstance, s: Services): void {
       if (!refs || refs.length === 0) throw new OciError('UNSUPPORTED', 'references must list at least one image', { status: 400 });
       const platforms = stringList(body.platforms, 'platforms');
       const out = new PassThrough();
-      req.log.info({ references: refs, platforms }, 'prefetch started');
+      req.log.info({ reqId: req.id, references: refs, platforms }, 'prefetch started');
       // Progress as it happens, one JSON object per line; the work goes on if the caller leaves.
       const task = prefetch(
         s,
@@ -64,7 +64,7 @@ export function registerAdmin(app: FastifyInstance, s: Services): void {
         stop.signal,
       ).then(
         (summary) => {
-          req.log.info({ ...summary }, 'prefetch finished');
+          req.log.info({ reqId: req.id, ...summary }, 'prefetch finished');
           out.end();
         },
         (err: Error) => out.destroy(err),
