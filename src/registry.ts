@@ -20,8 +20,6 @@ import { isDigest, type Target } from './reference.js';
 import { SingleFlight } from './single-flight.js';
 import type { BlobResponse, UpstreamClient } from './upstream.js';
 
-/** Read size for cached blobs: large reads mean fewer syscalls and event-loop turns per MiB (bench figure 1). */
-const FILE_CHUNK = 1024 * 1024;
 
 /** Thrown to every waiter of a fill that could not start because storage is full: each streams through instead. */
 class StorageUnavailable extends Error {}
@@ -38,8 +36,10 @@ export interface ManifestResult {
 export interface BlobResult {
   size: number | undefined;
   range: ByteRange | undefined;
-  /** present for GET; the route hands it to the client, which owns it from then on */
+  /** present for GET of a blob being filled or passed through; the route hands it to the client, which owns it from then on */
   stream: (Readable & { bytesRead: number }) | undefined;
+  /** present for GET of a cached blob: bytes [start, end) of an open file; the route owns it and calls `done` once */
+  file?: { handle: FileHandle; start: number; end: number; done: () => Promise<void> };
   cache: CacheResult;
 }
 
@@ -269,9 +269,11 @@ export class Registry {
       throw err;
     }
     this.lifecycle.touch(digest, size, target.upstream.name);
-    const stream = handle.createReadStream({ start: range?.start ?? 0, end: range?.end, highWaterMark: FILE_CHUNK });
-    stream.once('close', release);
-    return { size, range, stream, cache: 'hit' };
+    const done = async (): Promise<void> => {
+      release();
+      await handle.close().catch(() => undefined);
+    };
+    return { size, range, stream: undefined, file: { handle, start: range?.start ?? 0, end: range ? range.end + 1 : size, done }, cache: 'hit' };
   }
 
   /** Makes sure a blob is in the cache, through the same shared fill as client pulls (prefetch). */

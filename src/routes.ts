@@ -7,6 +7,7 @@
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { OciError } from './errors.js';
 import type { CacheResult, Metrics } from './metrics.js';
+import { sendFileRange } from './file-response.js';
 import { contentRange } from './range.js';
 import { parseV2Path, type ParsedPath, type UpstreamIndex } from './reference.js';
 import type { BlobResult, Registry } from './registry.js';
@@ -114,7 +115,27 @@ export function registerRoutes(app: FastifyInstance, deps: RouteDeps): void {
     } else if (b.size !== undefined) {
       reply.header('content-length', String(b.size));
     }
+    if (b.file) return sendFile(req, reply, b.file);
     return head || !b.stream ? reply.send() : reply.send(b.stream);
+  }
+
+  /**
+   * A cached blob: written to the socket by file-response.ts with reused buffers, past Fastify's
+   * send (hijacked; onResponse still runs on 'finish'). The headers set on the reply go out as is.
+   */
+  async function sendFile(req: FastifyRequest, reply: FastifyReply, file: NonNullable<BlobResult['file']>): Promise<FastifyReply> {
+    let bytes = 0;
+    req.oci!.bytes = () => bytes;
+    reply.hijack();
+    try {
+      reply.raw.writeHead(reply.statusCode, reply.getHeaders() as Record<string, string>);
+      await sendFileRange(reply.raw, file.handle, file.start, file.end, (n) => (bytes += n));
+    } catch (err) {
+      req.log.warn({ reqId: req.id, url: req.url, err: (err as Error).message }, 'reading a cached blob failed');
+    } finally {
+      await file.done();
+    }
+    return reply;
   }
 
   async function sendTags(reply: FastifyReply, p: Extract<ParsedPath, { target: unknown }>, query: URLSearchParams, head: boolean): Promise<FastifyReply> {

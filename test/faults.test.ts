@@ -4,7 +4,7 @@
  */
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { existsSync, readdirSync } from 'node:fs';
+import { existsSync, readdirSync, readlinkSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
 import test, { type TestContext } from 'node:test';
@@ -13,6 +13,7 @@ import { request } from 'undici';
 import { blobHandler, startFakeUpstream, startTrap, type FakeUpstream } from './helpers/fake-upstream.js';
 import { blobFile, fetchBody, startProxy, type Proxy } from './helpers/proxy.js';
 import { image, sha256 } from './helpers/seed.js';
+import { until } from './helpers/tools.js';
 
 async function setup(t: TestContext, extra: Record<string, unknown> = {}, timeouts: Record<string, unknown> = {}, env: NodeJS.ProcessEnv = {}): Promise<{ fake: FakeUpstream; proxy: Proxy }> {
   const fake = await startFakeUpstream(t);
@@ -171,6 +172,58 @@ test('a client that disconnects does not abort the fill', async (t) => {
   for (let i = 0; i < 100 && !existsSync(blobFile(proxy.root, digest)); i++) await sleep(50);
   assert.ok(existsSync(blobFile(proxy.root, digest)), 'the fill finished and was committed');
   assert.equal(fake.count('GET', `/v2/slow/repo/blobs/${digest}`), 1);
+});
+
+test('cached blob bytes stay intact for concurrent readers, and readers that leave release the file', async (t) => {
+  const { fake, proxy } = await setup(t);
+  const data = randomBytes(9 * 1024 * 1024 + 123);
+  const digest = sha256(data);
+  const path = `/v2/some/repo/blobs/${digest}?ns=fake.example`;
+  fake.route(`/v2/some/repo/blobs/${digest}`, blobHandler(data));
+  assert.deepEqual((await fetchBody(`${proxy.url}${path}`)).body, data); // fills the cache
+  const file = blobFile(proxy.root, digest);
+  await until('the fill to be committed', () => existsSync(file));
+  const openFds = (): number => readdirSync('/proc/self/fd').filter((fd) => {
+    try {
+      return readlinkSync(`/proc/self/fd/${fd}`) === file;
+    } catch {
+      return false; // closed while listing
+    }
+  }).length;
+
+  // Responses share a pool of read buffers: two that hang up early must not corrupt the others.
+  const quitter = async (): Promise<void> => {
+    const res = await request(`${proxy.url}${path}`);
+    assert.equal(res.headers['x-cache'], 'HIT');
+    for await (const _chunk of res.body) break;
+    res.body.destroy();
+  };
+  // Slow readers fill their sockets, so the server's writes wait in the kernel queue: a buffer
+  // reused before its write completed would show up as wrong bytes here.
+  const slow = async (): Promise<string> => {
+    const res = await request(`${proxy.url}${path}`, { highWaterMark: 64 * 1024 });
+    const chunks: Buffer[] = [];
+    for await (const chunk of res.body) {
+      chunks.push(chunk as Buffer);
+      await sleep(2);
+    }
+    return sha256(Buffer.concat(chunks));
+  };
+  const results = await Promise.all([slow(), quitter(), slow(), quitter(), slow()]);
+  for (const r of [results[0], results[2], results[4]]) assert.equal(r, digest);
+  const ranges = [
+    { range: 'bytes=3000000-3999999', from: 3000000, to: 4000000 },
+    { range: `bytes=${data.length - 1048577}-`, from: data.length - 1048577, to: data.length },
+    { range: 'bytes=0-0', from: 0, to: 1 },
+  ];
+  for (const c of ranges) {
+    const r = await fetchBody(`${proxy.url}${path}`, { range: c.range });
+    assert.equal(r.status, 206, c.range);
+    assert.equal(r.headers['content-length'], String(c.to - c.from), c.range);
+    assert.deepEqual(r.body, data.subarray(c.from, c.to), c.range);
+  }
+  await until('every reader to close the blob file', () => openFds() === 0);
+  assert.equal(fake.count('GET', `/v2/some/repo/blobs/${digest}`), 1);
 });
 
 test('an ns or path prefix that names no configured upstream is refused without a single packet to it', async (t) => {

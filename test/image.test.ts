@@ -12,7 +12,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { stringify } from 'yaml';
 import { startDistribution } from './helpers/distribution.js';
 import { image, Pusher } from './helpers/seed.js';
-import { exec, freePort, need, tempDir } from './helpers/tools.js';
+import { exec, freePort, need, tempDir, until } from './helpers/tools.js';
 
 const IMAGE = 'localhost/ocicache:test';
 const BASE = 'localhost/ocicache-test-base:latest';
@@ -76,7 +76,9 @@ test('the Dockerfile builds with buildah and the image serves pulls as a non-roo
   assert.equal(copy.code, 0, copy.stderr);
   const inspected = await exec(skopeo, ['inspect', '--tls-verify=false', `docker://127.0.0.1:${port}/team/hello:v1`]);
   assert.equal((JSON.parse(inspected.stdout) as { Digest: string }).Digest, img.digest);
-  assert.match(log, /"url":"\/v2\/local\.test\/team\/hello\/blobs\/sha256:[a-f0-9]{64}","status":200/);
+  // Request lines are buffered for up to 250 ms (app.ts).
+  const blobLine = /"url":"\/v2\/local\.test\/team\/hello\/blobs\/sha256:[a-f0-9]{64}","status":200/;
+  await until('the request log lines', () => blobLine.test(log), 2000).catch(() => assert.match(log, blobLine));
 
   // SIGTERM to ocicache in the container (PID 1 under a container engine, the exec-form ENTRYPOINT):
   // it drains and exits 0, and buildah run passes the status on.
