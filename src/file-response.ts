@@ -30,7 +30,13 @@ function write(res: ServerResponse, chunk: Buffer, closed: Promise<false>): Prom
  * the client sees a short body, never a wrong one. `sent` counts the bytes the socket has taken.
  */
 export async function sendFileRange(res: ServerResponse, handle: FileHandle, start: number, end: number, sent: (bytes: number) => void): Promise<void> {
-  const closed = new Promise<false>((resolve) => res.once('close', () => resolve(false)));
+  // A pipelined response still queued behind another gets no 'close' of its own when the client
+  // hangs up (and no write callback either): watch the connection too.
+  let gone!: () => void;
+  const closed = new Promise<false>((resolve) => (gone = () => resolve(false)));
+  const socket = res.req.socket;
+  res.once('close', gone);
+  socket.once('close', gone);
   const buffers = [take(), take()];
   const writes: Array<Promise<boolean>> = [Promise.resolve(true), Promise.resolve(true)];
   let reusable = false;
@@ -56,6 +62,8 @@ export async function sendFileRange(res: ServerResponse, handle: FileHandle, sta
     res.destroy();
     throw err;
   } finally {
+    res.off('close', gone);
+    socket.off('close', gone);
     // Buffers a write may still hold (the client left mid-write) are left to the GC.
     if (reusable) for (const b of buffers) if (pool.length < MAX_POOLED) pool.push(b);
   }

@@ -3,8 +3,7 @@
  * one behind token auth with a small token issuer. Secrets come from an env var or a file.
  */
 import assert from 'node:assert/strict';
-import { mkdtempSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import test from 'node:test';
 import { request } from 'undici';
@@ -12,6 +11,7 @@ import { startDistribution } from './helpers/distribution.js';
 import { startProxy } from './helpers/proxy.js';
 import { image, Pusher, sha256 } from './helpers/seed.js';
 import { startTokenIssuer } from './helpers/token-issuer.js';
+import { tempDir } from './helpers/tools.js';
 
 async function pull(url: string): Promise<{ status: number; body: Buffer; headers: Record<string, unknown> }> {
   const res = await request(url, { headers: { accept: 'application/vnd.oci.image.manifest.v1+json' } });
@@ -24,7 +24,7 @@ test('an upstream behind Basic auth, password from a file', async (t) => {
   if (!upstream) return;
   const img = image({ 'private.txt': Buffer.from('behind basic auth\n') });
   await new Pusher({ url: upstream.url, basic: creds }).pushImage('private/app', 'v1', img);
-  const secretFile = join(mkdtempSync(join(tmpdir(), 'ocicache-secret-')), 'password');
+  const secretFile = join(tempDir(t, 'secret'), 'password');
   writeFileSync(secretFile, `${creds.password}\n`);
 
   const proxy = await startProxy(t, { upstreams: [{ name: 'private.example', url: upstream.url, auth: { username: creds.username, passwordFile: secretFile } }] });

@@ -5,7 +5,7 @@
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { existsSync, readdirSync, readlinkSync } from 'node:fs';
-import { createServer } from 'node:net';
+import { connect, createServer } from 'node:net';
 import { join } from 'node:path';
 import test, { type TestContext } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -176,7 +176,7 @@ test('a client that disconnects does not abort the fill', async (t) => {
 
 test('cached blob bytes stay intact for concurrent readers, and readers that leave release the file', async (t) => {
   const { fake, proxy } = await setup(t);
-  const data = randomBytes(9 * 1024 * 1024 + 123);
+  const data = randomBytes(33 * 1024 * 1024 + 123);
   const digest = sha256(data);
   const path = `/v2/some/repo/blobs/${digest}?ns=fake.example`;
   fake.route(`/v2/some/repo/blobs/${digest}`, blobHandler(data));
@@ -223,6 +223,15 @@ test('cached blob bytes stay intact for concurrent readers, and readers that lea
     assert.deepEqual(r.body, data.subarray(c.from, c.to), c.range);
   }
   await until('every reader to close the blob file', () => openFds() === 0);
+
+  // Two pipelined requests on one connection that is never read, then dropped: the second
+  // response, still queued, must let go of its file too (Node gives it no 'close' of its own).
+  const sock = connect(Number(new URL(proxy.url).port), '127.0.0.1');
+  await new Promise((r) => sock.once('connect', r));
+  sock.write(`GET ${path} HTTP/1.1\r\nHost: x\r\n\r\nGET ${path} HTTP/1.1\r\nHost: x\r\n\r\n`);
+  await until('both responses to open the file', () => openFds() === 2);
+  sock.destroy();
+  await until('the dropped connection to release the file', () => openFds() === 0);
   assert.equal(fake.count('GET', `/v2/some/repo/blobs/${digest}`), 1);
 });
 

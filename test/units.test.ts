@@ -1,9 +1,9 @@
 /** Pure pieces, table-driven: WWW-Authenticate, Range, Accept, config validation, path parsing. */
 import assert from 'node:assert/strict';
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import test from 'node:test';
+import test, { after } from 'node:test';
 import { Db } from '../src/db.js';
 import { buildConfig, ConfigError } from '../src/config.js';
 import { OciError } from '../src/errors.js';
@@ -11,6 +11,7 @@ import { accepts } from '../src/manifest.js';
 import { parseRange } from '../src/range.js';
 import { parseV2Path, UpstreamIndex } from '../src/reference.js';
 import { parseWwwAuthenticate } from '../src/www-authenticate.js';
+import { tempDir } from './helpers/tools.js';
 
 test('WWW-Authenticate: quoted commas, several challenges, case', () => {
   const cases: Array<[string, Array<{ scheme: string; params: Record<string, string> }>]> = [
@@ -65,7 +66,9 @@ test('Accept negotiation: lists, parameters, wildcards', () => {
   for (const [accept, want] of cases) assert.equal(accepts(accept, index), want, String(accept));
 });
 
-const EMPTY_FILE = join(mkdtempSync(join(tmpdir(), 'ocicache-units-')), 'empty-token');
+const UNITS_DIR = mkdtempSync(join(tmpdir(), 'ocicache-units-'));
+after(() => rmSync(UNITS_DIR, { recursive: true, force: true }));
+const EMPTY_FILE = join(UNITS_DIR, 'empty-token');
 writeFileSync(EMPTY_FILE, '\n');
 
 test('config: errors name the bad key', () => {
@@ -140,8 +143,8 @@ test('path parsing: routes from the right, upstream from ns, prefix or default',
   assert.deepEqual(parseV2Path('/ghcr.io/v2/', undefined, idx), { kind: 'base' });
 });
 
-test('db: batched access times only update; a use recorded after eviction brings no row back', () => {
-  const db = new Db(join(mkdtempSync(join(tmpdir(), 'ocicache-db-')), 'index.db'));
+test('db: batched access times only update; a use recorded after eviction brings no row back', (t) => {
+  const db = new Db(join(tempDir(t, 'db'), 'index.db'));
   try {
     const digest = `sha256:${'a'.repeat(64)}`;
     db.touchBlobs([{ digest, size: 10, upstream: 'docker.io', at: 1000 }]);

@@ -5,13 +5,12 @@
  */
 import { spawnSync } from 'node:child_process';
 import { createPrivateKey, randomUUID, sign, X509Certificate } from 'node:crypto';
-import { mkdtempSync, readFileSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import { createServer, type IncomingMessage } from 'node:http';
 import type { AddressInfo } from 'node:net';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { TestContext } from 'node:test';
-import { need } from './tools.js';
+import { need, tempDir } from './tools.js';
 
 export interface TokenIssuer {
   realm: string;
@@ -28,7 +27,7 @@ const b64url = (data: Buffer | string): string => Buffer.from(data).toString('ba
 export async function startTokenIssuer(t: TestContext, users: Record<string, string>): Promise<TokenIssuer | undefined> {
   const openssl = need(t, 'openssl', 'apt-get install openssl');
   if (!openssl) return undefined;
-  const dir = mkdtempSync(join(tmpdir(), 'ocicache-token-'));
+  const dir = tempDir(t, 'token');
   const keyFile = join(dir, 'key.pem');
   const certFile = join(dir, 'cert.pem');
   const r = spawnSync(openssl, ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-keyout', keyFile, '-out', certFile, '-subj', '/CN=ocicache-test-token', '-days', '2'], { encoding: 'utf8' });
