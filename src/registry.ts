@@ -20,7 +20,6 @@ import { isDigest, type Target } from './reference.js';
 import { SingleFlight } from './single-flight.js';
 import type { BlobResponse, UpstreamClient } from './upstream.js';
 
-
 /** Thrown to every waiter of a fill that could not start because storage is full: each streams through instead. */
 class StorageUnavailable extends Error {}
 
