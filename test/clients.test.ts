@@ -15,7 +15,7 @@ import { startDistribution, type Distribution } from './helpers/distribution.js'
 import { startProxy, type Proxy } from './helpers/proxy.js';
 import { image, multiArch, Pusher, sha256, type Image, type MultiArch } from './helpers/seed.js';
 import { localSnippet, pointAtCache, readmeSnippet } from './helpers/readme.js';
-import { exec, need, tempDir, until } from './helpers/tools.js';
+import { exec, need, needRoot, tempDir, until } from './helpers/tools.js';
 
 interface World {
   hub: Distribution;
@@ -120,11 +120,7 @@ async function startContainerd(t: TestContext): Promise<{ ctr: string; socket: s
   const containerd = need(t, 'containerd', 'apt-get install containerd');
   const ctr = need(t, 'ctr', 'apt-get install containerd');
   if (!containerd || !ctr) return undefined;
-  if (process.getuid?.() !== 0) {
-    if (process.env.CI) throw new Error('the containerd test needs root');
-    t.skip('the containerd test needs root');
-    return undefined;
-  }
+  if (!needRoot(t, 'the containerd test')) return undefined;
   const dir = tempDir(t, 'ctrd');
   const socket = join(dir, 'containerd.sock');
   writeFileSync(
@@ -232,11 +228,7 @@ test('Docker Engine pulls through the README daemon.json (registry-mirrors, no n
   const dockerd = need(t, 'dockerd', 'apt-get install docker.io');
   const docker = need(t, 'docker', 'apt-get install docker.io');
   if (!dockerd || !docker) return;
-  if (process.getuid?.() !== 0) {
-    if (process.env.CI) throw new Error('the Docker test needs root');
-    t.skip('the Docker test needs root');
-    return;
-  }
+  if (!needRoot(t, 'the Docker test')) return;
   const w = await world(t, 'docker.io');
   if (!w) return;
   // Not tempDir: the daemon's data root must be unmounted before the directory can go.

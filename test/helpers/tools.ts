@@ -26,6 +26,15 @@ export function need(t: TestContext, name: string, hint: string): string | undef
   return undefined;
 }
 
+/** Whether this process is root, or: under CI an error, elsewhere a skip (returns false). */
+export function needRoot(t: TestContext, why: string): boolean {
+  if (process.getuid?.() === 0) return true;
+  const msg = `${why} needs root`;
+  if (process.env.CI) throw new Error(`${msg} (required under CI)`);
+  t.skip(msg);
+  return false;
+}
+
 /** A fresh directory under the system temp dir, removed when the test ends. */
 export function tempDir(t: TestContext, prefix: string): string {
   const dir = mkdtempSync(join(tmpdir(), `ocicache-${prefix}-`));
