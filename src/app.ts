@@ -27,6 +27,19 @@ export interface AppOptions {
 /** Fastify's own 4xx errors (bad URL, bad header, …) in the spec's vocabulary. */
 const FASTIFY_STATUS_CODE: Record<number, ErrorCode> = { 400: 'NAME_INVALID', 404: 'NAME_UNKNOWN', 405: 'UNSUPPORTED', 413: 'SIZE_INVALID', 415: 'UNSUPPORTED' };
 
+/**
+ * Asynchronous, buffered stdout for the request log. sonic-boom's default utf8 mode appends each
+ * line to one pending string and measures it with Buffer.byteLength on every write, flattening up
+ * to 16 KiB per line (3% of a cached manifest answer's CPU in a profile); its buffer mode keeps
+ * lengths as it goes, so it is handed Buffers.
+ */
+function logDestination(): ReturnType<typeof pino.destination> {
+  const dest = pino.destination({ dest: 1, sync: false, minLength: 8 * 1024, periodicFlush: 250, contentMode: 'buffer' });
+  const writeBuffer = dest.write.bind(dest) as unknown as (line: Buffer) => boolean;
+  dest.write = (line: string) => writeBuffer(Buffer.from(line));
+  return dest;
+}
+
 export async function buildApp(config: Config, options: AppOptions = {}): Promise<FastifyInstance> {
   const app = Fastify({
     // Asynchronous, buffered stdout: lines go out in writes of 8 KiB or more, or every 250 ms,
@@ -35,7 +48,7 @@ export async function buildApp(config: Config, options: AppOptions = {}): Promis
     logger: options.logger ?? {
       level: config.log.level,
       redact: ['req.headers.authorization'],
-      stream: pino.destination({ dest: 1, sync: false, minLength: 8 * 1024, periodicFlush: 250 }),
+      stream: logDestination(),
     },
     // One log line per request, written by our onResponse hook with the cache fields.
     logController: new LogController({ disableRequestLogging: true }),

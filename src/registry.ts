@@ -93,14 +93,38 @@ export class Registry {
 
   // ---- manifests -------------------------------------------------------------------------
 
-  /** A manifest by tag or digest, negotiated against the client's Accept. */
-  async getManifest(target: Target, reference: string, accept: string | undefined, wantBody: boolean): Promise<ManifestResult> {
-    const { manifest, cache } = isDigest(reference) ? await this.manifestByDigest(target, reference) : await this.manifestByTag(target, reference);
+  /**
+   * A manifest by tag or digest, negotiated against the client's Accept. A hit that needs no
+   * upstream (a fresh tag, or a digest this repository is known to hold) is answered without a
+   * promise: the warm path of every pull, and a third of the per-request CPU in bench figure 2.
+   */
+  getManifest(target: Target, reference: string, accept: string | undefined, wantBody: boolean): ManifestResult | Promise<ManifestResult> {
+    const byDigest = isDigest(reference);
+    const hit = byDigest ? this.digestHit(target, reference) : this.freshTag(target, reference);
+    if (hit && accepts(accept, hit.mediaType)) return answer(hit, 'hit', wantBody);
+    return this.fetchOrRevalidate(target, reference, byDigest, accept, wantBody);
+  }
+
+  private async fetchOrRevalidate(target: Target, reference: string, byDigest: boolean, accept: string | undefined, wantBody: boolean): Promise<ManifestResult> {
+    const { manifest, cache } = byDigest ? await this.manifestByDigest(target, reference) : await this.manifestByTag(target, reference);
     if (!accepts(accept, manifest.mediaType)) {
       // Never hand a client a type it did not ask for: let the upstream negotiate with its Accept.
       return this.passthrough(target, reference, accept, wantBody);
     }
-    return { digest: manifest.digest, mediaType: manifest.mediaType, size: manifest.body.length, body: wantBody ? manifest.body : undefined, cache };
+    return answer(manifest, cache, wantBody);
+  }
+
+  /** The manifest of a digest cached and known to be in this repository on this upstream. */
+  private digestHit(target: Target, digest: string): ManifestRecord | undefined {
+    const cached = this.loadManifest(digest);
+    return cached && this.db.isSeenIn(target.upstream.name, target.name, digest) ? cached : undefined;
+  }
+
+  /** The manifest of a tag checked within the upstream's tagTtl. */
+  private freshTag(target: Target, tag: string): ManifestRecord | undefined {
+    const row = this.getTag(target, tag);
+    const manifest = row && this.loadManifest(row.digest);
+    return manifest && Date.now() - row.checkedAt < target.upstream.tagTtl ? manifest : undefined;
   }
 
   private loadManifest(digest: string): ManifestRecord | undefined {
@@ -114,9 +138,10 @@ export class Registry {
 
   private async manifestByDigest(target: Target, digest: string): Promise<TagResult> {
     const { upstream, name } = target;
+    const hit = this.digestHit(target, digest);
+    if (hit) return { manifest: hit, cache: 'hit' };
     const cached = this.loadManifest(digest);
     if (cached) {
-      if (this.db.isSeenIn(upstream.name, name, digest)) return { manifest: cached, cache: 'hit' };
       // Cached for another repository or upstream: the digest proves the bytes, not that this
       // repository holds them. Ask before serving (HEAD is free on Docker Hub).
       await this.upstream.headManifest(target, digest);
@@ -161,9 +186,10 @@ export class Registry {
 
   private async manifestByTag(target: Target, tag: string): Promise<TagResult> {
     const { upstream } = target;
+    const fresh = this.freshTag(target, tag);
+    if (fresh) return { manifest: fresh, cache: 'hit' };
     const row = this.getTag(target, tag);
     const manifest = row && this.loadManifest(row.digest);
-    if (manifest && Date.now() - row.checkedAt < upstream.tagTtl) return { manifest, cache: 'hit' };
     // Offline by choice: the cached tag is the answer, with no warning per request.
     if (manifest && this.upstream.gate(upstream.name).offline) return { manifest, cache: 'stale' };
     return this.tagFlights.do(tagKey(target, tag), () => this.revalidateTag(target, tag));
@@ -447,6 +473,10 @@ function resumable(err: unknown, signal: AbortSignal): boolean {
   if (signal.aborted || isStorageError(err)) return false;
   if (err instanceof OciError) return err.code === 'UNAVAILABLE' || err.code === 'TOOMANYREQUESTS';
   return true;
+}
+
+function answer(manifest: ManifestRecord, cache: CacheResult, wantBody: boolean): ManifestResult {
+  return { digest: manifest.digest, mediaType: manifest.mediaType, size: manifest.body.length, body: wantBody ? manifest.body : undefined, cache };
 }
 
 function tagKey(target: Target, tag: string): string {

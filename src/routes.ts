@@ -10,7 +10,7 @@ import type { CacheResult, Metrics } from './metrics.js';
 import { sendFileRange } from './file-response.js';
 import { contentRange } from './range.js';
 import { parseV2Path, type ParsedPath, type UpstreamIndex } from './reference.js';
-import type { BlobResult, Registry } from './registry.js';
+import type { BlobResult, ManifestResult, Registry } from './registry.js';
 
 export interface RequestContext {
   kind: string;
@@ -60,11 +60,16 @@ export function registerRoutes(app: FastifyInstance, deps: RouteDeps): void {
   app.route({
     method: ['GET', 'HEAD'],
     url: '/*',
-    handler: async (req, reply) => {
+    // Not async: a warm manifest is answered synchronously (registry.getManifest). Errors thrown
+    // here reach the error handler as rejections do; a returned promise is awaited by Fastify.
+    handler: (req, reply): Promise<FastifyReply> | undefined => {
       const { path, query } = splitUrl(req.raw.url ?? '/');
       reply.headers(API_VERSION);
       const parsed = parseV2Path(path, query.get('ns') ?? undefined, upstreams);
-      if (parsed.kind === 'base') return reply.type('application/json').send('{}');
+      if (parsed.kind === 'base') {
+        reply.type('application/json').send('{}');
+        return undefined;
+      }
       if (parsed.kind === 'upload') throw readOnly();
       const ctx: RequestContext = { kind: parsed.kind, upstream: parsed.target.upstream.name, name: parsed.target.name, reference: parsed.reference, bytes: () => 0 };
       req.oci = ctx;
@@ -84,8 +89,14 @@ export function registerRoutes(app: FastifyInstance, deps: RouteDeps): void {
     },
   });
 
-  async function sendManifest(req: FastifyRequest, reply: FastifyReply, p: Extract<ParsedPath, { target: unknown }>, head: boolean): Promise<FastifyReply> {
-    const m = await registry.getManifest(p.target, p.reference, req.headers.accept, !head);
+  function sendManifest(req: FastifyRequest, reply: FastifyReply, p: Extract<ParsedPath, { target: unknown }>, head: boolean): Promise<FastifyReply> | undefined {
+    const m = registry.getManifest(p.target, p.reference, req.headers.accept, !head);
+    if (m instanceof Promise) return m.then((r) => manifestReply(req, reply, r, head));
+    manifestReply(req, reply, m, head);
+    return undefined;
+  }
+
+  function manifestReply(req: FastifyRequest, reply: FastifyReply, m: ManifestResult, head: boolean): FastifyReply {
     req.oci!.cache = m.cache;
     req.oci!.bytes = () => (head ? 0 : m.size);
     reply.headers({
