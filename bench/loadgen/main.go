@@ -4,7 +4,8 @@
 //
 //	loadgen -url URL [-method GET|HEAD] [-c 50] [-d 10s | -n 100] [-H 'Name: value']...
 //
-// Prints one JSON object: requests, errors, non2xx, bytes, seconds, rps, mibps, p50us, p99us.
+// Prints one JSON object: requests, errors, non2xx, bytes, seconds, rps, mibps, p50us, p99us,
+// cpuSeconds (its own CPU time during the run).
 package main
 
 import (
@@ -18,8 +19,16 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 )
+
+// cpuSeconds is the CPU time (user + system) this process has used: what receiving costs.
+func cpuSeconds() float64 {
+	var ru syscall.Rusage
+	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return float64(ru.Utime.Nano()+ru.Stime.Nano()) / 1e9
+}
 
 type headers []string
 
@@ -54,6 +63,7 @@ func main() {
 	var requests, errors, non2xx, bytes, next int64
 	lat := make([][]time.Duration, *conns)
 	deadline := time.Now().Add(*duration)
+	cpu0 := cpuSeconds()
 	start := time.Now()
 	var wg sync.WaitGroup
 	for w := 0; w < *conns; w++ {
@@ -96,6 +106,7 @@ func main() {
 	}
 	wg.Wait()
 	secs := time.Since(start).Seconds()
+	cpu := cpuSeconds() - cpu0
 	var all []time.Duration
 	for _, l := range lat {
 		all = append(all, l...)
@@ -109,7 +120,7 @@ func main() {
 	}
 	out, _ := json.Marshal(map[string]any{
 		"requests": requests, "errors": errors, "non2xx": non2xx, "bytes": bytes, "seconds": secs,
-		"rps": float64(requests) / secs, "mibps": float64(bytes) / secs / 1048576, "p50us": pct(0.5), "p99us": pct(0.99),
+		"rps": float64(requests) / secs, "mibps": float64(bytes) / secs / 1048576, "p50us": pct(0.5), "p99us": pct(0.99), "cpuSeconds": cpu,
 	})
 	fmt.Println(string(out))
 }
