@@ -123,13 +123,13 @@ export async function buildApp(config: Config, options: AppOptions = {}): Promis
   app.addHook('onResponse', (req, reply, done) => {
     const ctx = req.oci;
     const status = reply.statusCode;
-    metrics.httpDuration.observe({ kind: ctx?.kind ?? 'other', method: req.method, status: String(status) }, reply.elapsedTime / 1000);
+    metrics.httpDuration.observe([ctx?.kind ?? 'other', req.method, String(status)], reply.elapsedTime / 1000);
     if (!ctx) return done();
     const bytes = ctx.bytes();
     if (ctx.upstream && ctx.cache) {
-      metrics.cacheRequests.inc({ upstream: ctx.upstream, kind: ctx.kind, result: ctx.cache });
+      metrics.cacheRequests.inc([ctx.upstream, ctx.kind, ctx.cache]);
       stats.record(ctx.upstream, ctx.kind, ctx.cache, ctx.name, ctx.reference !== undefined && !ctx.reference.includes(':'), req.method);
-      if (bytes > 0) metrics.servedBytes.inc({ upstream: ctx.upstream, source: ctx.cache === 'hit' ? 'cache' : 'upstream' }, bytes);
+      if (bytes > 0) metrics.servedBytes.inc([ctx.upstream, ctx.cache === 'hit' ? 'cache' : 'upstream'], bytes);
     }
     req.log.info(
       { reqId: req.id, method: req.method, url: req.url, status, upstream: ctx.upstream, name: ctx.name, reference: ctx.reference, cache: ctx.cache, bytes, durationMs: Math.round(reply.elapsedTime) },

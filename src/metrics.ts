@@ -3,16 +3,16 @@
  * many apps in one process. Labels never include the repository name: its cardinality is
  * unbounded (landscape.md §6.9).
  */
-import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+import { Counter, Gauge, Registry, collectDefaultMetrics, type Metric } from 'prom-client';
 
 export type CacheResult = 'hit' | 'miss' | 'stale' | 'revalidated' | 'passthrough' | 'error';
 
 export class Metrics {
   readonly registry = new Registry();
 
-  readonly cacheRequests = this.counter('ocicache_cache_requests_total', 'Requests for manifests, blobs, tag lists and referrers by cache result.', ['upstream', 'kind', 'result']);
+  readonly cacheRequests = new HotCounter(this.registry, 'ocicache_cache_requests_total', 'Requests for manifests, blobs, tag lists and referrers by cache result.', ['upstream', 'kind', 'result']);
 
-  readonly servedBytes = this.counter('ocicache_served_bytes_total', 'Blob and manifest bytes sent to clients, by where they came from (cache or upstream).', ['upstream', 'source']);
+  readonly servedBytes = new HotCounter(this.registry, 'ocicache_served_bytes_total', 'Blob and manifest bytes sent to clients, by where they came from (cache or upstream).', ['upstream', 'source']);
 
   readonly upstreamRequests = this.counter('ocicache_upstream_requests_total', 'Requests sent to upstream registries, by kind and HTTP status ("error" for transport failures).', ['upstream', 'kind', 'status']);
 
@@ -54,13 +54,13 @@ export class Metrics {
 
   readonly prefetchBytes = this.counter('ocicache_prefetch_bytes_total', 'Blob bytes prefetch made sure are in the cache.');
 
-  readonly httpDuration = new Histogram({
-    name: 'ocicache_http_request_duration_seconds',
-    help: 'Time to answer client requests, by API kind, method and status.',
-    labelNames: ['kind', 'method', 'status'] as const,
-    buckets: [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120],
-    registers: [this.registry],
-  });
+  readonly httpDuration = new HotHistogram(
+    this.registry,
+    'ocicache_http_request_duration_seconds',
+    'Time to answer client requests, by API kind, method and status.',
+    ['kind', 'method', 'status'],
+    [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120],
+  );
 
   private counter<L extends string = never>(name: string, help: string, labelNames: readonly L[] = []): Counter<L> {
     return new Counter({ name, help, labelNames, registers: [this.registry] });
@@ -73,5 +73,98 @@ export class Metrics {
   constructor() {
     collectDefaultMetrics({ register: this.registry, prefix: 'ocicache_' });
     this.storageWritable.set(1);
+  }
+}
+
+/*
+ * The metrics every request updates. prom-client hashes and validates the label set on each
+ * inc() and observe(): for the three per-request updates that was about 5 us of user CPU on a
+ * cached manifest answer of about 35 (bench figure 2, A/B with the calls removed). These keep
+ * their cells in a Map keyed by the label values instead, and hand them over when scraped.
+ */
+
+const SEP = '\u0000';
+
+function labelsOf<L extends string>(names: readonly L[], values: readonly string[]): Record<L, string> {
+  return Object.fromEntries(names.map((n, i) => [n, values[i]])) as Record<L, string>;
+}
+
+/** A prom-client Counter whose increments are summed here and added to it when scraped (its `collect` hook). */
+export class HotCounter<L extends string> {
+  private pending = new Map<string, { labels: Record<L, string>; n: number }>();
+  readonly counter: Counter<L>;
+
+  constructor(registry: Registry, name: string, help: string, private readonly labelNames: readonly L[]) {
+    const flush = (): void => this.flush();
+    this.counter = new Counter({ name, help, labelNames, registers: [registry], collect: flush });
+  }
+
+  /** `values` in the order of the label names. */
+  inc(values: readonly string[], n = 1): void {
+    const key = values.join(SEP);
+    const cell = this.pending.get(key);
+    if (cell) cell.n += n;
+    else this.pending.set(key, { labels: labelsOf(this.labelNames, values), n });
+  }
+
+  private flush(): void {
+    const pending = this.pending;
+    this.pending = new Map();
+    for (const { labels, n } of pending.values()) this.counter.inc(labels as Partial<Record<L, string>>, n);
+  }
+}
+
+interface ExportedValue {
+  metricName: string;
+  labels: Record<string, string | number>;
+  value: number;
+}
+
+/** A histogram kept here whole, exported in prom-client's format through its registry. */
+export class HotHistogram<L extends string> {
+  readonly type = 'histogram';
+  readonly aggregator = 'sum';
+  private cells = new Map<string, { labels: Record<L, string>; counts: number[]; sum: number; count: number }>();
+
+  constructor(
+    registry: Registry,
+    readonly name: string,
+    readonly help: string,
+    private readonly labelNames: readonly L[],
+    private readonly buckets: readonly number[],
+  ) {
+    registry.registerMetric(this as unknown as Metric);
+  }
+
+  /** `values` in the order of the label names. */
+  observe(values: readonly string[], value: number): void {
+    const key = values.join(SEP);
+    let cell = this.cells.get(key);
+    if (!cell) this.cells.set(key, (cell = { labels: labelsOf(this.labelNames, values), counts: this.buckets.map(() => 0), sum: 0, count: 0 }));
+    let i = 0;
+    while (i < this.buckets.length && value > this.buckets[i]!) i++;
+    if (i < this.buckets.length) cell.counts[i]!++;
+    cell.sum += value;
+    cell.count++;
+  }
+
+  /** What prom-client's Histogram.get() returns; its registry renders it. */
+  async get(): Promise<{ name: string; help: string; type: 'histogram'; aggregator: 'sum'; values: ExportedValue[] }> {
+    const values: ExportedValue[] = [];
+    for (const { labels, counts, sum, count } of this.cells.values()) {
+      let cumulative = 0;
+      this.buckets.forEach((le, i) => {
+        cumulative += counts[i]!;
+        values.push({ metricName: `${this.name}_bucket`, labels: { le, ...labels }, value: cumulative });
+      });
+      values.push({ metricName: `${this.name}_bucket`, labels: { le: '+Inf', ...labels }, value: count });
+      values.push({ metricName: `${this.name}_sum`, labels, value: sum });
+      values.push({ metricName: `${this.name}_count`, labels, value: count });
+    }
+    return { name: this.name, help: this.help, type: this.type, values, aggregator: this.aggregator };
+  }
+
+  reset(): void {
+    this.cells.clear();
   }
 }

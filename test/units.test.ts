@@ -4,10 +4,12 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import test, { after } from 'node:test';
+import { Counter, Histogram, Registry } from 'prom-client';
 import { Db } from '../src/db.js';
 import { buildConfig, ConfigError } from '../src/config.js';
 import { OciError } from '../src/errors.js';
 import { accepts } from '../src/manifest.js';
+import { Metrics } from '../src/metrics.js';
 import { parseRange } from '../src/range.js';
 import { parseV2Path, UpstreamIndex } from '../src/reference.js';
 import { parseWwwAuthenticate } from '../src/www-authenticate.js';
@@ -63,7 +65,41 @@ test('Accept negotiation: lists, parameters, wildcards', () => {
     ['application/vnd.docker.distribution.manifest.v2+json', false],
     ['text/*', false],
   ];
-  for (const [accept, want] of cases) assert.equal(accepts(accept, index), want, String(accept));
+  // Twice: the second round answers from the memo of parsed Accept lines.
+  for (let round = 0; round < 2; round++) for (const [accept, want] of cases) assert.equal(accepts(accept, index), want, String(accept));
+  // Past the memo's 1 KiB line limit, still parsed.
+  assert.equal(accepts(`${'x/y, '.repeat(300)}${index}`, index), true);
+  assert.equal(accepts('x/y, '.repeat(300), index), false);
+});
+
+test('metrics: the per-request counters and histogram render exactly as prom-client renders its own', async () => {
+  const ours = new Metrics();
+  const reference = new Registry();
+  const refRequests = new Counter({ name: 'ocicache_cache_requests_total', help: 'x', labelNames: ['upstream', 'kind', 'result'], registers: [reference] });
+  const refDuration = new Histogram({ name: 'ocicache_http_request_duration_seconds', help: 'x', labelNames: ['kind', 'method', 'status'], buckets: [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120], registers: [reference] });
+  const requests: Array<[string, string, string]> = [['docker.io', 'manifest', 'hit'], ['docker.io', 'manifest', 'hit'], ['ghcr.io', 'blob', 'miss']];
+  const durations: Array<[[string, string, string], number]> = [[['manifest', 'GET', '200'], 0.0004], [['manifest', 'GET', '200'], 0.02], [['blob', 'HEAD', '404'], 0.001], [['blob', 'GET', '200'], 200]];
+  const render = async (): Promise<[string[], string[]]> => {
+    const pick = (text: string): string[] => text.split('\n').filter((l) => /^ocicache_(cache_requests_total|http_request_duration_seconds)/.test(l));
+    return [pick(await ours.registry.metrics()), pick(await reference.metrics())];
+  };
+  for (const [u, k, r] of requests) {
+    ours.cacheRequests.inc([u, k, r]);
+    refRequests.inc({ upstream: u, kind: k, result: r });
+  }
+  for (const [[k, m, st], v] of durations) {
+    ours.httpDuration.observe([k, m, st], v);
+    refDuration.observe({ kind: k, method: m, status: st }, v);
+  }
+  let [got, want] = await render();
+  assert.equal(got.length, 2 + 3 * 13); // two request label sets; three histogram ones of 10 buckets, +Inf, sum and count
+  assert.deepEqual(got, want);
+  // Increments between scrapes add to what was scraped before.
+  ours.cacheRequests.inc(['docker.io', 'manifest', 'hit'], 2);
+  refRequests.inc({ upstream: 'docker.io', kind: 'manifest', result: 'hit' }, 2);
+  [got, want] = await render();
+  assert.ok(got.includes('ocicache_cache_requests_total{upstream="docker.io",kind="manifest",result="hit"} 4'));
+  assert.deepEqual(got, want);
 });
 
 const UNITS_DIR = mkdtempSync(join(tmpdir(), 'ocicache-units-'));
