@@ -94,13 +94,20 @@ export class HotCounter<L extends string> {
   private pending = new Map<string, { labels: Record<L, string>; n: number }>();
   readonly counter: Counter<L>;
 
-  constructor(registry: Registry, name: string, help: string, private readonly labelNames: readonly L[]) {
+  constructor(registry: Registry, readonly name: string, help: string, private readonly labelNames: readonly L[]) {
     const flush = (): void => this.flush();
     this.counter = new Counter({ name, help, labelNames, registers: [registry], collect: flush });
+    // registry.resetMetrics() resets the Counter: increments not scraped yet go with it.
+    const reset = this.counter.reset.bind(this.counter);
+    this.counter.reset = () => {
+      this.pending.clear();
+      reset();
+    };
   }
 
-  /** `values` in the order of the label names. */
+  /** `values` in the order of the label names. Refuses what prom-client would, at once rather than at the next scrape. */
   inc(values: readonly string[], n = 1): void {
+    if (!Number.isFinite(n) || n < 0) throw new TypeError(`${this.name}: a counter cannot be increased by ${n}`);
     const key = values.join(SEP);
     const cell = this.pending.get(key);
     if (cell) cell.n += n;
@@ -138,6 +145,7 @@ export class HotHistogram<L extends string> {
 
   /** `values` in the order of the label names. */
   observe(values: readonly string[], value: number): void {
+    if (!Number.isFinite(value)) throw new TypeError(`${this.name}: cannot observe ${value}`);
     const key = values.join(SEP);
     let cell = this.cells.get(key);
     if (!cell) this.cells.set(key, (cell = { labels: labelsOf(this.labelNames, values), counts: this.buckets.map(() => 0), sum: 0, count: 0 }));

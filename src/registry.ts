@@ -101,10 +101,12 @@ export class Registry {
   getManifest(target: Target, reference: string, accept: string | undefined, wantBody: boolean): ManifestResult | Promise<ManifestResult> {
     const byDigest = isDigest(reference);
     const hit = byDigest ? this.digestHit(target, reference) : this.freshTag(target, reference);
-    if (hit && accepts(accept, hit.mediaType)) return answer(hit, 'hit', wantBody);
-    return this.fetchOrRevalidate(target, reference, byDigest, accept, wantBody);
+    if (!hit) return this.fetchOrRevalidate(target, reference, byDigest, accept, wantBody);
+    // Never hand a client a type it did not ask for: let the upstream negotiate with its Accept.
+    return accepts(accept, hit.mediaType) ? answer(hit, 'hit', wantBody) : this.passthrough(target, reference, accept, wantBody);
   }
 
+  /** Everything but a hit: the upstream is asked (HEAD for a known digest or a stale tag, GET for new content). */
   private async fetchOrRevalidate(target: Target, reference: string, byDigest: boolean, accept: string | undefined, wantBody: boolean): Promise<ManifestResult> {
     const { manifest, cache } = byDigest ? await this.manifestByDigest(target, reference) : await this.manifestByTag(target, reference);
     if (!accepts(accept, manifest.mediaType)) {
@@ -138,8 +140,6 @@ export class Registry {
 
   private async manifestByDigest(target: Target, digest: string): Promise<TagResult> {
     const { upstream, name } = target;
-    const hit = this.digestHit(target, digest);
-    if (hit) return { manifest: hit, cache: 'hit' };
     const cached = this.loadManifest(digest);
     if (cached) {
       // Cached for another repository or upstream: the digest proves the bytes, not that this
@@ -186,8 +186,6 @@ export class Registry {
 
   private async manifestByTag(target: Target, tag: string): Promise<TagResult> {
     const { upstream } = target;
-    const fresh = this.freshTag(target, tag);
-    if (fresh) return { manifest: fresh, cache: 'hit' };
     const row = this.getTag(target, tag);
     const manifest = row && this.loadManifest(row.digest);
     // Offline by choice: the cached tag is the answer, with no warning per request.

@@ -86,6 +86,8 @@ export function registerRoutes(app: FastifyInstance, deps: RouteDeps): void {
         case 'referrers':
           return sendReferrers(reply, parsed, query, head);
       }
+      // Unreachable while the switch covers every kind; a new kind must not leave a request hanging.
+      throw new Error(`no handler for ${(parsed as { kind: string }).kind}`);
     },
   });
 

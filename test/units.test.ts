@@ -72,6 +72,7 @@ test('Accept negotiation: lists, parameters, wildcards', () => {
   assert.equal(accepts('x/y, '.repeat(300), index), false);
 });
 
+// Without default labels on the registry: with them, only the order of labels would differ.
 test('metrics: the per-request counters and histogram render exactly as prom-client renders its own', async () => {
   const ours = new Metrics();
   const reference = new Registry();
@@ -100,6 +101,14 @@ test('metrics: the per-request counters and histogram render exactly as prom-cli
   [got, want] = await render();
   assert.ok(got.includes('ocicache_cache_requests_total{upstream="docker.io",kind="manifest",result="hit"} 4'));
   assert.deepEqual(got, want);
+  // A reset drops what was not scraped yet, as prom-client's does.
+  ours.cacheRequests.inc(['docker.io', 'manifest', 'hit'], 5);
+  ours.registry.resetMetrics();
+  [got] = await render();
+  assert.deepEqual(got, []);
+  // Bad values are refused when made, not at the next scrape.
+  assert.throws(() => ours.servedBytes.inc(['docker.io', 'cache'], -1), /cannot be increased by -1/);
+  assert.throws(() => ours.httpDuration.observe(['blob', 'GET', '200'], NaN), /cannot observe NaN/);
 });
 
 const UNITS_DIR = mkdtempSync(join(tmpdir(), 'ocicache-units-'));
