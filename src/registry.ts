@@ -96,7 +96,7 @@ export class Registry {
   /**
    * A manifest by tag or digest, negotiated against the client's Accept. A hit that needs no
    * upstream (a fresh tag, or a digest this repository is known to hold) is answered without a
-   * promise: the warm path of every pull, and a third of the per-request CPU in bench figure 2.
+   * promise: it is the warm path of every pull (bench figure 2).
    */
   getManifest(target: Target, reference: string, accept: string | undefined, wantBody: boolean): ManifestResult | Promise<ManifestResult> {
     const byDigest = isDigest(reference);
