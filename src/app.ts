@@ -8,6 +8,7 @@ import { pino } from 'pino';
 import type { Config } from './config.js';
 import { OciError, type ErrorCode } from './errors.js';
 import { registerAdmin } from './admin.js';
+import { onResponseGone } from './response-gone.js';
 import { registerRoutes } from './routes.js';
 import { openCache } from './services.js';
 import { registerStatus, Stats } from './status.js';
@@ -103,20 +104,13 @@ export async function buildApp(config: Config, options: AppOptions = {}): Promis
   app.addHook('onRequest', (req, reply, done) => {
     if (closing && req.url !== '/healthz') return done(new OciError('UNAVAILABLE', 'shutting down'));
     inflight++;
-    // A pipelined response queued behind another gets no 'close' when the client hangs up: the
-    // connection's 'close' counts too.
-    const socket = req.raw.socket;
-    const gone = (): void => {
-      reply.raw.off('close', gone);
-      socket.off('close', gone);
+    onResponseGone(reply.raw, () => {
       if (--inflight === 0) drained?.();
       // onResponse only runs for completed responses: say so when a client or a failed fill cut one short.
       if (!reply.raw.writableFinished && req.oci) {
         req.log.warn({ reqId: req.id, method: req.method, url: req.url, upstream: req.oci.upstream, name: req.oci.name, reference: req.oci.reference, cache: req.oci.cache, bytes: req.oci.bytes() }, 'response aborted');
       }
-    };
-    reply.raw.once('close', gone);
-    socket.once('close', gone);
+    });
     done();
   });
 

@@ -8,6 +8,7 @@
  */
 import type { FileHandle } from 'node:fs/promises';
 import type { ServerResponse } from 'node:http';
+import { onResponseGone } from './response-gone.js';
 
 const CHUNK = 1024 * 1024;
 /** Idle buffers kept for the next responses; more are allocated under load and left to the GC. */
@@ -30,13 +31,9 @@ function write(res: ServerResponse, chunk: Buffer, closed: Promise<false>): Prom
  * the client sees a short body, never a wrong one. `sent` counts the bytes the socket has taken.
  */
 export async function sendFileRange(res: ServerResponse, handle: FileHandle, start: number, end: number, sent: (bytes: number) => void): Promise<void> {
-  // A pipelined response still queued behind another gets no 'close' of its own when the client
-  // hangs up (and no write callback either): watch the connection too.
-  let gone!: () => void;
-  const closed = new Promise<false>((resolve) => (gone = () => resolve(false)));
-  const socket = res.req.socket;
-  res.once('close', gone);
-  socket.once('close', gone);
+  // Write callbacks never come for a response whose client left: its closing ends the waits.
+  let unwatch!: () => void;
+  const closed = new Promise<false>((resolve) => (unwatch = onResponseGone(res, () => resolve(false))));
   const buffers = [take(), take()];
   const writes: Array<Promise<boolean>> = [Promise.resolve(true), Promise.resolve(true)];
   let reusable = false;
@@ -62,8 +59,7 @@ export async function sendFileRange(res: ServerResponse, handle: FileHandle, sta
     res.destroy();
     throw err;
   } finally {
-    res.off('close', gone);
-    socket.off('close', gone);
+    unwatch();
     // Buffers a write may still hold (the client left mid-write) are left to the GC.
     if (reusable) for (const b of buffers) if (pool.length < MAX_POOLED) pool.push(b);
   }
