@@ -102,18 +102,19 @@ export class Registry {
     const byDigest = isDigest(reference);
     const hit = byDigest ? this.digestHit(target, reference) : this.freshTag(target, reference);
     if (!hit) return this.fetchOrRevalidate(target, reference, byDigest, accept, wantBody);
-    // Never hand a client a type it did not ask for: let the upstream negotiate with its Accept.
-    return accepts(accept, hit.mediaType) ? answer(hit, 'hit', wantBody) : this.passthrough(target, reference, accept, wantBody);
+    return this.negotiate({ manifest: hit, cache: 'hit' }, target, reference, accept, wantBody);
   }
 
   /** Everything but a hit: the upstream is asked (HEAD for a known digest or a stale tag, GET for new content). */
   private async fetchOrRevalidate(target: Target, reference: string, byDigest: boolean, accept: string | undefined, wantBody: boolean): Promise<ManifestResult> {
-    const { manifest, cache } = byDigest ? await this.manifestByDigest(target, reference) : await this.manifestByTag(target, reference);
-    if (!accepts(accept, manifest.mediaType)) {
-      // Never hand a client a type it did not ask for: let the upstream negotiate with its Accept.
-      return this.passthrough(target, reference, accept, wantBody);
-    }
-    return answer(manifest, cache, wantBody);
+    const found = byDigest ? await this.manifestByDigest(target, reference) : await this.manifestByTag(target, reference);
+    return this.negotiate(found, target, reference, accept, wantBody);
+  }
+
+  /** Never hands a client a type it did not ask for: the upstream then negotiates with its Accept. */
+  private negotiate({ manifest, cache }: TagResult, target: Target, reference: string, accept: string | undefined, wantBody: boolean): ManifestResult | Promise<ManifestResult> {
+    if (!accepts(accept, manifest.mediaType)) return this.passthrough(target, reference, accept, wantBody);
+    return { digest: manifest.digest, mediaType: manifest.mediaType, size: manifest.body.length, body: wantBody ? manifest.body : undefined, cache };
   }
 
   /** The manifest of a digest cached and known to be in this repository on this upstream. */
@@ -471,10 +472,6 @@ function resumable(err: unknown, signal: AbortSignal): boolean {
   if (signal.aborted || isStorageError(err)) return false;
   if (err instanceof OciError) return err.code === 'UNAVAILABLE' || err.code === 'TOOMANYREQUESTS';
   return true;
-}
-
-function answer(manifest: ManifestRecord, cache: CacheResult, wantBody: boolean): ManifestResult {
-  return { digest: manifest.digest, mediaType: manifest.mediaType, size: manifest.body.length, body: wantBody ? manifest.body : undefined, cache };
 }
 
 function tagKey(target: Target, tag: string): string {
