@@ -20,7 +20,7 @@ import { request } from 'undici';
 import { stringify } from 'yaml';
 import { Db } from '../src/db.js';
 import { startDistribution } from '../test/helpers/distribution.js';
-import { exec, freePort, which } from '../test/helpers/tools.js';
+import { exec, freePort, stopChild, which } from '../test/helpers/tools.js';
 import { image, multiArch, OCI_MANIFEST, Pusher, sha256 } from '../test/helpers/seed.js';
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..');
@@ -92,13 +92,8 @@ async function waitHttp(url: string, ms = 20_000): Promise<void> {
   fail(`${url} did not come up`);
 }
 
-function kill(child: ChildProcess, signal: NodeJS.Signals = 'SIGKILL'): Promise<void> {
-  if (child.exitCode !== null || child.signalCode !== null) return Promise.resolve();
-  const done = new Promise<void>((r) => child.once('exit', () => r()));
-  child.kill(signal);
-  const force = setTimeout(() => child.kill('SIGKILL'), 5000);
-  return done.finally(() => clearTimeout(force));
-}
+/** The servers under test are killed outright between measurements; nginx gets SIGQUIT (see runNginx). */
+const kill = (child: ChildProcess, signal: NodeJS.Signals = 'SIGKILL'): Promise<void> => stopChild(child, signal);
 
 /** Peak RSS since the last reset (VmHWM), in MiB; writing 5 to clear_refs resets it (proc(5)). */
 function peakRss(pid: number): number {

@@ -15,7 +15,7 @@ import { startDistribution, type Distribution } from './helpers/distribution.js'
 import { startProxy, type Proxy } from './helpers/proxy.js';
 import { image, multiArch, Pusher, sha256, type Image, type MultiArch } from './helpers/seed.js';
 import { localSnippet, pointAtCache, readmeSnippet } from './helpers/readme.js';
-import { exec, need, needRoot, tempDir, until } from './helpers/tools.js';
+import { exec, need, needRoot, stopChild, tempDir, until } from './helpers/tools.js';
 
 interface World {
   hub: Distribution;
@@ -138,7 +138,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
   const daemon = spawn(containerd, ['--config', join(dir, 'config.toml')], { stdio: ['ignore', 'ignore', 'pipe'] });
   let daemonLog = '';
   daemon.stderr.on('data', (d: Buffer) => (daemonLog += d.toString()));
-  t.after(() => stop(daemon, 5000));
+  t.after(() => stopChild(daemon));
   for (let i = 0; i < 100 && !readdirSync(dir).includes('containerd.sock'); i++) await sleep(100);
   assert.ok(readdirSync(dir).includes('containerd.sock'), `containerd did not start:\n${daemonLog.slice(-3000)}`);
   return { ctr, socket, dir };
@@ -214,16 +214,6 @@ function mountsUnder(dir: string): string[] {
     .sort((a, b) => b.length - a.length);
 }
 
-/** Stops a child unless it already exited (by code or by signal). */
-async function stop(child: ReturnType<typeof spawn>, graceMs: number): Promise<void> {
-  if (child.exitCode !== null || child.signalCode !== null) return;
-  const exited = new Promise((r) => child.once('exit', r));
-  child.kill('SIGTERM');
-  const timer = setTimeout(() => child.kill('SIGKILL'), graceMs);
-  await exited;
-  clearTimeout(timer);
-}
-
 test('Docker Engine pulls through the README daemon.json (registry-mirrors, no ns: the default upstream)', async (t) => {
   const dockerd = need(t, 'dockerd', 'apt-get install docker.io');
   const docker = need(t, 'docker', 'apt-get install docker.io');
@@ -236,7 +226,7 @@ test('Docker Engine pulls through the README daemon.json (registry-mirrors, no n
   const dataRoot = join(dir, 'root');
   let daemon: ReturnType<typeof spawn> | undefined;
   t.after(async () => {
-    if (daemon) await stop(daemon, 20_000);
+    if (daemon) await stopChild(daemon, 'SIGTERM', 20_000);
     // A killed dockerd leaves its own containerd running and its bind mounts in place.
     try {
       process.kill(Number(readFileSync(join(dir, 'exec', 'containerd', 'containerd.pid'), 'utf8')), 'SIGKILL');

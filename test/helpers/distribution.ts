@@ -8,7 +8,7 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { TestContext } from 'node:test';
-import { need } from './tools.js';
+import { need, stopChild } from './tools.js';
 import type { TokenIssuer } from './token-issuer.js';
 
 export interface Distribution {
@@ -76,14 +76,7 @@ ${auth}`,
     child.once('exit', (code) => reject(new Error(`docker-registry exited with ${code} before listening`)));
     setTimeout(() => reject(new Error('docker-registry did not start within 10 s')), 10_000).unref();
   });
-  const stop = async (): Promise<void> => {
-    if (child.exitCode !== null || child.signalCode !== null) return;
-    const exited = new Promise((r) => child.once('exit', r));
-    child.kill('SIGTERM');
-    const timer = setTimeout(() => child.kill('SIGKILL'), 3000);
-    await exited;
-    clearTimeout(timer);
-  };
+  const stop = (): Promise<void> => stopChild(child, 'SIGTERM', 3000);
   t.after(async () => {
     await stop();
     rmSync(dir, { recursive: true, force: true });

@@ -3,7 +3,7 @@
  * program fails the test; on a developer machine it skips with a message saying what to install.
  */
 import assert from 'node:assert/strict';
-import { spawn, spawnSync } from 'node:child_process';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { createServer } from 'node:net';
@@ -33,6 +33,16 @@ export function needRoot(t: TestContext, why: string): boolean {
   if (process.env.CI) throw new Error(`${msg} (required under CI)`);
   t.skip(msg);
   return false;
+}
+
+/** Stops a child with `signal`, then SIGKILL after `graceMs`; nothing if it already exited (by code or by signal). */
+export async function stopChild(child: ChildProcess, signal: NodeJS.Signals = 'SIGTERM', graceMs = 5000): Promise<void> {
+  if (child.exitCode !== null || child.signalCode !== null) return;
+  const exited = new Promise((r) => child.once('exit', r));
+  child.kill(signal);
+  const timer = setTimeout(() => child.kill('SIGKILL'), graceMs);
+  await exited;
+  clearTimeout(timer);
 }
 
 /** A fresh directory under the system temp dir, removed when the test ends. */
