@@ -3,20 +3,22 @@
  * operational endpoints. The only file that knows every module.
  */
 import { access, constants } from 'node:fs/promises';
+import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
 import Fastify, { LogController, type FastifyInstance } from 'fastify';
 import { pino } from 'pino';
 import type { Config } from './config.js';
 import { OciError, type ErrorCode } from './errors.js';
 import { registerAdmin } from './admin.js';
 import { onResponseGone } from './response-gone.js';
-import { registerRoutes } from './routes.js';
-import { openCache } from './services.js';
+import { registerRoutes, warmManifests, type Finished } from './routes.js';
+import { openCache, type Services } from './services.js';
 import { registerStatus, Stats } from './status.js';
 import { version } from './version.js';
 
 declare module 'fastify' {
   interface FastifyInstance {
     drain(ms: number): Promise<void>;
+    readonly services: Services;
   }
 }
 
@@ -42,7 +44,24 @@ function logDestination(): ReturnType<typeof pino.destination> {
 }
 
 export async function buildApp(config: Config, options: AppOptions = {}): Promise<FastifyInstance> {
+  // Set once the services exist; until then every request goes to Fastify.
+  let warm: ((req: IncomingMessage, res: ServerResponse) => boolean) | undefined;
+  // One sequence for both paths, in the format of Fastify's default genReqId.
+  let lastReqId = 0;
+  const nextReqId = (): string => `req-${(lastReqId = (lastReqId + 1) & 0x7fffffff).toString(36)}`;
   const app = Fastify({
+    serverFactory: (handler) => {
+      const server = createServer((req, res) => {
+        if (!warm?.(req, res)) handler(req, res);
+      });
+      // Blob downloads may legitimately take long; idle connections are still reaped by keepAliveTimeout.
+      // (Fastify applies its own timeout options only to servers it creates.)
+      server.requestTimeout = 0;
+      server.setTimeout(0);
+      server.keepAliveTimeout = 75_000;
+      return server;
+    },
+    genReqId: nextReqId,
     // Asynchronous, buffered stdout: lines go out in writes of 8 KiB or more, or every 250 ms,
     // whichever comes first, so the per-request log line costs no write (and thread-pool hop) of
     // its own. cli.ts flushes before exit.
@@ -60,10 +79,6 @@ export async function buildApp(config: Config, options: AppOptions = {}): Promis
     exposeHeadRoutes: false,
     return503OnClosing: true,
     trustProxy: config.server.trustProxy,
-    // Blob downloads may legitimately take long; idle connections are still reaped by keepAliveTimeout.
-    requestTimeout: 0,
-    connectionTimeout: 0,
-    keepAliveTimeout: 75_000,
     bodyLimit: 1024 * 1024,
     // Idle keep-alive sockets must not hold shutdown for keepAliveTimeout; in-flight requests are
     // drained first by drain() (see cli.ts), so by close() only idle or stuck sockets remain.
@@ -74,6 +89,7 @@ export async function buildApp(config: Config, options: AppOptions = {}): Promis
   const services = await openCache(config, app.log, { sweep: true });
   const { metrics, blobs, db, registry, upstreams, lifecycle } = services;
   lifecycle.start();
+  app.decorate('services', services);
   const stats = new Stats();
   let closing = false;
   let inflight = 0;
@@ -114,25 +130,26 @@ export async function buildApp(config: Config, options: AppOptions = {}): Promis
     done();
   });
 
-  app.addHook('onResponse', (req, reply, done) => {
-    const ctx = req.oci;
-    const status = reply.statusCode;
-    metrics.httpDuration.observe([ctx?.kind ?? 'other', req.method, String(status)], reply.elapsedTime / 1000);
-    if (!ctx) return done();
+  /** Metrics, status page counts and the request log line of every answered request, on both paths. */
+  const finished = ({ reqId, method, url, status, ctx, ms }: Finished): void => {
+    metrics.httpDuration.observe([ctx?.kind ?? 'other', method, String(status)], ms / 1000);
+    if (!ctx) return;
     const bytes = ctx.bytes();
     if (ctx.upstream && ctx.cache) {
       metrics.cacheRequests.inc([ctx.upstream, ctx.kind, ctx.cache]);
-      stats.record(ctx.upstream, ctx.kind, ctx.cache, ctx.name, ctx.reference !== undefined && !ctx.reference.includes(':'), req.method);
+      stats.record(ctx.upstream, ctx.kind, ctx.cache, ctx.name, ctx.reference !== undefined && !ctx.reference.includes(':'), method);
       if (bytes > 0) metrics.servedBytes.inc([ctx.upstream, ctx.cache === 'hit' ? 'cache' : 'upstream'], bytes);
     }
-    req.log.info(
-      { reqId: req.id, method: req.method, url: req.url, status, upstream: ctx.upstream, name: ctx.name, reference: ctx.reference, cache: ctx.cache, bytes, durationMs: Math.round(reply.elapsedTime) },
-      'request',
-    );
+    app.log.info({ reqId, method, url, status, upstream: ctx.upstream, name: ctx.name, reference: ctx.reference, cache: ctx.cache, bytes, durationMs: Math.round(ms) }, 'request');
+  };
+
+  app.addHook('onResponse', (req, reply, done) => {
+    finished({ reqId: req.id, method: req.method, url: req.url, status: reply.statusCode, ctx: req.oci, ms: reply.elapsedTime });
     done();
   });
 
   registerRoutes(app, { registry, upstreams, metrics });
+  warm = warmManifests({ registry, upstreams, open: () => !closing, reqId: nextReqId, finished });
   registerAdmin(app, services);
   registerStatus(app, services, stats, version());
 

@@ -55,6 +55,10 @@ export interface Log {
 
 type TagResult = { manifest: ManifestRecord; cache: CacheResult };
 
+function manifestResult(manifest: ManifestRecord, cache: CacheResult, wantBody: boolean): ManifestResult {
+  return { digest: manifest.digest, mediaType: manifest.mediaType, size: manifest.body.length, body: wantBody ? manifest.body : undefined, cache };
+}
+
 export class Registry {
   private readonly manifestMemory: LRUCache<string, ManifestRecord>;
   private readonly tagFlights = new SingleFlight<TagResult>();
@@ -99,10 +103,15 @@ export class Registry {
    * promise: it is the warm path of every pull (bench figure 2).
    */
   getManifest(target: Target, reference: string, accept: string | undefined, wantBody: boolean): ManifestResult | Promise<ManifestResult> {
-    const byDigest = isDigest(reference);
-    const hit = byDigest ? this.digestHit(target, reference) : this.freshTag(target, reference);
-    if (!hit) return this.fetchOrRevalidate(target, reference, byDigest, accept, wantBody);
+    const hit = this.hit(target, reference);
+    if (!hit) return this.fetchOrRevalidate(target, reference, isDigest(reference), accept, wantBody);
     return this.negotiate({ manifest: hit, cache: 'hit' }, target, reference, accept, wantBody);
+  }
+
+  /** getManifest's answer when it is a hit in a type the client accepts; undefined when it would need the upstream. */
+  cachedManifest(target: Target, reference: string, accept: string | undefined, wantBody: boolean): ManifestResult | undefined {
+    const hit = this.hit(target, reference);
+    return hit && accepts(accept, hit.mediaType) ? manifestResult(hit, 'hit', wantBody) : undefined;
   }
 
   /** Everything but a hit: the upstream is asked (HEAD for a known digest or a stale tag, GET for new content). */
@@ -114,7 +123,12 @@ export class Registry {
   /** Never hands a client a type it did not ask for: the upstream then negotiates with its Accept. */
   private negotiate({ manifest, cache }: TagResult, target: Target, reference: string, accept: string | undefined, wantBody: boolean): ManifestResult | Promise<ManifestResult> {
     if (!accepts(accept, manifest.mediaType)) return this.passthrough(target, reference, accept, wantBody);
-    return { digest: manifest.digest, mediaType: manifest.mediaType, size: manifest.body.length, body: wantBody ? manifest.body : undefined, cache };
+    return manifestResult(manifest, cache, wantBody);
+  }
+
+  /** A manifest served without asking the upstream: a fresh tag, or a digest this repository is known to hold. */
+  private hit(target: Target, reference: string): ManifestRecord | undefined {
+    return isDigest(reference) ? this.digestHit(target, reference) : this.freshTag(target, reference);
   }
 
   /** The manifest of a digest cached and known to be in this repository on this upstream. */
@@ -230,7 +244,7 @@ export class Registry {
       }
     }
     const m = await this.fetchManifest(target, reference, isDigest(reference) ? reference : undefined, undefined, accept);
-    return { digest: m.digest, mediaType: m.mediaType, size: m.body.length, body: wantBody ? m.body : undefined, cache: 'passthrough' };
+    return manifestResult(m, 'passthrough', wantBody);
   }
 
   // ---- blobs -----------------------------------------------------------------------------

@@ -26,6 +26,8 @@ export interface ProxyOptions {
   timeouts?: Record<string, unknown>;
   root?: string;
   env?: NodeJS.ProcessEnv;
+  /** pino options, e.g. {level: 'info', stream} to read the log; default: no log (OCICACHE_TEST_LOG=debug shows it) */
+  logger?: Record<string, unknown>;
 }
 
 export async function startProxy(t: TestContext, options: ProxyOptions): Promise<Proxy> {
@@ -43,7 +45,7 @@ export async function startProxy(t: TestContext, options: ProxyOptions): Promise
     },
     options.env ?? {},
   );
-  const app = await buildApp(config, { logger: process.env.OCICACHE_TEST_LOG ? { level: process.env.OCICACHE_TEST_LOG } : false });
+  const app = await buildApp(config, { logger: options.logger ?? (process.env.OCICACHE_TEST_LOG ? { level: process.env.OCICACHE_TEST_LOG } : false) });
   await app.listen({ host: '127.0.0.1', port: 0 });
   t.after(async () => {
     await app.close();
