@@ -89,15 +89,23 @@ function parse(body: Uint8Array): ManifestJson | undefined {
 }
 
 /**
+ * type "/" subtype, RFC 6838 §4.2 restricted names. The upstream's body is not trusted to hold
+ * one: a `mediaType` field with a line break once reached a Content-Type header (Node refuses it
+ * with an exception).
+ */
+const MEDIA_TYPE = /^[a-z0-9][a-z0-9!#$&^_.+-]{0,126}\/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}$/i;
+
+/**
  * The media type to serve: the upstream's Content-Type when it names a manifest, else the
  * manifest's own `mediaType` field (some registries answer application/json), else schema1
- * for text/plain as containerd does.
+ * for text/plain as containerd does. Never anything but a well-formed media type.
  */
 export function mediaTypeOf(body: Uint8Array, contentType: string | undefined): string {
-  const ct = stripParams(contentType);
+  const stripped = stripParams(contentType);
+  const ct = MEDIA_TYPE.test(stripped) ? stripped : '';
   if (ct !== '' && ct !== 'application/json' && ct !== 'text/plain' && ct !== 'application/octet-stream') return ct;
   const field = parse(body)?.mediaType;
-  if (typeof field === 'string' && field !== '') return field;
+  if (typeof field === 'string' && MEDIA_TYPE.test(field)) return field;
   if (ct === 'text/plain') return DOCKER_SCHEMA1_SIGNED;
   return ct === '' ? OCI_MANIFEST : ct;
 }

@@ -105,12 +105,13 @@ export function warmManifests(deps: WarmDeps): (req: IncomingMessage, res: Serve
       parsed = parseV2Path(path, query.get('ns') ?? undefined, upstreams);
       if (parsed.kind !== 'manifest') return false;
       m = registry.cachedManifest(parsed.target, parsed.reference, req.headers.accept, method === 'GET');
+      if (!m) return false;
+      // Validates every header before anything is written: a throw here leaves res untouched.
+      res.writeHead(200, manifestHeaders(m, parsed.target.upstream.name));
     } catch {
       return false;
     }
-    if (!m) return false;
     const upstream = parsed.target.upstream.name;
-    res.writeHead(200, manifestHeaders(m, upstream));
     res.end(m.body);
     const bytes = m.body ? m.size : 0;
     const ctx: RequestContext = { kind: 'manifest', upstream, name: parsed.target.name, reference: parsed.reference, cache: m.cache, bytes: () => bytes };

@@ -75,6 +75,23 @@ test('a wrong manifest for its digest is refused, not stored', async (t) => {
   assert.equal(JSON.parse(r.body!.toString()).errors[0].code, 'UNKNOWN');
 });
 
+test('a manifest whose mediaType field holds a line break is served with a clean Content-Type, on a miss and on a hit', async (t) => {
+  const { fake, proxy } = await setup(t);
+  const body = Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: 'application/x\r\nset-cookie: a=b', layers: [] }));
+  const digest = sha256(body);
+  // By tag for the HEAD, by digest for the GET that follows.
+  for (const reference of ['v1', digest]) {
+    fake.route(`/v2/some/repo/manifests/${reference}`, (req, res) => {
+      res.writeHead(200, { 'content-type': 'application/json', 'docker-content-digest': digest, 'content-length': body.length }).end(req.method === 'HEAD' ? undefined : body);
+    });
+  }
+  for (const cache of ['MISS', 'HIT', 'HIT']) {
+    const r = await fetchBody(`${proxy.url}/v2/some/repo/manifests/v1?ns=fake.example`);
+    assert.deepEqual([r.status, r.headers['content-type'], r.headers['x-cache'], r.headers['set-cookie']], [200, 'application/json', cache, undefined]);
+    assert.deepEqual(r.body, body);
+  }
+});
+
 test('upstream status codes map to OCI errors', async (t) => {
   const { fake, proxy } = await setup(t);
   const cases: Array<{ what: string; reply: (res: import('node:http').ServerResponse) => void; status: number; code: string; headers?: Record<string, string> }> = [

@@ -8,7 +8,7 @@ import { Counter, Histogram, Registry } from 'prom-client';
 import { Db } from '../src/db.js';
 import { buildConfig, ConfigError } from '../src/config.js';
 import { OciError } from '../src/errors.js';
-import { accepts } from '../src/manifest.js';
+import { accepts, DOCKER_MANIFEST, DOCKER_SCHEMA1_SIGNED, mediaTypeOf, OCI_INDEX, OCI_MANIFEST } from '../src/manifest.js';
 import { Metrics } from '../src/metrics.js';
 import { parseRange } from '../src/range.js';
 import { parseV2Path, UpstreamIndex } from '../src/reference.js';
@@ -70,6 +70,22 @@ test('Accept negotiation: lists, parameters, wildcards', () => {
   // Past the memo's 1 KiB line limit, still parsed.
   assert.equal(accepts(`${'x/y, '.repeat(300)}${index}`, index), true);
   assert.equal(accepts('x/y, '.repeat(300), index), false);
+});
+
+test('media type served for a manifest: Content-Type, else the mediaType field, never a malformed one', () => {
+  const body = (mediaType: unknown): Buffer => Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType }));
+  const cases: Array<[string, Buffer, string | undefined, string]> = [
+    ['a manifest Content-Type wins', body(OCI_INDEX), `${OCI_MANIFEST}; charset=utf-8`, OCI_MANIFEST],
+    ['application/json: the field', body(DOCKER_MANIFEST), 'application/json', DOCKER_MANIFEST],
+    ['no Content-Type: the field', body(OCI_INDEX), undefined, OCI_INDEX],
+    ['no Content-Type, no field: OCI manifest', Buffer.from('{}'), undefined, OCI_MANIFEST],
+    ['text/plain, no field: schema1 as containerd does', Buffer.from('{}'), 'text/plain', DOCKER_SCHEMA1_SIGNED],
+    ['a line break in the field is ignored', body('application/x\r\nset-cookie: a=b'), 'application/json', 'application/json'],
+    ['a field that is no media type is ignored', body('not a media type'), undefined, OCI_MANIFEST],
+    ['a non-string field is ignored', body({ evil: 1 }), undefined, OCI_MANIFEST],
+    ['a malformed Content-Type is ignored', body(OCI_MANIFEST), 'application/x y', OCI_MANIFEST],
+  ];
+  for (const [name, b, ct, want] of cases) assert.equal(mediaTypeOf(b, ct), want, name);
 });
 
 // Without default labels on the registry: with them, only the order of labels would differ.
