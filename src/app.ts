@@ -106,17 +106,28 @@ export async function buildApp(config: Config, options: AppOptions = {}): Promis
     return reply.type('application/json').send(JSON.stringify(oci.toJSON()));
   });
 
+  /**
+   * Counts a response as in flight until it is finished or its connection closed (drain() waits
+   * for them), then tells `gone` which of the two it was.
+   */
+  const track = (res: ServerResponse, gone: (completed: boolean) => void): void => {
+    inflight++;
+    onResponseGone(res, () => {
+      if (--inflight === 0) drained?.();
+      gone(res.writableFinished);
+    });
+  };
+
+  /** A response a client or a failed fill cut short: never counted as answered, so said here. */
+  const aborted = ({ reqId, method, url, ctx }: Omit<Finished, 'ms' | 'status'>): void => {
+    if (ctx) app.log.warn({ reqId, method, url, upstream: ctx.upstream, name: ctx.name, reference: ctx.reference, cache: ctx.cache, bytes: ctx.bytes() }, 'response aborted');
+  };
+
   // Callback-style hooks: no promise per request on the hot path.
   app.addHook('onRequest', (req, reply, done) => {
     if (closing && req.url !== '/healthz') return done(new OciError('UNAVAILABLE', 'shutting down'));
-    inflight++;
-    onResponseGone(reply.raw, () => {
-      if (--inflight === 0) drained?.();
-      // onResponse only runs for completed responses: say so when a client or a failed fill cut one short.
-      if (!reply.raw.writableFinished && req.oci) {
-        req.log.warn({ reqId: req.id, method: req.method, url: req.url, upstream: req.oci.upstream, name: req.oci.name, reference: req.oci.reference, cache: req.oci.cache, bytes: req.oci.bytes() }, 'response aborted');
-      }
-    });
+    // onResponse logs completed responses.
+    track(reply.raw, (completed) => completed || aborted({ reqId: req.id, method: req.method, url: req.url, ctx: req.oci }));
     done();
   });
 
@@ -141,7 +152,24 @@ export async function buildApp(config: Config, options: AppOptions = {}): Promis
   });
 
   registerRoutes(app, { registry, upstreams, metrics });
-  warm = warmManifests({ registry, upstreams, open: () => !closing, reqId: nextReqId, finished });
+  warm = warmManifests({
+    registry,
+    upstreams,
+    open: () => !closing,
+    reqId: nextReqId,
+    // As on the Fastify path: in flight until sent, logged and counted once it was.
+    sent: (res, f, start) =>
+      track(res, (completed) => {
+        try {
+          if (!completed) return aborted(f);
+          f.ms = performance.now() - start;
+          finished(f);
+        } catch (err) {
+          // Fastify catches what its onResponse hooks throw; this runs in an event listener.
+          app.log.error({ reqId: f.reqId, err }, 'logging a response failed');
+        }
+      }),
+  });
   registerAdmin(app, services);
   registerStatus(app, services, stats, version());
 

@@ -95,6 +95,10 @@ function parse(body: Uint8Array): ManifestJson | undefined {
  */
 const MEDIA_TYPE = /^[a-z0-9][a-z0-9!#$&^_.+-]{0,126}\/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}$/i;
 
+export function isMediaType(value: string): boolean {
+  return MEDIA_TYPE.test(value);
+}
+
 /**
  * The media type to serve: the upstream's Content-Type when it names a manifest, else the
  * manifest's own `mediaType` field (some registries answer application/json), else schema1
@@ -102,10 +106,10 @@ const MEDIA_TYPE = /^[a-z0-9][a-z0-9!#$&^_.+-]{0,126}\/[a-z0-9][a-z0-9!#$&^_.+-]
  */
 export function mediaTypeOf(body: Uint8Array, contentType: string | undefined): string {
   const stripped = stripParams(contentType);
-  const ct = MEDIA_TYPE.test(stripped) ? stripped : '';
+  const ct = isMediaType(stripped) ? stripped : '';
   if (ct !== '' && ct !== 'application/json' && ct !== 'text/plain' && ct !== 'application/octet-stream') return ct;
   const field = parse(body)?.mediaType;
-  if (typeof field === 'string' && MEDIA_TYPE.test(field)) return field;
+  if (typeof field === 'string' && isMediaType(field)) return field;
   if (ct === 'text/plain') return DOCKER_SCHEMA1_SIGNED;
   return ct === '' ? OCI_MANIFEST : ct;
 }

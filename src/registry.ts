@@ -13,7 +13,7 @@ import type { Db, ManifestRecord, TagRecord } from './db.js';
 import { DigestGuard } from './digest-guard.js';
 import { OciError, isUpstreamUnavailable } from './errors.js';
 import { isStorageError, type Lifecycle } from './lifecycle.js';
-import { accepts, childrenOf, digestOf, mediaTypeOf } from './manifest.js';
+import { accepts, childrenOf, digestOf, isMediaType, mediaTypeOf } from './manifest.js';
 import type { CacheResult, Metrics } from './metrics.js';
 import { parseRange, type ByteRange } from './range.js';
 import { isDigest, type Target } from './reference.js';
@@ -148,7 +148,10 @@ export class Registry {
     let m = this.manifestMemory.get(digest);
     if (!m) {
       m = this.db.getManifest(digest);
-      if (m) this.manifestMemory.set(digest, m);
+      if (!m) return undefined;
+      // Stored before mediaTypeOf refused malformed types: never let one reach a header.
+      if (!isMediaType(m.mediaType)) m = { ...m, mediaType: mediaTypeOf(m.body, undefined) };
+      this.manifestMemory.set(digest, m);
     }
     return m;
   }

@@ -82,7 +82,8 @@ export interface WarmDeps {
   /** false once shutdown began: Fastify then answers 503 */
   open: () => boolean;
   reqId: () => string;
-  finished: (f: Finished) => void;
+  /** `res` was answered (`f.ms` still to be measured from `start`): count it in flight, log it once sent. */
+  sent: (res: ServerResponse, f: Finished, start: number) => void;
 }
 
 /**
@@ -107,16 +108,19 @@ export function warmManifests(deps: WarmDeps): (req: IncomingMessage, res: Serve
       if (parsed.kind !== 'manifest') return false;
       m = registry.cachedManifest(parsed.target, parsed.reference, req.headers.accept, method === 'GET');
       if (!m) return false;
-      // Validates every header before anything is written: a throw here leaves res untouched.
+      // Node validates every header before it writes anything.
       res.writeHead(200, manifestHeaders(m, parsed.target.upstream.name));
     } catch {
+      // writeHead set these before it threw; Fastify's own writeHead would keep the message ("404 OK").
+      res.statusCode = 200;
+      res.statusMessage = '';
       return false;
     }
     const upstream = parsed.target.upstream.name;
-    res.end(m.body);
     const bytes = m.body ? m.size : 0;
     const ctx: RequestContext = { kind: 'manifest', upstream, name: parsed.target.name, reference: parsed.reference, cache: m.cache, bytes: () => bytes };
-    deps.finished({ reqId: deps.reqId(), method, url, status: 200, ctx, ms: performance.now() - start });
+    deps.sent(res, { reqId: deps.reqId(), method, url, status: 200, ctx, ms: 0 }, start);
+    res.end(m.body);
     return true;
   };
 }

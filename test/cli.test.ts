@@ -7,7 +7,7 @@ import test from 'node:test';
 import { request, type Dispatcher } from 'undici';
 import { startCli } from './helpers/cli.js';
 import { readmeSnippet } from './helpers/readme.js';
-import { need, tempDir } from './helpers/tools.js';
+import { freePort, need, tempDir, until } from './helpers/tools.js';
 
 const start = startCli;
 
@@ -32,6 +32,39 @@ test('serve runs on the embedded default config and shuts down cleanly on SIGTER
   p.child.kill('SIGTERM');
   assert.equal(await p.exit, 0);
   assert.match(p.out(), /shutting down/);
+});
+
+test('serve logs one JSON line per request on stdout at info, none at warn', async (t) => {
+  for (const level of ['info', 'warn']) {
+    await t.test(level, async () => {
+      const root = tempDir(t, 'cli');
+      // At warn, start-up says nothing on stdout: the port is chosen here.
+      const port = await freePort();
+      // Offline: a manifest the cache does not hold gets a quick, known answer without any network.
+      const p = start(['serve'], { OCICACHE_HOST: '127.0.0.1', OCICACHE_PORT: String(port), OCICACHE_STORAGE_ROOT: root, OCICACHE_CONFIG: '', OCICACHE_OFFLINE: 'true', OCICACHE_LOG_LEVEL: level });
+      t.after(() => p.child.kill('SIGKILL'));
+      const healthy = (): Promise<boolean> =>
+        request(`http://127.0.0.1:${port}/healthz`).then(
+          (r) => r.body.dump().then(() => r.statusCode === 200),
+          () => false,
+        );
+      await until('the server to listen', healthy, 10_000);
+      const res = await request(`http://127.0.0.1:${port}/v2/library/alpine/manifests/3.20`);
+      assert.equal(res.statusCode, 503);
+      await res.body.dump();
+      // Lines are batched for at most 250 ms; SIGTERM flushes the rest.
+      p.child.kill('SIGTERM');
+      assert.equal(await p.exit, 0);
+      const lines = p.out().trim().split('\n').map((l) => JSON.parse(l) as Record<string, unknown>);
+      const requests = lines.filter((l) => l.msg === 'request');
+      if (level === 'warn') return assert.deepEqual(requests, []);
+      assert.equal(requests.length, 1);
+      const { time, pid, hostname, durationMs, reqId, ...rest } = requests[0]!;
+      assert.deepEqual([typeof time, typeof pid, typeof hostname, typeof durationMs], ['number', 'number', 'string', 'number']);
+      assert.match(String(reqId), /^req-[0-9a-z]+$/);
+      assert.deepEqual(rest, { level: 30, method: 'GET', url: '/v2/library/alpine/manifests/3.20', status: 503, upstream: 'docker.io', name: 'library/alpine', reference: '3.20', cache: 'error', bytes: 0, msg: 'request' });
+    });
+  }
 });
 
 test('a bad config stops start-up with a message that names the key', async (t) => {

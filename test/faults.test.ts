@@ -92,6 +92,17 @@ test('a manifest whose mediaType field holds a line break is served with a clean
   }
 });
 
+test('a malformed media type stored by an older version is not served either', async (t) => {
+  const { proxy } = await setup(t);
+  const body = Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: 'application/x\r\nset-cookie: a=b', layers: [] }));
+  // As the index held it before mediaTypeOf refused such types: a fresh tag, so no upstream is asked.
+  proxy.app.services.db.putManifest({ digest: sha256(body), mediaType: 'application/x\r\nset-cookie: a=b', body }, [], 'fake.example', 'some/legacy', 'v1', Date.now());
+  for (const method of ['GET', 'HEAD'] as const) {
+    const r = await fetchBody(`${proxy.url}/v2/some/legacy/manifests/v1?ns=fake.example`, {}, method);
+    assert.deepEqual([r.status, r.headers['content-type'], r.headers['x-cache'], r.headers['set-cookie']], [200, 'application/vnd.oci.image.manifest.v1+json', 'HIT', undefined], method);
+  }
+});
+
 test('upstream status codes map to OCI errors', async (t) => {
   const { fake, proxy } = await setup(t);
   const cases: Array<{ what: string; reply: (res: import('node:http').ServerResponse) => void; status: number; code: string; headers?: Record<string, string> }> = [

@@ -6,11 +6,13 @@
  * Fastify), and the two are compared.
  */
 import assert from 'node:assert/strict';
+import { connect } from 'node:net';
 import test from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { request } from 'undici';
 import { startDistribution } from './helpers/distribution.js';
 import { metric, metricsText, startProxy } from './helpers/proxy.js';
-import { image, multiArch, OCI_INDEX, OCI_MANIFEST, Pusher } from './helpers/seed.js';
+import { image, multiArch, OCI_INDEX, OCI_MANIFEST, Pusher, sha256 } from './helpers/seed.js';
 
 const DOCKER_MANIFEST = 'application/vnd.docker.distribution.manifest.v2+json';
 /** Headers only a real connection has. */
@@ -119,4 +121,35 @@ test('a manifest hit answers the same on the warm path as through Fastify: heade
     hits.reduce((n, l) => n + Number(l.bytes), 0),
   );
   assert.equal(metric(text, 'ocicache_http_request_duration_seconds_count', { kind: 'manifest', method: 'HEAD', status: '200' }), 4);
+});
+
+test('shutdown waits for a manifest hit still being sent, and logs it once it was', async (t) => {
+  const lines: Line[] = [];
+  // Never dialled: the manifest is in the index with a fresh tag.
+  const proxy = await startProxy(t, {
+    upstreams: [{ name: 'docker.io', url: 'http://127.0.0.1:9' }],
+    logger: { level: 'info', stream: { write: (s: string) => lines.push(JSON.parse(s) as Line) } },
+  });
+  // Far more than the socket buffers take while the client does not read.
+  const body = Buffer.alloc(32 * 1024 * 1024, ' ');
+  proxy.app.services.db.putManifest({ digest: sha256(body), mediaType: OCI_MANIFEST, body }, [], 'docker.io', 'big/app', 'v1', Date.now());
+  const socket = connect(Number(new URL(proxy.url).port), '127.0.0.1');
+  t.after(() => socket.destroy());
+  socket.pause();
+  socket.write('GET /v2/big/app/manifests/v1?ns=docker.io HTTP/1.1\r\nhost: cache\r\naccept: */*\r\n\r\n');
+  await sleep(300);
+  let drained = false;
+  const drain = proxy.app.drain(20_000).then(() => (drained = true));
+  await sleep(500);
+  assert.equal(drained, false, 'drain returned while the response was still being sent');
+  assert.deepEqual(lines.filter((l) => l.msg === 'request'), [], 'logged before it was sent');
+
+  let received = 0;
+  socket.on('data', (chunk: Buffer) => (received += chunk.length));
+  socket.resume();
+  await drain;
+  await sleep(50);
+  assert.ok(received > body.length, `received ${received} bytes`);
+  const logged = lines.filter((l) => l.msg === 'request');
+  assert.deepEqual(logged.map((l) => [l.status, l.cache, l.bytes]), [[200, 'hit', body.length]]);
 });
