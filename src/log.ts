@@ -21,6 +21,8 @@ type Destination = ReturnType<typeof pino.destination> & { readonly destroyed?: 
 
 export class LogStream {
   private buf = Buffer.allocUnsafe(BATCH);
+  /** buf[0, handed) went to sonic-boom, which still holds it: never written again. buf[handed, used) is the batch. */
+  private handed = 0;
   private used = 0;
   private readonly dest: Destination;
   private readonly base = `,"pid":${process.pid},"hostname":${JSON.stringify(hostname())}`;
@@ -38,9 +40,14 @@ export class LogStream {
   write(line: string): boolean {
     if (line.length > LONG_LINE) {
       this.handOff();
-      return this.dest.write(Buffer.from(line) as unknown as string);
+      this.send(Buffer.from(line));
+      return true;
     }
-    if (this.used + line.length * 3 > BATCH) this.handOff();
+    if (this.used + line.length * 3 > BATCH) {
+      this.handOff();
+      this.buf = Buffer.allocUnsafe(BATCH);
+      this.handed = this.used = 0;
+    }
     this.used += this.buf.write(line, this.used);
     return true;
   }
@@ -56,13 +63,20 @@ export class LogStream {
     this.write(`${line},"bytes":${f.bytes},"durationMs":${f.durationMs},"msg":"request"}\n`);
   }
 
-  /** Hands what is batched to sonic-boom; its writes stay asynchronous. */
+  /**
+   * Hands the batch to sonic-boom as a slice of buf, whose writes stay asynchronous. Slices of one
+   * buffer, not a buffer each: with stdout stalled, what waits is the log, not 64 KiB per hand-off.
+   */
   private handOff(): void {
-    if (this.used === 0 || this.dest.destroyed) return;
-    this.dest.write(this.buf.subarray(0, this.used) as unknown as string);
-    // sonic-boom keeps the handed buffer until written: never reuse it.
-    this.buf = Buffer.allocUnsafe(BATCH);
-    this.used = 0;
+    if (this.used === this.handed) return;
+    this.send(this.buf.subarray(this.handed, this.used));
+    this.handed = this.used;
+  }
+
+  /** To sonic-boom; once pino has ended it (at 'beforeExit'), straight to the file descriptor. */
+  private send(bytes: Buffer): void {
+    if (this.dest.destroyed) writeAll(this.fd, bytes);
+    else this.dest.write(bytes as unknown as string);
   }
 
   /** pino's logger.flush(cb) calls this: everything written so far reaches the file descriptor, then cb. */
@@ -71,11 +85,34 @@ export class LogStream {
     this.dest.flush(cb);
   }
 
-  /** Everything written so far, synchronously: what sonic-boom holds, then the batch (handing it off would start an asynchronous write). */
+  /**
+   * Everything written so far, synchronously: what sonic-boom holds, then the batch (handing it
+   * off would start an asynchronous write). Runs at exit, so it never throws.
+   */
   flushSync(): void {
-    if (!this.dest.destroyed) this.dest.flushSync();
-    if (this.used > 0) writeSync(this.fd, this.buf, 0, this.used);
-    this.used = 0;
+    try {
+      if (!this.dest.destroyed) this.dest.flushSync();
+    } catch {
+      // EPIPE or EAGAIN on the way out: the batch below is still tried.
+    }
+    const rest = this.buf.subarray(this.handed, this.used);
+    this.handed = this.used;
+    writeAll(this.fd, rest);
+  }
+}
+
+const pause = new Int32Array(new SharedArrayBuffer(4));
+
+/** Writes all of `bytes` synchronously, waiting out EAGAIN (a non-blocking pipe) for up to about 100 ms; never throws. */
+function writeAll(fd: number, bytes: Buffer): void {
+  let off = 0;
+  for (let retries = 0; off < bytes.length; ) {
+    try {
+      off += writeSync(fd, bytes, off);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EAGAIN' || ++retries > 100) return;
+      Atomics.wait(pause, 0, 0, 1);
+    }
   }
 }
 
