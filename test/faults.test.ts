@@ -75,9 +75,13 @@ test('a wrong manifest for its digest is refused, not stored', async (t) => {
   assert.equal(JSON.parse(r.body!.toString()).errors[0].code, 'UNKNOWN');
 });
 
+/** A media type with a line break: as a header it would smuggle a second one. */
+const BAD_MEDIA_TYPE = 'application/x\r\nset-cookie: a=b';
+const BAD_MEDIA_TYPE_MANIFEST = Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: BAD_MEDIA_TYPE, layers: [] }));
+
 test('a manifest whose mediaType field holds a line break is served with a clean Content-Type, on a miss and on a hit', async (t) => {
   const { fake, proxy } = await setup(t);
-  const body = Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: 'application/x\r\nset-cookie: a=b', layers: [] }));
+  const body = BAD_MEDIA_TYPE_MANIFEST;
   const digest = sha256(body);
   // By tag for the HEAD, by digest for the GET that follows.
   for (const reference of ['v1', digest]) {
@@ -94,9 +98,9 @@ test('a manifest whose mediaType field holds a line break is served with a clean
 
 test('a malformed media type stored by an older version is not served either', async (t) => {
   const { proxy } = await setup(t);
-  const body = Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: 'application/x\r\nset-cookie: a=b', layers: [] }));
+  const body = BAD_MEDIA_TYPE_MANIFEST;
   // As the index held it before mediaTypeOf refused such types: a fresh tag, so no upstream is asked.
-  proxy.app.services.db.putManifest({ digest: sha256(body), mediaType: 'application/x\r\nset-cookie: a=b', body }, [], 'fake.example', 'some/legacy', 'v1', Date.now());
+  proxy.app.services.db.putManifest({ digest: sha256(body), mediaType: BAD_MEDIA_TYPE, body }, [], 'fake.example', 'some/legacy', 'v1', Date.now());
   for (const method of ['GET', 'HEAD'] as const) {
     const r = await fetchBody(`${proxy.url}/v2/some/legacy/manifests/v1?ns=fake.example`, {}, method);
     assert.deepEqual([r.status, r.headers['content-type'], r.headers['x-cache'], r.headers['set-cookie']], [200, 'application/vnd.oci.image.manifest.v1+json', 'HIT', undefined], method);

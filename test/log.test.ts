@@ -16,8 +16,8 @@ const SRC = join(import.meta.dirname, '..', 'src', 'log.ts');
 /** A lost flush callback shows as a hang: fail instead. */
 const T = { timeout: 30_000 };
 
-/** A LogStream writing to a file of its own, and a way to read that file back as parsed lines. */
-function fileStream(t: import('node:test').TestContext): { stream: LogStream; lines: () => Promise<Array<Record<string, unknown>>>; raw: () => Promise<string> } {
+/** A LogStream writing to a file of its own, its flush as a promise, and ways to read that file back. */
+function fileStream(t: import('node:test').TestContext): { stream: LogStream; path: string; flushed: () => Promise<void>; lines: () => Promise<Array<Record<string, unknown>>>; raw: () => Promise<string> } {
   const path = join(tempDir(t, 'log'), 'log');
   const fd = openSync(path, 'w');
   const stream = new LogStream(fd);
@@ -30,7 +30,7 @@ function fileStream(t: import('node:test').TestContext): { stream: LogStream; li
     await flushed();
     return readFileSync(path, 'utf8');
   };
-  return { stream, raw, lines: async () => (await raw()).trimEnd().split('\n').map((l) => JSON.parse(l) as Record<string, unknown>) };
+  return { stream, path, flushed, raw, lines: async () => (await raw()).trimEnd().split('\n').map((l) => JSON.parse(l) as Record<string, unknown>) };
 }
 
 test('the request line is the line pino writes for the same fields, key for key', T, async (t) => {
@@ -72,13 +72,10 @@ test('lines keep their order: pino lines, request lines and lines longer than a 
 });
 
 test('flush calls back once everything written before it is in the file', T, async (t) => {
-  const path = join(tempDir(t, 'log'), 'log');
-  const fd = openSync(path, 'w');
-  t.after(() => closeSync(fd));
-  const stream = new LogStream(fd);
+  const { stream, path, flushed } = fileStream(t);
   const log = pino({ level: 'info' }, stream);
   for (let i = 0; i < 5000; i++) log.info({ i }, 'before flush');
-  await new Promise<void>((resolve, reject) => stream.flush((err) => (err ? reject(err) : resolve())));
+  await flushed();
   assert.equal(readFileSync(path, 'utf8').trimEnd().split('\n').length, 5000);
 });
 

@@ -10,11 +10,11 @@ import { connect } from 'node:net';
 import test from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { request } from 'undici';
+import { DOCKER_MANIFEST } from '../src/manifest.js';
 import { startDistribution } from './helpers/distribution.js';
 import { metric, metricsText, startProxy } from './helpers/proxy.js';
 import { image, multiArch, OCI_INDEX, OCI_MANIFEST, Pusher, sha256 } from './helpers/seed.js';
 
-const DOCKER_MANIFEST = 'application/vnd.docker.distribution.manifest.v2+json';
 /** Headers only a real connection has. */
 const CONNECTION_HEADERS = ['date', 'connection', 'keep-alive'];
 
