@@ -26,8 +26,8 @@ const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..');
 const quick = process.argv.includes('--quick');
 const MiB = 1024 * 1024;
 const P = quick
-  ? { layerMiB: 32, duration: '3s', round: '1500ms', reps: 2, tags: 100_000, wanMiBps: 32 }
-  : { layerMiB: 256, duration: '10s', round: '4s', reps: 3, tags: 1_000_000, wanMiBps: 32 };
+  ? { layerMiB: 32, duration: '3s', round: '1500ms', blobsPerStream: 8, reps: 2, tags: 100_000, wanMiBps: 32 }
+  : { layerMiB: 256, duration: '10s', round: '4s', blobsPerStream: 2, reps: 3, tags: 1_000_000, wanMiBps: 32 };
 
 const cleanups: Array<() => unknown> = [];
 /** The slice of TestContext the test helpers use. */
@@ -83,9 +83,9 @@ async function waitHttp(url: string, ms = 20_000): Promise<void> {
 }
 
 /**
- * Writes dirty pages out before a timed transfer. The caches, the peer and nginx's setup each leave
- * hundreds of MiB in the page cache; the kernel writes them back within 30 s
- * (vm.dirty_expire_centisecs), and on two cores that writeback ran during the next measurement.
+ * Writes dirty pages out before a timed transfer. The caches, the peer and nginx's set-up each
+ * leave hundreds of MiB in the page cache; the kernel writes them back once they are about 30 s
+ * old (vm.dirty_expire_centisecs), and on two cores that writeback ran during a later measurement.
  */
 async function settle(): Promise<void> {
   await exec('sync', []);
@@ -208,14 +208,12 @@ function startWanUpstream(upstreamUrl: string, mibps: number): Promise<string> {
   );
 }
 
-/**
- * A relay in its own Node process, from bench/relay.ts: a TCP proxy with no HTTP parsing, and with
- * `verify` it also hashes and writes every body byte as a verifying cache must. Figure 3's floors.
- */
-async function startRelay(upstreamUrl: string, verify: boolean): Promise<{ url: string; child: ChildProcess }> {
+/** A relay in its own Node process, from bench/relay.ts: figure 3's floors. */
+async function startRelay(upstreamUrl: string, mode: 'tcp' | 'verify' | 'http'): Promise<{ url: string; child: ChildProcess }> {
   const port = await freePort();
   const args = ['--import', 'tsx', join(ROOT, 'bench', 'relay.ts'), String(port), upstreamUrl];
-  if (verify) args.push('--verify', mkdtempSync(join(work, 'relay-')));
+  if (mode === 'verify') args.push('--verify', mkdtempSync(join(work, 'relay-')));
+  if (mode === 'http') args.push('--http');
   const child = spawn(process.execPath, args, { cwd: ROOT, stdio: ['ignore', 'ignore', 'inherit'] });
   cleanups.push(() => kill(child));
   await waitHttp(`http://127.0.0.1:${port}/v2/`);
@@ -226,16 +224,23 @@ type Server = 'ocicache' | 'nginx' | 'peer';
 type Rounds = Record<Server, Load[]>;
 
 /**
- * Measures the servers in turn, P.reps rounds. The machine is shared: a noisy neighbour for a few
- * seconds then moves one round's ratio, not the figure, which is the median of the rounds' ratios.
+ * Measures the servers in turn, P.reps rounds, each round starting with the next server. The
+ * machine is shared: a noisy neighbour for a few seconds then moves one round's ratio, not the
+ * figure, which is the median of the rounds' ratios.
  */
 async function rounds(servers: Record<Server, string>, measure: (base: string) => Promise<Load>): Promise<Rounds> {
   const out: Rounds = { ocicache: [], nginx: [], peer: [] };
-  for (let i = 0; i < P.reps; i++) for (const k of Object.keys(out) as Server[]) out[k].push(await measure(servers[k]));
+  const order = Object.keys(out) as Server[];
+  for (let i = 0; i < P.reps; i++) {
+    for (let j = 0; j < order.length; j++) {
+      const k = order[(i + j) % order.length]!;
+      out[k].push(await measure(servers[k]));
+    }
+  }
   return out;
 }
 
-/** The median of ocicache's figure over the rounds, and the median of its per-round ratio to another server. */
+/** Each server's median figure over the rounds, and the median of ocicache's per-round ratios to nginx and to the peer. */
 function compare(r: Rounds, figure: (l: Load) => number): { ocicache: number; nginx: number; peer: number; vsNginx: number; vsPeer: number } {
   const of = (k: Server): number => median(r[k].map(figure));
   const vs = (k: Server): number => median(r.ocicache.map((l, i) => figure(l) / figure(r[k][i]!)));
@@ -288,7 +293,7 @@ async function main(): Promise<void> {
   const gob = spawnSync('go', ['build', '-o', join(ROOT, '.tools', 'loadgen'), '.'], { cwd: join(ROOT, 'bench', 'loadgen'), encoding: 'utf8' });
   if (gob.status !== 0) fail(`go build loadgen: ${gob.stderr}`);
 
-  log(`${quick ? 'quick' : 'full'} run: ${P.layerMiB} MiB layer, ${P.reps} rounds, ${P.round} per manifest load round, ${P.tags} tags`);
+  log(`${quick ? 'quick' : 'full'} run: ${P.layerMiB} MiB layer, ${P.reps} rounds, ${P.round} per manifest load round, ${P.tags} tags looked up for ${P.duration}`);
   const upstream = (await startDistribution(ctx))!;
   const big = image({ 'big.bin': randomBytes(P.layerMiB * MiB) });
   const small = multiArch([{ os: 'linux', architecture: 'amd64' }, { os: 'linux', architecture: 'arm64' }], 'small');
@@ -305,26 +310,25 @@ async function main(): Promise<void> {
   const accept = `Accept: ${OCI_MANIFEST}`;
   const upstreamGets = (): number => upstream.accessLog.filter((l) => l.startsWith(`GET ${blobPath} `)).length;
 
-  // 3: a cold blob through ocicache vs straight from the upstream (each rep a fresh, empty cache),
-  // with the peer cold the same way and, as floors, two relays written in Node (bench/relay.ts).
+  // 3: a cold blob through ocicache vs straight from the upstream (each rep a fresh cache, without
+  // the blob), with the peer cold the same way and three relays written in Node (bench/relay.ts)
+  // for reference.
   const direct: number[] = [];
   const cold: number[] = [];
   const peerCold: number[] = [];
   const relayed: number[] = [];
   const verified: number[] = [];
+  const proxied: number[] = [];
   // As in a cache that has run for a while, the process has pulled another image before (manifest
   // and layer, both cold); then the manifest comes first, as in a pull, and the blob timed is cold.
   // Without the earlier pull, figures 3 and 4 timed a fresh process loading and compiling its code
-  // (V8's compiler threads took 0.1-0.2 CPU-s of the 2 cores; README, Performance).
+  // (V8's compiler threads took 0.1-0.2 CPU-s of the two cores; README, Performance).
   const pullFirst = async (base: string): Promise<void> => {
     await loadgen(['-url', base + warmupManifestPath, '-c', '1', '-n', '1', '-H', accept]);
     await loadgen(['-url', base + warmupBlobPath, '-c', '1', '-n', '1']);
     await sleep(500); // the earlier layer's commit (fsync, rename, index) is not timed
     await loadgen(['-url', base + manifestPath, '-c', '1', '-n', '1', '-H', accept]);
   };
-  const relay = await startRelay(upstream.url, false);
-  const verifyingRelay = await startRelay(upstream.url, true);
-  for (const r of [relay, verifyingRelay]) await loadgen(['-url', r.url + blobPath, '-c', '1', '-n', '1']); // warm each relay
   const coldThrough = async (base: string): Promise<number> => {
     const fresh = await startOcicache(base);
     await pullFirst(fresh.url);
@@ -332,6 +336,15 @@ async function main(): Promise<void> {
     const seconds = (await loadgen(['-url', fresh.url + blobPath, '-c', '1', '-n', '1'])).seconds;
     await kill(fresh.child);
     rmSync(fresh.root, { recursive: true, force: true });
+    return seconds;
+  };
+  // Each relay is a fresh process too, warmed by the same earlier pull.
+  const relayedThrough = async (mode: 'tcp' | 'verify' | 'http'): Promise<number> => {
+    const r = await startRelay(upstream.url, mode);
+    await pullFirst(r.url);
+    await settle();
+    const seconds = (await loadgen(['-url', r.url + blobPath, '-c', '1', '-n', '1'])).seconds;
+    await kill(r.child);
     return seconds;
   };
   for (let i = 0; i < P.reps; i++) {
@@ -343,11 +356,10 @@ async function main(): Promise<void> {
     await settle();
     peerCold.push((await loadgen(['-url', p.url + blobPath, '-c', '1', '-n', '1'])).seconds);
     await kill(p.child);
-    await settle();
-    relayed.push((await loadgen(['-url', relay.url + blobPath, '-c', '1', '-n', '1'])).seconds);
-    await settle();
-    verified.push((await loadgen(['-url', verifyingRelay.url + blobPath, '-c', '1', '-n', '1'])).seconds);
-    log(`3: direct ${direct[i]!.toFixed(3)} s, ocicache ${cold[i]!.toFixed(3)} s, peer ${peerCold[i]!.toFixed(3)} s, relays ${relayed[i]!.toFixed(3)} s and ${verified[i]!.toFixed(3)} s`);
+    relayed.push(await relayedThrough('tcp'));
+    verified.push(await relayedThrough('verify'));
+    proxied.push(await relayedThrough('http'));
+    log(`3: direct ${direct[i]!.toFixed(3)} s, ocicache ${cold[i]!.toFixed(3)} s, peer ${peerCold[i]!.toFixed(3)} s, relays: TCP ${relayed[i]!.toFixed(3)} s, verifying ${verified[i]!.toFixed(3)} s, HTTP ${proxied[i]!.toFixed(3)} s`);
   }
   // 3 and 4 again with the upstream behind a WAN-like link, where production caches live.
   const wan = await startWanUpstream(upstream.url, P.wanMiBps);
@@ -361,6 +373,7 @@ async function main(): Promise<void> {
   const wanOc = await startOcicache(wan);
   await pullFirst(wanOc.url);
   const wanBefore = upstreamGets();
+  await settle();
   const wanHerd = await loadgen(['-url', wanOc.url + blobPath, '-c', '32', '-n', '32']);
   await sleep(200);
   const wanHerdGets = upstreamGets() - wanBefore;
@@ -392,7 +405,7 @@ async function main(): Promise<void> {
   const servers = { ocicache: oc.url, nginx, peer };
   const blob = async (base: string, streams: number): Promise<Load> => {
     await settle();
-    return loadgen(['-url', base + blobPath, '-c', String(streams), '-n', String(streams)]);
+    return loadgen(['-url', base + blobPath, '-c', String(streams), '-n', String(streams * P.blobsPerStream)]);
   };
   resetPeak(oc.child.pid!);
   const warm = { 1: await rounds(servers, (base) => blob(base, 1)), 8: await rounds(servers, (base) => blob(base, 8)) };
@@ -426,6 +439,8 @@ async function main(): Promise<void> {
   const lookup = await loadgen(['-urlfile', urlFile, '-c', '1', '-d', P.duration, '-H', accept]);
   await kill(scaled.child);
 
+  // Figure 3's ratios pair the times of one rep, as figures 1 and 2 pair a round's.
+  const perRep = (a: number[], b: number[]): number => median(a.map((x, i) => x / b[i]!));
   const results = {
     quick,
     machine: { cpus: cpus().length, cpu: cpus()[0]?.model, memGiB: Math.round(totalmem() / 1024 ** 3), node: process.version, date: new Date().toISOString() },
@@ -446,16 +461,18 @@ async function main(): Promise<void> {
     cold: {
       directSeconds: r2(median(direct)),
       ocicacheSeconds: r2(median(cold)),
-      ratio: median(cold) / median(direct),
+      ratio: perRep(cold, direct),
       peerSeconds: r2(median(peerCold)),
-      peerRatio: r2(median(peerCold) / median(direct)),
-      vsPeer: r2(median(cold) / median(peerCold)),
+      peerRatio: r2(perRep(peerCold, direct)),
+      vsPeer: r2(perRep(cold, peerCold)),
       relaySeconds: r2(median(relayed)),
-      relayRatio: r2(median(relayed) / median(direct)),
+      relayRatio: r2(perRep(relayed, direct)),
       verifyingRelaySeconds: r2(median(verified)),
-      verifyingRelayRatio: r2(median(verified) / median(direct)),
-      vsVerifyingRelay: r2(median(cold) / median(verified)),
-      samples: { direct, ocicache: cold, peer: peerCold, relay: relayed, verifyingRelay: verified },
+      verifyingRelayRatio: r2(perRep(verified, direct)),
+      vsVerifyingRelay: r2(perRep(cold, verified)),
+      httpRelaySeconds: r2(median(proxied)),
+      httpRelayRatio: r2(perRep(proxied, direct)),
+      samples: { direct, ocicache: cold, peer: peerCold, relay: relayed, verifyingRelay: verified, httpRelay: proxied },
     },
     herd: { upstreamGets: herdGets, seconds: r2(herd.seconds), vsOneCold: herd.seconds / median(cold), nginxSameLoadSeconds: r2(herdFloor), vsNginxSameLoad: r2(herd.seconds / herdFloor) },
     wan: {
@@ -490,7 +507,7 @@ function table(r: any): string {
     ]),
     [
       '3: cold blob, loopback',
-      `${r.cold.ocicacheSeconds} s (direct ${r.cold.directSeconds} s; peer ${r.cold.peerSeconds} s, ${r.cold.peerRatio}× direct; Node relays: socket to socket ${r.cold.relaySeconds} s, ${r.cold.relayRatio}× direct; also hashing and writing the body ${r.cold.verifyingRelaySeconds} s, ${r.cold.verifyingRelayRatio}× direct)`,
+      `${r.cold.ocicacheSeconds} s (direct ${r.cold.directSeconds} s; peer ${r.cold.peerSeconds} s, ${r.cold.peerRatio}× direct; Node relays: TCP ${r.cold.relaySeconds} s, ${r.cold.relayRatio}× direct; TCP hashing and writing the body ${r.cold.verifyingRelaySeconds} s, ${r.cold.verifyingRelayRatio}× direct; HTTP, nothing else ${r.cold.httpRelaySeconds} s, ${r.cold.httpRelayRatio}× direct)`,
       `${f3(r.cold.ratio)}× direct, ${r.cold.vsVerifyingRelay}× the verifying relay, ${r.cold.vsPeer}× peer`,
       '≤ 1.1× direct',
       mark(r.cold.ratio <= 1.1),
@@ -502,7 +519,7 @@ function table(r: any): string {
     ['6: index at scale', `${r.index.tags} tags: lookup p99 ${(r.index.lookupP99us / 1000).toFixed(2)} ms (p50 ${(r.index.lookupP50us / 1000).toFixed(2)} ms), start-up ${r.index.startMs} ms`, '', 'p99 < 1 ms; start-up < 2 s', mark(r.index.lookupP99us < 1000 && r.index.startMs < 2000)],
   ];
   const head = `\n${r.quick ? 'Quick run' : 'Full run'}: ${r.params.layerMiB} MiB layer; ${r.machine.cpus} × ${r.machine.cpu}, ${r.machine.memGiB} GiB, Node ${r.machine.node}, ${r.machine.date}\n\n`;
-  return `${head}| figure | measured | ratio | target | |\n|---|---|---|---|---|\n${rows.map((row) => `| ${row.join(' | ')} |`).join('\n')}\n`;
+  return `${head}Measured: each server's median. Ratio: the median of the ratios within each round (figures 1-3).\n\n| figure | measured | ratio | target | |\n|---|---|---|---|---|\n${rows.map((row) => `| ${row.join(' | ')} |`).join('\n')}\n`;
 }
 
 main()
