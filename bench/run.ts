@@ -208,7 +208,7 @@ function startWanUpstream(upstreamUrl: string, mibps: number): Promise<string> {
   );
 }
 
-/** A relay in its own Node process, from bench/relay.ts: figure 3's floors. */
+/** A relay in its own Node process, from bench/relay.ts: figure 3's references. */
 async function startRelay(upstreamUrl: string, mode: 'tcp' | 'verify' | 'http'): Promise<{ url: string; child: ChildProcess }> {
   const port = await freePort();
   const args = ['--import', 'tsx', join(ROOT, 'bench', 'relay.ts'), String(port), upstreamUrl];
