@@ -240,10 +240,13 @@ async function rounds(servers: Record<Server, string>, measure: (base: string) =
   return out;
 }
 
+/** The median of a[i] / b[i]: figures taken in the same round (figures 1, 2) or rep (figure 3), paired. */
+const pairedRatio = (a: number[], b: number[]): number => median(a.map((x, i) => x / b[i]!));
+
 /** Each server's median figure over the rounds, and the median of ocicache's per-round ratios to nginx and to the peer. */
 function compare(r: Rounds, figure: (l: Load) => number): { ocicache: number; nginx: number; peer: number; vsNginx: number; vsPeer: number } {
   const of = (k: Server): number => median(r[k].map(figure));
-  const vs = (k: Server): number => median(r.ocicache.map((l, i) => figure(l) / figure(r[k][i]!)));
+  const vs = (k: Server): number => pairedRatio(r.ocicache.map(figure), r[k].map(figure));
   return { ocicache: of('ocicache'), nginx: of('nginx'), peer: of('peer'), vsNginx: vs('nginx'), vsPeer: vs('peer') };
 }
 
@@ -329,36 +332,25 @@ async function main(): Promise<void> {
     await sleep(500); // the earlier layer's commit (fsync, rename, index) is not timed
     await loadgen(['-url', base + manifestPath, '-c', '1', '-n', '1', '-H', accept]);
   };
-  const coldThrough = async (base: string): Promise<number> => {
-    const fresh = await startOcicache(base);
-    await pullFirst(fresh.url);
+  /** The cold blob's time through a freshly started server (a cache, the peer or a relay), after the earlier pull. */
+  const coldVia = async (started: Promise<{ url: string; child: ChildProcess; root?: string }>): Promise<number> => {
+    const s = await started;
+    await pullFirst(s.url);
     await settle();
-    const seconds = (await loadgen(['-url', fresh.url + blobPath, '-c', '1', '-n', '1'])).seconds;
-    await kill(fresh.child);
-    rmSync(fresh.root, { recursive: true, force: true });
+    const seconds = (await loadgen(['-url', s.url + blobPath, '-c', '1', '-n', '1'])).seconds;
+    await kill(s.child);
+    if (s.root) rmSync(s.root, { recursive: true, force: true });
     return seconds;
   };
-  // Each relay is a fresh process too, warmed by the same earlier pull.
-  const relayedThrough = async (mode: 'tcp' | 'verify' | 'http'): Promise<number> => {
-    const r = await startRelay(upstream.url, mode);
-    await pullFirst(r.url);
-    await settle();
-    const seconds = (await loadgen(['-url', r.url + blobPath, '-c', '1', '-n', '1'])).seconds;
-    await kill(r.child);
-    return seconds;
-  };
+  const coldThrough = (base: string): Promise<number> => coldVia(startOcicache(base));
   for (let i = 0; i < P.reps; i++) {
     await settle();
     direct.push((await loadgen(['-url', upstream.url + blobPath, '-c', '1', '-n', '1'])).seconds);
     cold.push(await coldThrough(upstream.url));
-    const p = await startPeer(upstream.url);
-    await pullFirst(p.url);
-    await settle();
-    peerCold.push((await loadgen(['-url', p.url + blobPath, '-c', '1', '-n', '1'])).seconds);
-    await kill(p.child);
-    relayed.push(await relayedThrough('tcp'));
-    verified.push(await relayedThrough('verify'));
-    proxied.push(await relayedThrough('http'));
+    peerCold.push(await coldVia(startPeer(upstream.url)));
+    relayed.push(await coldVia(startRelay(upstream.url, 'tcp')));
+    verified.push(await coldVia(startRelay(upstream.url, 'verify')));
+    proxied.push(await coldVia(startRelay(upstream.url, 'http')));
     log(`3: direct ${direct[i]!.toFixed(3)} s, ocicache ${cold[i]!.toFixed(3)} s, peer ${peerCold[i]!.toFixed(3)} s, relays: TCP ${relayed[i]!.toFixed(3)} s, verifying ${verified[i]!.toFixed(3)} s, HTTP ${proxied[i]!.toFixed(3)} s`);
   }
   // 3 and 4 again with the upstream behind a WAN-like link, where production caches live.
@@ -439,8 +431,6 @@ async function main(): Promise<void> {
   const lookup = await loadgen(['-urlfile', urlFile, '-c', '1', '-d', P.duration, '-H', accept]);
   await kill(scaled.child);
 
-  // Figure 3's ratios pair the times of one rep, as figures 1 and 2 pair a round's.
-  const perRep = (a: number[], b: number[]): number => median(a.map((x, i) => x / b[i]!));
   const results = {
     quick,
     machine: { cpus: cpus().length, cpu: cpus()[0]?.model, memGiB: Math.round(totalmem() / 1024 ** 3), node: process.version, date: new Date().toISOString() },
@@ -448,7 +438,7 @@ async function main(): Promise<void> {
     blob: Object.fromEntries(
       Object.entries(warm).map(([k, r]) => {
         const c = compare(r, (l) => l.mibps);
-        return [`${k}stream`, { ocicache: c.ocicache, nginx: c.nginx, peer: c.peer, vsNginx: c.vsNginx, vsPeer: r2(c.vsPeer) }];
+        return [`${k}stream`, { ...c, vsPeer: r2(c.vsPeer) }];
       }),
     ),
     manifest: Object.fromEntries(
@@ -461,17 +451,17 @@ async function main(): Promise<void> {
     cold: {
       directSeconds: r2(median(direct)),
       ocicacheSeconds: r2(median(cold)),
-      ratio: perRep(cold, direct),
+      ratio: pairedRatio(cold, direct),
       peerSeconds: r2(median(peerCold)),
-      peerRatio: r2(perRep(peerCold, direct)),
-      vsPeer: r2(perRep(cold, peerCold)),
+      peerRatio: r2(pairedRatio(peerCold, direct)),
+      vsPeer: r2(pairedRatio(cold, peerCold)),
       relaySeconds: r2(median(relayed)),
-      relayRatio: r2(perRep(relayed, direct)),
+      relayRatio: r2(pairedRatio(relayed, direct)),
       verifyingRelaySeconds: r2(median(verified)),
-      verifyingRelayRatio: r2(perRep(verified, direct)),
-      vsVerifyingRelay: r2(perRep(cold, verified)),
+      verifyingRelayRatio: r2(pairedRatio(verified, direct)),
+      vsVerifyingRelay: r2(pairedRatio(cold, verified)),
       httpRelaySeconds: r2(median(proxied)),
-      httpRelayRatio: r2(perRep(proxied, direct)),
+      httpRelayRatio: r2(pairedRatio(proxied, direct)),
       samples: { direct, ocicache: cold, peer: peerCold, relay: relayed, verifyingRelay: verified, httpRelay: proxied },
     },
     herd: { upstreamGets: herdGets, seconds: r2(herd.seconds), vsOneCold: herd.seconds / median(cold), nginxSameLoadSeconds: r2(herdFloor), vsNginxSameLoad: r2(herd.seconds / herdFloor) },
