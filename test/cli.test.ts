@@ -5,7 +5,7 @@ import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import test from 'node:test';
 import { request, type Dispatcher } from 'undici';
-import { startCli } from './helpers/cli.js';
+import { nodeFlags, startCli } from './helpers/cli.js';
 import { readmeSnippet } from './helpers/readme.js';
 import { freePort, need, tempDir, until } from './helpers/tools.js';
 
@@ -83,5 +83,7 @@ test("the README's systemd unit passes systemd-analyze verify", async (t) => {
   writeFileSync(unit, readmeSnippet('ocicache.service'));
   const r = spawnSync(analyze, ['verify', unit], { encoding: 'utf8' });
   assert.equal(r.status, 0, r.stderr);
-  assert.match(readmeSnippet('ocicache.service'), /^ExecStart=\/usr\/bin\/node \/opt\/ocicache\/dist\/cli\.js serve --config \/etc\/ocicache\/config\.yaml$/m);
+  // With the node flags of npm start.
+  const execStart = readmeSnippet('ocicache.service').split('\n').find((l) => l.startsWith('ExecStart='));
+  assert.equal(execStart, `ExecStart=/usr/bin/node ${nodeFlags().join(' ')} /opt/ocicache/dist/cli.js serve --config /etc/ocicache/config.yaml`);
 });

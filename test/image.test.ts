@@ -10,6 +10,7 @@ import { join } from 'node:path';
 import test from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { stringify } from 'yaml';
+import { nodeFlags } from './helpers/cli.js';
 import { startDistribution } from './helpers/distribution.js';
 import { image, Pusher } from './helpers/seed.js';
 import { exec, freePort, need, needRoot, tempDir, until } from './helpers/tools.js';
@@ -33,7 +34,7 @@ test('the Dockerfile builds with buildah and the image serves pulls as a non-roo
   assert.equal(config.User, '10001:10001');
   assert.deepEqual(Object.keys(config.Volumes), ['/data']);
   assert.deepEqual(Object.keys(config.ExposedPorts), ['5000/tcp']);
-  assert.deepEqual([...config.Entrypoint, ...config.Cmd], ['node', '/app/dist/cli.js', 'serve']);
+  assert.deepEqual([...config.Entrypoint, ...config.Cmd], ['node', ...nodeFlags(), '/app/dist/cli.js', 'serve']);
 
   const registry = await startDistribution(t);
   if (!registry) return;
@@ -49,7 +50,7 @@ test('the Dockerfile builds with buildah and the image serves pulls as a non-roo
   t.after(async () => void (await exec(buildah, ['rm', ctr])));
   assert.equal((await exec(buildah, ['run', ctr, '--', 'id', '-u'])).stdout.trim(), '10001');
   // Host network: chroot isolation, like a container with --network host.
-  const serve = spawn(buildah, ['run', '--isolation', 'chroot', '--network', 'host', '-v', `${file}:/etc/ocicache/config.yaml:ro`, ctr, '--', 'node', '/app/dist/cli.js', 'serve', '--config', '/etc/ocicache/config.yaml'], { stdio: ['ignore', 'pipe', 'pipe'], detached: true });
+  const serve = spawn(buildah, ['run', '--isolation', 'chroot', '--network', 'host', '-v', `${file}:/etc/ocicache/config.yaml:ro`, ctr, '--', 'node', ...nodeFlags(), '/app/dist/cli.js', 'serve', '--config', '/etc/ocicache/config.yaml'], { stdio: ['ignore', 'pipe', 'pipe'], detached: true });
   const exited = new Promise<number | null>((r) => serve.once('exit', (code) => r(code)));
   let log = '';
   serve.stdout.on('data', (d: Buffer) => (log += d.toString()));
@@ -79,7 +80,7 @@ test('the Dockerfile builds with buildah and the image serves pulls as a non-roo
 
   // SIGTERM to ocicache in the container (PID 1 under a container engine, the exec-form ENTRYPOINT):
   // it drains and exits 0, and buildah run passes the status on.
-  const pid = Number((await exec('pgrep', ['-u', '10001', '-f', '^/usr/bin/node /app/dist/cli.js serve'])).stdout.trim().split('\n')[0]);
+  const pid = Number((await exec('pgrep', ['-u', '10001', '-f', `^/usr/bin/node ${nodeFlags().join(' ')} /app/dist/cli.js serve`])).stdout.trim().split('\n')[0]);
   assert.ok(pid > 0, 'found the node process in the container');
   process.kill(pid, 'SIGTERM');
   assert.equal(await Promise.race([exited, sleep(15_000).then(() => 'timeout')]), 0, log);

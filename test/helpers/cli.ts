@@ -1,10 +1,22 @@
 /** Runs the `ocicache` command as a separate process, the way an operator does. */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { writeFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { readFileSync, writeFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { stringify } from 'yaml';
 
 const CLI = ['--import', 'tsx', 'src/cli.ts'];
+
+/**
+ * The node flags `npm start` runs ocicache with (package.json). The Dockerfile, the README's
+ * systemd unit and the benchmark use the same ones; test/cli.test.ts checks that they do.
+ */
+export function nodeFlags(): string[] {
+  const pkg = JSON.parse(readFileSync(join(dirname(fileURLToPath(import.meta.url)), '..', '..', 'package.json'), 'utf8')) as { scripts: { start: string } };
+  const m = /^node ((?:--\S+ )*)dist\/cli\.js serve$/.exec(pkg.scripts.start);
+  if (!m) throw new Error(`package.json start is not "node [flags] dist/cli.js serve": ${pkg.scripts.start}`);
+  return m[1]!.split(' ').filter(Boolean);
+}
 
 export interface Running {
   child: ChildProcess;
