@@ -416,7 +416,8 @@ async function main(): Promise<void> {
     return loadgen(['-url', base + manifestPath, '-method', method, '-c', '50', '-d', P.round, '-H', accept]);
   };
   const manifests = { GET: await rounds(servers, (base) => manifest(base, 'GET')), HEAD: await rounds(servers, (base) => manifest(base, 'HEAD')) };
-  // Not part of the target, shown beside it: a cache serves both kinds of load, and V8's young generation grows under this one.
+  // Not part of the target, shown beside it: a cache serves both kinds of load, and under this one V8's old generation
+  // grows with garbage until a full collection (README, Performance, figure 5).
   const rssThrough2 = peakRss(oc.child.pid!);
   await kill(oc.child);
 

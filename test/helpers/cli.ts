@@ -9,7 +9,8 @@ const CLI = ['--import', 'tsx', 'src/cli.ts'];
 
 /**
  * The node flags `npm start` runs ocicache with (package.json). The Dockerfile, the README's
- * systemd unit and the benchmark use the same ones; test/cli.test.ts checks that they do.
+ * systemd unit and the benchmark use the same ones; test/cli.test.ts (the unit) and
+ * test/image.test.ts (the image) check that they do.
  */
 export function nodeFlags(): string[] {
   const pkg = JSON.parse(readFileSync(join(dirname(fileURLToPath(import.meta.url)), '..', '..', 'package.json'), 'utf8')) as { scripts: { start: string } };
