@@ -24,6 +24,8 @@ import { exec, freePort, stopChild, which } from '../test/helpers/tools.js';
 import { image, multiArch, OCI_MANIFEST, Pusher, sha256 } from '../test/helpers/seed.js';
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..');
+/** npm start's node flags, read once: ocicache is measured as operators run it (Dockerfile, systemd unit). */
+const NODE_FLAGS = nodeFlags();
 const quick = process.argv.includes('--quick');
 const MiB = 1024 * 1024;
 const P = quick
@@ -118,8 +120,7 @@ async function startOcicache(upstreamUrl: string, root = mkdtempSync(join(work, 
   writeFileSync(config, stringify({ server: { host: '127.0.0.1', port }, storage: { root }, defaultUpstream: 'docker.io', upstreams: [{ name: 'docker.io', url: upstreamUrl, dockerHubLibrary: true }] }));
   const t0 = Date.now();
   // Default log level (info, one line per request) to /dev/null: the cost of logging is measured too.
-  // The node flags are npm start's, as in the Dockerfile: ocicache is measured as operators run it.
-  const child = spawn(process.execPath, [...nodeFlags(), join(ROOT, 'dist', 'cli.js'), 'serve', '--config', config], { stdio: ['ignore', 'ignore', 'inherit'] });
+  const child = spawn(process.execPath, [...NODE_FLAGS, join(ROOT, 'dist', 'cli.js'), 'serve', '--config', config], { stdio: ['ignore', 'ignore', 'inherit'] });
   cleanups.push(() => kill(child));
   const url = `http://127.0.0.1:${port}`;
   await waitHttp(`${url}/healthz`);

@@ -31,10 +31,12 @@ test('the Dockerfile builds with buildah and the image serves pulls as a non-roo
 
   const inspect = JSON.parse((await exec(buildah, ['inspect', '--type', 'image', IMAGE])).stdout) as { OCIv1: { config: { User: string; Volumes: Record<string, unknown>; ExposedPorts: Record<string, unknown>; Entrypoint: string[]; Cmd: string[] } } };
   const config = inspect.OCIv1.config;
+  // The Dockerfile runs node with npm start's flags.
+  const flags = nodeFlags();
   assert.equal(config.User, '10001:10001');
   assert.deepEqual(Object.keys(config.Volumes), ['/data']);
   assert.deepEqual(Object.keys(config.ExposedPorts), ['5000/tcp']);
-  assert.deepEqual([...config.Entrypoint, ...config.Cmd], ['node', ...nodeFlags(), '/app/dist/cli.js', 'serve']);
+  assert.deepEqual([...config.Entrypoint, ...config.Cmd], ['node', ...flags, '/app/dist/cli.js', 'serve']);
 
   const registry = await startDistribution(t);
   if (!registry) return;
@@ -50,7 +52,7 @@ test('the Dockerfile builds with buildah and the image serves pulls as a non-roo
   t.after(async () => void (await exec(buildah, ['rm', ctr])));
   assert.equal((await exec(buildah, ['run', ctr, '--', 'id', '-u'])).stdout.trim(), '10001');
   // Host network: chroot isolation, like a container with --network host.
-  const serve = spawn(buildah, ['run', '--isolation', 'chroot', '--network', 'host', '-v', `${file}:/etc/ocicache/config.yaml:ro`, ctr, '--', 'node', ...nodeFlags(), '/app/dist/cli.js', 'serve', '--config', '/etc/ocicache/config.yaml'], { stdio: ['ignore', 'pipe', 'pipe'], detached: true });
+  const serve = spawn(buildah, ['run', '--isolation', 'chroot', '--network', 'host', '-v', `${file}:/etc/ocicache/config.yaml:ro`, ctr, '--', 'node', ...flags, '/app/dist/cli.js', 'serve', '--config', '/etc/ocicache/config.yaml'], { stdio: ['ignore', 'pipe', 'pipe'], detached: true });
   const exited = new Promise<number | null>((r) => serve.once('exit', (code) => r(code)));
   let log = '';
   serve.stdout.on('data', (d: Buffer) => (log += d.toString()));
@@ -80,7 +82,7 @@ test('the Dockerfile builds with buildah and the image serves pulls as a non-roo
 
   // SIGTERM to ocicache in the container (PID 1 under a container engine, the exec-form ENTRYPOINT):
   // it drains and exits 0, and buildah run passes the status on.
-  const pid = Number((await exec('pgrep', ['-u', '10001', '-f', `^/usr/bin/node ${nodeFlags().join(' ')} /app/dist/cli.js serve`])).stdout.trim().split('\n')[0]);
+  const pid = Number((await exec('pgrep', ['-u', '10001', '-f', `^/usr/bin/node ${flags.join(' ')} /app/dist/cli.js serve`])).stdout.trim().split('\n')[0]);
   assert.ok(pid > 0, 'found the node process in the container');
   process.kill(pid, 'SIGTERM');
   assert.equal(await Promise.race([exited, sleep(15_000).then(() => 'timeout')]), 0, log);

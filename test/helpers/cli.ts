@@ -1,8 +1,7 @@
 /** Runs the `ocicache` command as a separate process, the way an operator does. */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { readFileSync, writeFileSync } from 'node:fs';
-import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
 import { stringify } from 'yaml';
 
 const CLI = ['--import', 'tsx', 'src/cli.ts'];
@@ -13,7 +12,7 @@ const CLI = ['--import', 'tsx', 'src/cli.ts'];
  * test/image.test.ts (the image) check that they do.
  */
 export function nodeFlags(): string[] {
-  const pkg = JSON.parse(readFileSync(join(dirname(fileURLToPath(import.meta.url)), '..', '..', 'package.json'), 'utf8')) as { scripts: { start: string } };
+  const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { scripts: { start: string } };
   const m = /^node ((?:--\S+ )*)dist\/cli\.js serve$/.exec(pkg.scripts.start);
   if (!m) throw new Error(`package.json start is not "node [flags] dist/cli.js serve": ${pkg.scripts.start}`);
   return m[1]!.split(' ').filter(Boolean);
