@@ -14,7 +14,9 @@ const MAX_IMAGES = 10_000;
 export class Stats {
   readonly startedAt = Date.now();
   private readonly results = new Map<string, Map<CacheResult, number>>();
-  private readonly pulls = new Map<string, number>();
+  /** Pulls by upstream, then name: no `upstream/name` string is built per request. */
+  private readonly pulls = new Map<string, Map<string, number>>();
+  private images = 0;
 
   /** One answered manifest or blob request. A manifest GET by tag counts as a pull of the image. */
   record(upstream: string, kind: string, result: CacheResult, name: string | undefined, byTag: boolean, method: string): void {
@@ -23,15 +25,25 @@ export class Stats {
     if (!m) this.results.set(upstream, (m = new Map()));
     m.set(result, (m.get(result) ?? 0) + 1);
     if (kind === 'manifest' && byTag && method === 'GET' && name !== undefined && result !== 'error') {
-      const key = `${upstream}/${name}`;
-      this.pulls.set(key, (this.pulls.get(key) ?? 0) + 1);
-      if (this.pulls.size > MAX_IMAGES) this.trim();
+      let names = this.pulls.get(upstream);
+      if (!names) this.pulls.set(upstream, (names = new Map()));
+      const n = names.get(name);
+      names.set(name, (n ?? 0) + 1);
+      if (n === undefined && ++this.images > MAX_IMAGES) this.trim();
     }
   }
 
+  /** Every pulled image as [`upstream/name`, pulls]. */
+  private pulled(): Array<[string, number]> {
+    const all: Array<[string, number]> = [];
+    for (const [upstream, names] of this.pulls) for (const [name, n] of names) all.push([`${upstream}/${name}`, n]);
+    return all;
+  }
+
   private trim(): void {
-    const sorted = [...this.pulls].sort((a, b) => a[1] - b[1]);
-    for (const [k] of sorted.slice(0, sorted.length - MAX_IMAGES / 2)) this.pulls.delete(k);
+    const sorted = [...this.pulls].flatMap(([upstream, names]) => [...names].map(([name, n]) => ({ upstream, name, n }))).sort((a, b) => a.n - b.n);
+    for (const { upstream, name } of sorted.slice(0, sorted.length - MAX_IMAGES / 2)) this.pulls.get(upstream)!.delete(name);
+    this.images = Math.min(sorted.length, MAX_IMAGES / 2);
   }
 
   /** Hits over answered requests (errors excluded), overall or for one upstream; undefined before any. */
@@ -50,7 +62,7 @@ export class Stats {
   }
 
   topPulls(n: number): Array<[string, number]> {
-    return [...this.pulls].sort((a, b) => b[1] - a[1] || a[0].localeCompare(b[0])).slice(0, n);
+    return this.pulled().sort((a, b) => b[1] - a[1] || a[0].localeCompare(b[0])).slice(0, n);
   }
 }
 

@@ -41,6 +41,7 @@ test('the request line is the line pino writes for the same fields, key for key'
     ['quotes, backslashes and control characters in the URL', { ...base, url: '/v2/a"b\\c/manifests/x\u0001\u001f\u007f' }],
     // Node hands the request target over as latin1: bytes 0x80-0xff arrive as U+0080-U+00FF.
     ['bytes past ASCII in the URL', { ...base, url: '/v2/caf\u00c3\u00a9/manifests/\u00ff' }],
+    ['quotes, backslashes, control and non-ASCII characters in every string field', { ...base, url: '/v2/\u2028/manifests/x', reqId: 'req-"1', method: 'G\\ET', upstream: 'a"b', name: 'n\n', reference: 'r\t', cache: '\u2028' }],
     ['a long URL', { ...base, url: `/v2/${'a/'.repeat(4000)}manifests/x` }],
     ['an error answer', { ...base, status: 404, cache: 'error', bytes: 0, durationMs: 1200 }],
   ];

@@ -12,6 +12,7 @@ import { accepts, DOCKER_MANIFEST, DOCKER_SCHEMA1_SIGNED, mediaTypeOf, OCI_INDEX
 import { Metrics } from '../src/metrics.js';
 import { parseRange } from '../src/range.js';
 import { parseV2Path, UpstreamIndex } from '../src/reference.js';
+import { Stats } from '../src/status.js';
 import { parseWwwAuthenticate } from '../src/www-authenticate.js';
 import { tempDir } from './helpers/tools.js';
 
@@ -125,6 +126,31 @@ test('metrics: the per-request counters and histogram render exactly as prom-cli
   // Bad values are refused when made, not at the next scrape.
   assert.throws(() => ours.servedBytes.inc(['docker.io', 'cache'], -1), /cannot be increased by -1/);
   assert.throws(() => ours.httpDuration.observe(['blob', 'GET', '200'], NaN), /cannot observe NaN/);
+  assert.throws(() => ours.cacheRequests.inc(['docker.io', 'manifest']), /ocicache_cache_requests_total: 2 label values for 3 labels/);
+});
+
+test('status page counts: pulls are manifest GETs by tag, per upstream and name; past 10,000 images the least pulled half goes', () => {
+  const stats = new Stats();
+  const pull = (upstream: string, name: string, times = 1): void => {
+    for (let i = 0; i < times; i++) stats.record(upstream, 'manifest', 'hit', name, true, 'GET');
+  };
+  pull('docker.io', 'library/alpine', 3);
+  pull('ghcr.io', 'library/alpine', 2);
+  stats.record('docker.io', 'manifest', 'hit', 'library/busybox', false, 'GET'); // by digest: not a pull
+  stats.record('docker.io', 'manifest', 'hit', 'library/busybox', true, 'HEAD');
+  stats.record('docker.io', 'blob', 'miss', 'library/busybox', false, 'GET');
+  stats.record('docker.io', 'manifest', 'error', 'library/busybox', true, 'GET');
+  assert.deepEqual(stats.topPulls(10), [['docker.io/library/alpine', 3], ['ghcr.io/library/alpine', 2]]);
+  assert.equal(stats.hitRatio('docker.io'), 5 / 6);
+  assert.equal(stats.hitRatio(), 7 / 8);
+  for (let i = 0; i < 9_998; i++) pull('docker.io', `n${i}`);
+  assert.equal(stats.topPulls(20_000).length, 10_000);
+  pull('quay.io', 'one-too-many');
+  const kept = stats.topPulls(20_000);
+  assert.equal(kept.length, 5_000);
+  assert.deepEqual(kept.slice(0, 2), [['docker.io/library/alpine', 3], ['ghcr.io/library/alpine', 2]]);
+  pull('docker.io', 'library/alpine');
+  assert.deepEqual(stats.topPulls(1), [['docker.io/library/alpine', 4]]);
 });
 
 const UNITS_DIR = mkdtempSync(join(tmpdir(), 'ocicache-units-'));
