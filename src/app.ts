@@ -9,7 +9,7 @@ import type { Logger } from 'pino';
 import type { Config } from './config.js';
 import { OciError, type ErrorCode } from './errors.js';
 import { registerAdmin } from './admin.js';
-import { LogStream } from './log.js';
+import { LogStream, type RequestLine } from './log.js';
 import { onResponseGone } from './response-gone.js';
 import { registerRoutes, warmManifests, type Finished } from './routes.js';
 import { openCache, type Services } from './services.js';
@@ -27,6 +27,9 @@ export interface AppOptions {
   /** pino options or false; defaults to JSON logs at config.log.level */
   logger?: boolean | Record<string, unknown>;
 }
+
+/** Operational endpoints polled by probes and scrapers: answered, counted, not logged per request. */
+const PROBE = /^\/(healthz|readyz|metrics)(\?|$)/;
 
 /** Fastify's own 4xx errors (bad URL, bad header, …) in the spec's vocabulary. */
 const FASTIFY_STATUS_CODE: Record<number, ErrorCode> = { 400: 'NAME_INVALID', 404: 'NAME_UNKNOWN', 405: 'UNSUPPORTED', 413: 'SIZE_INVALID', 415: 'UNSUPPORTED' };
@@ -132,22 +135,31 @@ export async function buildApp(config: Config, options: AppOptions = {}): Promis
   });
 
   /** Metrics, status page counts and the request log line of every answered request, on both paths. */
-  const finished = ({ reqId, method, url, status, ctx, ms }: Finished): void => {
+  const finished = ({ reqId, method, url, status, ctx, ms, bytes: sent }: Finished): void => {
     metrics.httpDuration.observe([ctx?.kind ?? 'other', method, String(status)], ms / 1000);
-    if (!ctx) return;
-    const bytes = ctx.bytes();
+    // The log's bytes are the body sent, error envelopes included; served bytes count content only.
+    const bytes = ctx && ctx.cache !== 'error' ? ctx.bytes() : (sent ?? 0);
+    if (!ctx) {
+      // Everything else is logged too (/v2/, refused writes, bad names, the status page), but not
+      // probes and scrapes, which come every few seconds and would drown the pulls.
+      if (!PROBE.test(url)) logRequest({ reqId, method, url, status, bytes, durationMs: Math.round(ms) });
+      return;
+    }
     if (ctx.upstream && ctx.cache) {
       metrics.cacheRequests.inc([ctx.upstream, ctx.kind, ctx.cache]);
       stats.record(ctx.upstream, ctx.kind, ctx.cache, ctx.name, ctx.reference !== undefined && !ctx.reference.includes(':'), method);
-      if (bytes > 0) metrics.servedBytes.inc([ctx.upstream, ctx.cache === 'hit' ? 'cache' : 'upstream'], bytes);
+      if (bytes > 0 && ctx.cache !== 'error') metrics.servedBytes.inc([ctx.upstream, ctx.cache === 'hit' ? 'cache' : 'upstream'], bytes);
     }
-    const line = { reqId, method, url, status, upstream: ctx.upstream, name: ctx.name, reference: ctx.reference, cache: ctx.cache, bytes, durationMs: Math.round(ms) };
+    logRequest({ reqId, method, url, status, upstream: ctx.upstream, name: ctx.name, reference: ctx.reference, cache: ctx.cache, bytes, durationMs: Math.round(ms) });
+  };
+  const logRequest = (line: RequestLine): void => {
     if (!logStream) app.log.info(line, 'request');
     else if ((app.log as Logger).isLevelEnabled('info')) logStream.request(line);
   };
 
   app.addHook('onResponse', (req, reply, done) => {
-    finished({ reqId: req.id, method: req.method, url: req.url, status: reply.statusCode, ctx: req.oci, ms: reply.elapsedTime });
+    const length = req.method === 'HEAD' ? undefined : reply.getHeader('content-length');
+    finished({ reqId: req.id, method: req.method, url: req.url, status: reply.statusCode, ctx: req.oci, ms: reply.elapsedTime, bytes: length === undefined ? 0 : Number(length) });
     done();
   });
 

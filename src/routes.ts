@@ -74,6 +74,8 @@ export interface Finished {
   status: number;
   ctx: RequestContext | null;
   ms: number;
+  /** Body bytes by Content-Length, for answers that are not content: errors, /v2/, the status page */
+  bytes?: number;
 }
 
 export interface WarmDeps {

@@ -12,7 +12,12 @@ const HEX = 'a'.repeat(64);
 
 test('bad requests get exact OCI errors and never touch the upstream', async (t) => {
   const fake = await startFakeUpstream(t);
-  const proxy = await startProxy(t, { upstreams: [{ name: 'docker.io', url: fake.url, dockerHubLibrary: true }, { name: 'ghcr.io', url: fake.url }] });
+  const lines: Array<Record<string, unknown>> = [];
+  const proxy = await startProxy(t, {
+    upstreams: [{ name: 'docker.io', url: fake.url, dockerHubLibrary: true }, { name: 'ghcr.io', url: fake.url }],
+    logger: { level: 'info', stream: { write: (s: string) => lines.push(JSON.parse(s) as Record<string, unknown>) } },
+  });
+  const logged = (): unknown[] => lines.filter((l) => l.msg === 'request').map((l) => [l.method, l.url, l.status, l.bytes]);
   const cases: Array<{ what: string; method?: string; path: string; headers?: Record<string, string>; status: number; code: string; message?: string }> = [
     { what: 'path traversal in the name', path: '/v2/../../etc/passwd/manifests/latest?ns=docker.io', status: 400, code: 'NAME_INVALID' },
     { what: 'encoded traversal', path: '/v2/library/%2e%2e/manifests/latest?ns=docker.io', status: 400, code: 'NAME_INVALID' },
@@ -57,11 +62,20 @@ test('bad requests get exact OCI errors and never touch the upstream', async (t)
     assert.equal(body.errors[0]!.code, c.code, c.what);
     if (c.message) assert.equal(body.errors[0]!.message, c.message, c.what);
     if (c.status === 405) assert.equal(res.headers.allow, 'GET, HEAD');
+    // Each answer is in the request log, with the bytes of its error body.
+    assert.deepEqual(logged().at(-1), [c.method ?? 'GET', c.path, c.status, Buffer.byteLength(text)], c.what);
   }
+  assert.equal(logged().length, cases.length);
   // HEAD errors carry the status and no body.
   const head = await request(`${proxy.url}/v2/library/alpine/manifests/-bad?ns=docker.io`, { method: 'HEAD' });
   assert.equal(head.statusCode, 400);
   assert.equal((await head.body.text()).length, 0);
+  // The base endpoint is logged too; probes and scrapes are not.
+  for (const path of ['/v2/', '/healthz', '/readyz', '/metrics']) await (await request(`${proxy.url}${path}`)).body.dump();
+  assert.deepEqual(logged().slice(cases.length), [
+    ['HEAD', '/v2/library/alpine/manifests/-bad?ns=docker.io', 400, 0],
+    ['GET', '/v2/', 200, 2],
+  ]);
   assert.equal(fake.requests.length, 0, 'no bad request reached the upstream');
 });
 
