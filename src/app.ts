@@ -148,7 +148,7 @@ export async function buildApp(config: Config, options: AppOptions = {}): Promis
     if (ctx.upstream && ctx.cache) {
       metrics.cacheRequests.inc([ctx.upstream, ctx.kind, ctx.cache]);
       stats.record(ctx.upstream, ctx.kind, ctx.cache, ctx.name, ctx.reference !== undefined && !ctx.reference.includes(':'), method);
-      if (bytes > 0 && ctx.cache !== 'error') metrics.servedBytes.inc([ctx.upstream, ctx.cache === 'hit' ? 'cache' : 'upstream'], bytes);
+      if (bytes > 0 && ctx.cache !== 'error' && (ctx.kind === 'manifest' || ctx.kind === 'blob')) metrics.servedBytes.inc([ctx.upstream, ctx.cache === 'hit' ? 'cache' : 'upstream'], bytes);
     }
     logRequest({ reqId, method, url, status, upstream: ctx.upstream, name: ctx.name, reference: ctx.reference, cache: ctx.cache, bytes, durationMs: Math.round(ms) });
   };

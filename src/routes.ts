@@ -146,7 +146,9 @@ export function registerRoutes(app: FastifyInstance, deps: RouteDeps): void {
         return undefined;
       }
       if (parsed.kind === 'upload') throw readOnly();
-      const ctx: RequestContext = { kind: parsed.kind, upstream: parsed.target.upstream.name, name: parsed.target.name, reference: parsed.reference, bytes: () => 0 };
+      // A tag list's "reference" is the literal `list` of its path: not one to log.
+      const reference = parsed.kind === 'tags' ? undefined : parsed.reference;
+      const ctx: RequestContext = { kind: parsed.kind, upstream: parsed.target.upstream.name, name: parsed.target.name, reference, bytes: () => 0 };
       req.oci = ctx;
       // The spec's answer to dependency confusion: say which upstream this content is from.
       reply.header('oci-namespace', parsed.target.upstream.name);
@@ -157,9 +159,9 @@ export function registerRoutes(app: FastifyInstance, deps: RouteDeps): void {
         case 'blob':
           return sendBlob(req, reply, parsed, head);
         case 'tags':
-          return sendTags(reply, parsed, query, head);
+          return sendTags(req, reply, parsed, query, head);
         case 'referrers':
-          return sendReferrers(reply, parsed, query, head);
+          return sendReferrers(req, reply, parsed, query, head);
       }
       // Unreachable while the switch covers every kind; a new kind must not leave a request hanging.
       throw new Error(`no handler for ${(parsed as { kind: string }).kind}`);
@@ -220,7 +222,15 @@ export function registerRoutes(app: FastifyInstance, deps: RouteDeps): void {
     return reply;
   }
 
-  async function sendTags(reply: FastifyReply, p: Extract<ParsedPath, { target: unknown }>, query: URLSearchParams, head: boolean): Promise<FastifyReply> {
+  /** A tag list or a referrers index: in the log and the metrics with its cache result, like manifests and blobs. */
+  function listed(req: FastifyRequest, reply: FastifyReply, cache: CacheResult, body: string | Buffer, head: boolean): void {
+    req.oci!.cache = cache;
+    const bytes = head ? 0 : Buffer.byteLength(body);
+    req.oci!.bytes = () => bytes;
+    reply.header('x-cache', cache.toUpperCase());
+  }
+
+  async function sendTags(req: FastifyRequest, reply: FastifyReply, p: Extract<ParsedPath, { target: unknown }>, query: URLSearchParams, head: boolean): Promise<FastifyReply> {
     const n = optionalInt(query, 'n');
     const last = query.get('last') ?? undefined;
     const list = await registry.listTags(p.target, n, last);
@@ -236,11 +246,14 @@ export function registerRoutes(app: FastifyInstance, deps: RouteDeps): void {
       reply.header('link', `<${p.clientRoot}/${p.clientName}/tags/list?${next.toString()}>; rel="next"`);
     }
     reply.headers({ 'content-type': 'application/json', 'content-length': String(Buffer.byteLength(body)) });
+    listed(req, reply, list.cache, body, head);
     return head ? reply.send() : reply.send(body);
   }
 
-  async function sendReferrers(reply: FastifyReply, p: Extract<ParsedPath, { target: unknown }>, query: URLSearchParams, head: boolean): Promise<FastifyReply> {
+  async function sendReferrers(req: FastifyRequest, reply: FastifyReply, p: Extract<ParsedPath, { target: unknown }>, query: URLSearchParams, head: boolean): Promise<FastifyReply> {
     const r = await registry.getReferrers(p.target, p.reference, query.get('artifactType') ?? undefined);
+    // Never cached: referrers are always asked of the upstream (registry.getReferrers).
+    listed(req, reply, 'passthrough', r.body, head);
     reply.headers({ 'content-type': r.contentType, 'content-length': String(r.body.length) });
     if (r.filtersApplied !== undefined) reply.header('oci-filters-applied', r.filtersApplied);
     return head ? reply.send() : reply.send(r.body);

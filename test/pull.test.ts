@@ -202,6 +202,7 @@ test('pull through two real upstreams', async (t) => {
     assert.equal(first.status, 200);
     assert.deepEqual(JSON.parse(first.body.toString()), { name: 'team/tags', tags: ['a1', 'b2'] });
     assert.equal(first.headers.link, '</v2/team/tags/tags/list?n=2&last=b2&ns=docker.io>; rel="next"');
+    assert.equal(first.headers['x-cache'], 'PASSTHROUGH');
     const next = await get(`${P}/v2/team/tags/tags/list?n=2&last=b2&ns=docker.io`);
     assert.deepEqual(JSON.parse(next.body.toString()).tags, ['c3', 'd4']);
     const prefixed = await get(`${P}/v2/docker.io/team/tags/tags/list?n=4`);
@@ -224,6 +225,8 @@ test('pull through two real upstreams', async (t) => {
     assert.ok(metric(text, 'ocicache_served_bytes_total', { upstream: 'docker.io', source: 'cache' }) > 0);
     assert.ok(metric(text, 'ocicache_served_bytes_total', { upstream: 'docker.io' }) >= bigLayer.length);
     assert.ok(metric(text, 'ocicache_upstream_requests_total', { upstream: 'docker.io', kind: 'blob', status: '200' }) > 0);
+    // The four tag lists above, each asked of the upstream.
+    assert.equal(metric(text, 'ocicache_cache_requests_total', { upstream: 'docker.io', kind: 'tags', result: 'passthrough' }), 4);
     assert.doesNotMatch(text, /name="team\/app"|library\/alpine/);
   });
 

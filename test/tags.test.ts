@@ -77,6 +77,7 @@ test('tags are revalidated with one HEAD after tagTtl and served stale when the 
   assert.equal(stale.digest, v2.digest);
   const list = await request(`${proxy.url}/v2/app/web/tags/list?ns=quay.io`);
   assert.equal(list.statusCode, 200);
+  assert.equal(list.headers['x-cache'], 'STALE');
   assert.deepEqual(await list.body.json(), { name: 'app/web', tags: ['stable'] });
   const unknown = await manifest(url('never-pulled'));
   assert.equal(unknown.status, 503);

@@ -1,0 +1,62 @@
+/**
+ * The referrers API passes through. Debian's distribution 2.8 has no referrers endpoint (it
+ * answers 404, which test/pull.test.ts covers), so the upstream that has one is the fake.
+ */
+import assert from 'node:assert/strict';
+import test from 'node:test';
+import { request } from 'undici';
+import { startFakeUpstream } from './helpers/fake-upstream.js';
+import { metric, metricsText, startProxy } from './helpers/proxy.js';
+
+const SUBJECT = `sha256:${'a'.repeat(64)}`;
+const OCI_INDEX = 'application/vnd.oci.image.index.v1+json';
+
+test('referrers pass through with their filter header, logged and counted as passthrough', async (t) => {
+  const fake = await startFakeUpstream(t);
+  const index = Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: OCI_INDEX, manifests: [{ mediaType: 'application/vnd.oci.image.manifest.v1+json', digest: `sha256:${'b'.repeat(64)}`, size: 123, artifactType: 'application/spdx+json' }] }));
+  fake.route(`/v2/library/alpine/referrers/${SUBJECT}`, (req, res) => {
+    const headers: Record<string, string> = { 'content-type': OCI_INDEX, 'content-length': String(index.length) };
+    if (req.url?.includes('artifactType=')) headers['oci-filters-applied'] = 'artifactType';
+    res.writeHead(200, headers).end(index);
+  });
+  const lines: Array<Record<string, unknown>> = [];
+  const proxy = await startProxy(t, {
+    upstreams: [{ name: 'docker.io', url: fake.url, dockerHubLibrary: true }],
+    logger: { level: 'info', stream: { write: (s: string) => lines.push(JSON.parse(s) as Record<string, unknown>) } },
+  });
+  const path = `/v2/library/alpine/referrers/${SUBJECT}?ns=docker.io&artifactType=application%2Fspdx%2Bjson`;
+
+  const get = await request(`${proxy.url}${path}`);
+  assert.equal(get.statusCode, 200);
+  assert.deepEqual(Buffer.from(await get.body.arrayBuffer()), index);
+  const head = await request(`${proxy.url}${path}`, { method: 'HEAD' });
+  await head.body.dump();
+  for (const [what, res] of [['GET', get], ['HEAD', head]] as const) {
+    assert.equal(res.statusCode, 200, what);
+    assert.equal(res.headers['content-type'], OCI_INDEX, what);
+    assert.equal(res.headers['content-length'], String(index.length), what);
+    assert.equal(res.headers['oci-filters-applied'], 'artifactType', what);
+    assert.equal(res.headers['oci-namespace'], 'docker.io', what);
+    assert.equal(res.headers['x-cache'], 'PASSTHROUGH', what);
+  }
+  // Never cached: each request asked the upstream, with the client's filter.
+  assert.deepEqual(
+    fake.requests.map((r) => [r.method, r.url]),
+    [
+      ['GET', `/v2/library/alpine/referrers/${SUBJECT}?artifactType=application%2Fspdx%2Bjson`],
+      ['GET', `/v2/library/alpine/referrers/${SUBJECT}?artifactType=application%2Fspdx%2Bjson`],
+    ],
+  );
+
+  assert.deepEqual(
+    lines.filter((l) => l.msg === 'request').map((l) => [l.method, l.status, l.upstream, l.name, l.reference, l.cache, l.bytes]),
+    [
+      ['GET', 200, 'docker.io', 'library/alpine', SUBJECT, 'passthrough', index.length],
+      ['HEAD', 200, 'docker.io', 'library/alpine', SUBJECT, 'passthrough', 0],
+    ],
+  );
+  const text = await metricsText(proxy);
+  assert.equal(metric(text, 'ocicache_cache_requests_total', { upstream: 'docker.io', kind: 'referrers', result: 'passthrough' }), 2);
+  // Served bytes are blob and manifest bytes only.
+  assert.equal(metric(text, 'ocicache_served_bytes_total', { upstream: 'docker.io' }), 0);
+});
