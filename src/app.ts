@@ -28,8 +28,11 @@ export interface AppOptions {
   logger?: boolean | Record<string, unknown>;
 }
 
-/** Operational endpoints polled by probes and scrapers: answered, counted, not logged per request. */
-const PROBE = /^\/(healthz|readyz|metrics)(\?|$)/;
+/**
+ * Routes that probes, scrapers and the status page's own refresh poll every few seconds: counted
+ * in the metrics, logged only when they fail, so they do not drown the pulls in the log.
+ */
+const POLLED = new Set(['/', '/healthz', '/readyz', '/metrics']);
 
 /** Fastify's own 4xx errors (bad URL, bad header, …) in the spec's vocabulary. */
 const FASTIFY_STATUS_CODE: Record<number, ErrorCode> = { 400: 'NAME_INVALID', 404: 'NAME_UNKNOWN', 405: 'UNSUPPORTED', 413: 'SIZE_INVALID', 415: 'UNSUPPORTED' };
@@ -135,14 +138,13 @@ export async function buildApp(config: Config, options: AppOptions = {}): Promis
   });
 
   /** Metrics, status page counts and the request log line of every answered request, on both paths. */
-  const finished = ({ reqId, method, url, status, ctx, ms, bytes: sent }: Finished): void => {
+  const finished = ({ reqId, method, url, status, ctx, ms, bytes: sent, polled }: Finished): void => {
     metrics.httpDuration.observe([ctx?.kind ?? 'other', method, String(status)], ms / 1000);
     // The log's bytes are the body sent, error envelopes included; served bytes count content only.
     const bytes = ctx && ctx.cache !== 'error' ? ctx.bytes() : (sent ?? 0);
     if (!ctx) {
-      // Everything else is logged too (/v2/, refused writes, bad names, the status page), but not
-      // probes and scrapes, which come every few seconds and would drown the pulls.
-      if (!PROBE.test(url)) logRequest({ reqId, method, url, status, bytes, durationMs: Math.round(ms) });
+      // Answers outside the API's kinds are logged too (/v2/, refused writes, bad names, admin).
+      if (!polled || status >= 500) logRequest({ reqId, method, url, status, bytes, durationMs: Math.round(ms) });
       return;
     }
     if (ctx.upstream && ctx.cache) {
@@ -158,8 +160,10 @@ export async function buildApp(config: Config, options: AppOptions = {}): Promis
   };
 
   app.addHook('onResponse', (req, reply, done) => {
-    const length = req.method === 'HEAD' ? undefined : reply.getHeader('content-length');
-    finished({ reqId: req.id, method: req.method, url: req.url, status: reply.statusCode, ctx: req.oci, ms: reply.elapsedTime, bytes: length === undefined ? 0 : Number(length) });
+    // By Content-Length: 0 for a streamed answer without one (admin prefetch's progress lines).
+    const length = req.method === 'HEAD' ? 0 : Number(reply.getHeader('content-length') ?? 0);
+    const polled = POLLED.has(req.routeOptions.url ?? '');
+    finished({ reqId: req.id, method: req.method, url: req.url, status: reply.statusCode, ctx: req.oci, ms: reply.elapsedTime, bytes: Number.isFinite(length) ? length : 0, polled });
     done();
   });
 
@@ -185,8 +189,10 @@ export async function buildApp(config: Config, options: AppOptions = {}): Promis
   registerAdmin(app, services);
   registerStatus(app, services, stats, version());
 
-  app.get('/healthz', async () => ({ status: 'ok' }));
-  app.get('/readyz', async (_req, reply) => {
+  // HEAD too: some load balancers probe with it (the API's routes answer HEAD explicitly, so
+  // exposeHeadRoutes is off globally).
+  app.get('/healthz', { exposeHeadRoute: true }, async () => ({ status: 'ok' }));
+  app.get('/readyz', { exposeHeadRoute: true }, async (_req, reply) => {
     try {
       if (closing) throw new Error('shutting down');
       db.ping();
@@ -196,7 +202,7 @@ export async function buildApp(config: Config, options: AppOptions = {}): Promis
       return reply.code(503).send({ status: 'not ready', reason: (err as Error).message });
     }
   });
-  app.get('/metrics', async (_req, reply) => reply.type(metrics.registry.contentType).send(await metrics.registry.metrics()));
+  app.get('/metrics', { exposeHeadRoute: true }, async (_req, reply) => reply.type(metrics.registry.contentType).send(await metrics.registry.metrics()));
 
   /** Stops taking requests (readyz fails, new requests get 503) and waits for running ones, up to `ms`. */
   app.decorate('drain', async (ms: number): Promise<void> => {

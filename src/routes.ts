@@ -76,6 +76,8 @@ export interface Finished {
   ms: number;
   /** Body bytes by Content-Length, for answers that are not content: errors, /v2/, the status page */
   bytes?: number;
+  /** Answered by a route that probes and scrapers poll (app.ts): logged only when it fails */
+  polled?: boolean;
 }
 
 export interface WarmDeps {

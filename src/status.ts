@@ -78,7 +78,7 @@ function duration(ms: number): string {
 }
 
 export function registerStatus(app: FastifyInstance, s: Services, stats: Stats, version: string): void {
-  app.get('/', async (_req, reply) => {
+  app.get('/', { exposeHeadRoute: true }, async (_req, reply) => {
     const rows = s.config.upstreams.map((u) => {
       const gate = s.upstream.gate(u.name);
       const retry = gate.retryAfterSeconds;

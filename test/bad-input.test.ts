@@ -70,13 +70,43 @@ test('bad requests get exact OCI errors and never touch the upstream', async (t)
   const head = await request(`${proxy.url}/v2/library/alpine/manifests/-bad?ns=docker.io`, { method: 'HEAD' });
   assert.equal(head.statusCode, 400);
   assert.equal((await head.body.text()).length, 0);
-  // The base endpoint is logged too; probes and scrapes are not.
-  for (const path of ['/v2/', '/healthz', '/readyz', '/metrics']) await (await request(`${proxy.url}${path}`)).body.dump();
-  assert.deepEqual(logged().slice(cases.length), [
-    ['HEAD', '/v2/library/alpine/manifests/-bad?ns=docker.io', 400, 0],
-    ['GET', '/v2/', 200, 2],
-  ]);
+  assert.deepEqual(logged().at(-1), ['HEAD', '/v2/library/alpine/manifests/-bad?ns=docker.io', 400, 0]);
   assert.equal(fake.requests.length, 0, 'no bad request reached the upstream');
+});
+
+test('the request log has every answer but what probes, scrapers and the status page poll, unless it fails', async (t) => {
+  const lines: Array<Record<string, unknown>> = [];
+  const proxy = await startProxy(t, {
+    upstreams: [{ name: 'docker.io', url: 'http://127.0.0.1:9' }],
+    logger: { level: 'info', stream: { write: (s: string) => lines.push(JSON.parse(s) as Record<string, unknown>) } },
+  });
+  const polls: Array<[string, string, number]> = [
+    ['GET', '/v2/', 200],
+    ['GET', '/healthz', 200],
+    ['HEAD', '/healthz', 200],
+    ['GET', '/healthz/', 200],
+    ['HEAD', '/readyz', 200],
+    ['GET', '/metrics', 200],
+    ['GET', '/', 200],
+    ['POST', '/healthz', 405],
+  ];
+  for (const [method, path, status] of polls) {
+    const res = await request(`${proxy.url}${path}`, { method: method as 'GET' });
+    await res.body.dump();
+    assert.equal(res.statusCode, status, `${method} ${path}`);
+  }
+  await proxy.app.drain(0);
+  const notReady = await request(`${proxy.url}/readyz`);
+  const notReadyBody = await notReady.body.text();
+  assert.equal(notReady.statusCode, 503);
+  assert.deepEqual(
+    lines.filter((l) => l.msg === 'request').map((l) => [l.method, l.url, l.status, l.bytes]),
+    [
+      ['GET', '/v2/', 200, 2],
+      ['POST', '/healthz', 405, Buffer.byteLength('{"errors":[{"code":"UNSUPPORTED","message":"this registry is a read-only cache"}]}')],
+      ['GET', '/readyz', 503, Buffer.byteLength(notReadyBody)],
+    ],
+  );
 });
 
 test('a malformed Range on a cached blob answers 416 with the size', async (t) => {

@@ -72,6 +72,23 @@ test('lines keep their order: pino lines, request lines and lines longer than a 
   );
 });
 
+test('request lines queued back to back come out whole and in order, long ones too', T, async (t) => {
+  const { stream, lines } = fileStream(t);
+  const log = pino({ level: 'info' }, stream);
+  // 1,000 in a row: queues of 32 formatted in turn, batches filling up in the middle of one, and
+  // every 97th line longer than a third of a batch, which goes out on its own.
+  const url = (i: number): string => (i % 97 === 0 ? `/v2/${'a/'.repeat(12_000)}manifests/${i}` : `/v2/x/manifests/${i}`);
+  for (let i = 0; i < 1000; i++) stream.request({ reqId: `req-${i}`, method: 'GET', url: url(i), status: 200, bytes: i, durationMs: 0 });
+  log.info('after');
+  const got = await lines();
+  assert.equal(got.length, 1001);
+  assert.deepEqual(
+    got.slice(0, 1000).map((l) => [l.reqId, l.url, l.bytes]),
+    Array.from({ length: 1000 }, (_, i) => [`req-${i}`, url(i), i]),
+  );
+  assert.equal(got[1000]!.msg, 'after');
+});
+
 test('flush calls back once everything written before it is in the file', T, async (t) => {
   const { stream, path, flushed } = fileStream(t);
   const log = pino({ level: 'info' }, stream);
@@ -92,11 +109,12 @@ test('batched lines reach stdout however the process ends', T, async (t) => {
 import { LogStream } from ${JSON.stringify(SRC)};
 const stream = new LogStream();
 pino({ level: 'info' }, stream).info('from pino');
-stream.request({ reqId: 'req-1', method: 'GET', url: '/v2/', status: 200, bytes: 0, durationMs: 0 });
+for (let i = 0; i < 40; i++) stream.request({ reqId: 'req-' + i, method: 'GET', url: '/v2/', status: 200, bytes: 0, durationMs: 0 });
 ${ending}`;
       const child = spawnSync(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], { cwd: join(import.meta.dirname, '..'), encoding: 'utf8', timeout: 20_000 });
       const msgs = child.stdout.trimEnd().split('\n').map((l) => (JSON.parse(l) as { msg: string }).msg);
-      assert.deepEqual(msgs, ['from pino', 'request'], child.stderr);
+      // 40: one queue of 32 formatted, 8 still queued when the process ends.
+      assert.deepEqual(msgs, ['from pino', ...Array<string>(40).fill('request')], child.stderr);
     });
   }
 });
