@@ -131,7 +131,8 @@ export async function buildApp(config: Config, options: AppOptions = {}): Promis
 
   // Callback-style hooks: no promise per request on the hot path.
   app.addHook('onRequest', (req, reply, done) => {
-    if (closing && req.url !== '/healthz') return done(new OciError('UNAVAILABLE', 'shutting down'));
+    // Probes still get their own answers: /healthz ok, /readyz "not ready: shutting down".
+    if (closing && req.routeOptions.url !== '/healthz' && req.routeOptions.url !== '/readyz') return done(new OciError('UNAVAILABLE', 'shutting down'));
     // onResponse logs completed responses.
     track(reply.raw, (completed) => completed || aborted({ reqId: req.id, method: req.method, url: req.url, ctx: req.oci }));
     done();
@@ -162,7 +163,7 @@ export async function buildApp(config: Config, options: AppOptions = {}): Promis
   app.addHook('onResponse', (req, reply, done) => {
     // By Content-Length: 0 for a streamed answer without one (admin prefetch's progress lines).
     const length = req.method === 'HEAD' ? 0 : Number(reply.getHeader('content-length') ?? 0);
-    const polled = POLLED.has(req.routeOptions.url ?? '');
+    const polled = !req.oci && POLLED.has(req.routeOptions.url ?? '');
     finished({ reqId: req.id, method: req.method, url: req.url, status: reply.statusCode, ctx: req.oci, ms: reply.elapsedTime, bytes: Number.isFinite(length) ? length : 0, polled });
     done();
   });

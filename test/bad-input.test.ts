@@ -87,7 +87,9 @@ test('the request log has every answer but what probes, scrapers and the status 
     ['GET', '/healthz/', 200],
     ['HEAD', '/readyz', 200],
     ['GET', '/metrics', 200],
+    ['HEAD', '/metrics', 200],
     ['GET', '/', 200],
+    ['HEAD', '/', 200],
     ['POST', '/healthz', 405],
   ];
   for (const [method, path, status] of polls) {
@@ -95,10 +97,15 @@ test('the request log has every answer but what probes, scrapers and the status 
     await res.body.dump();
     assert.equal(res.statusCode, status, `${method} ${path}`);
   }
+  // Shutting down: liveness holds, readiness says why it fails, and that failure is logged.
   await proxy.app.drain(0);
+  const alive = await request(`${proxy.url}/healthz/`);
+  await alive.body.dump();
+  assert.equal(alive.statusCode, 200);
   const notReady = await request(`${proxy.url}/readyz`);
   const notReadyBody = await notReady.body.text();
   assert.equal(notReady.statusCode, 503);
+  assert.deepEqual(JSON.parse(notReadyBody), { status: 'not ready', reason: 'shutting down' });
   assert.deepEqual(
     lines.filter((l) => l.msg === 'request').map((l) => [l.method, l.url, l.status, l.bytes]),
     [

@@ -1,6 +1,7 @@
 /**
- * The referrers API passes through. Debian's distribution 2.8 has no referrers endpoint (it
- * answers 404, which test/pull.test.ts covers), so the upstream that has one is the fake.
+ * Listings pass through: referrers and tag lists, logged and counted with their cache result.
+ * Debian's distribution 2.8 has no referrers endpoint (it answers 404, which test/pull.test.ts
+ * covers), so the upstream that has one is the fake.
  */
 import assert from 'node:assert/strict';
 import test from 'node:test';
@@ -11,9 +12,10 @@ import { metric, metricsText, startProxy } from './helpers/proxy.js';
 const SUBJECT = `sha256:${'a'.repeat(64)}`;
 const OCI_INDEX = 'application/vnd.oci.image.index.v1+json';
 
-test('referrers pass through with their filter header, logged and counted as passthrough', async (t) => {
+test('referrers pass through with their filter header; they and tag lists are logged and counted as passthrough', async (t) => {
   const fake = await startFakeUpstream(t);
   const index = Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: OCI_INDEX, manifests: [{ mediaType: 'application/vnd.oci.image.manifest.v1+json', digest: `sha256:${'b'.repeat(64)}`, size: 123, artifactType: 'application/spdx+json' }] }));
+  fake.route('/v2/library/alpine/tags/list', (_req, res) => res.writeHead(200, { 'content-type': 'application/json' }).end('{"name":"library/alpine","tags":["3.20"]}'));
   fake.route(`/v2/library/alpine/referrers/${SUBJECT}`, (req, res) => {
     const headers: Record<string, string> = { 'content-type': OCI_INDEX, 'content-length': String(index.length) };
     if (req.url?.includes('artifactType=')) headers['oci-filters-applied'] = 'artifactType';
@@ -47,16 +49,23 @@ test('referrers pass through with their filter header, logged and counted as pas
       ['GET', `/v2/library/alpine/referrers/${SUBJECT}?artifactType=application%2Fspdx%2Bjson`],
     ],
   );
+  // A tag list too; its path's literal `list` is not logged as a reference.
+  const tags = await request(`${proxy.url}/v2/library/alpine/tags/list?ns=docker.io`);
+  const tagsBody = await tags.body.text();
+  assert.equal(tags.statusCode, 200);
+  assert.equal(tags.headers['x-cache'], 'PASSTHROUGH');
 
   assert.deepEqual(
-    lines.filter((l) => l.msg === 'request').map((l) => [l.method, l.status, l.upstream, l.name, l.reference, l.cache, l.bytes]),
+    lines.filter((l) => l.msg === 'request').map((l) => [l.method, l.status, l.upstream, l.name, 'reference' in l ? l.reference : 'none', l.cache, l.bytes]),
     [
       ['GET', 200, 'docker.io', 'library/alpine', SUBJECT, 'passthrough', index.length],
       ['HEAD', 200, 'docker.io', 'library/alpine', SUBJECT, 'passthrough', 0],
+      ['GET', 200, 'docker.io', 'library/alpine', 'none', 'passthrough', Buffer.byteLength(tagsBody)],
     ],
   );
   const text = await metricsText(proxy);
   assert.equal(metric(text, 'ocicache_cache_requests_total', { upstream: 'docker.io', kind: 'referrers', result: 'passthrough' }), 2);
+  assert.equal(metric(text, 'ocicache_cache_requests_total', { upstream: 'docker.io', kind: 'tags', result: 'passthrough' }), 1);
   // Served bytes are blob and manifest bytes only.
   assert.equal(metric(text, 'ocicache_served_bytes_total', { upstream: 'docker.io' }), 0);
 });
