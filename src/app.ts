@@ -4,7 +4,7 @@
  */
 import { access, constants } from 'node:fs/promises';
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
-import Fastify, { LogController, type FastifyInstance } from 'fastify';
+import Fastify, { LogController, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import type { Logger } from 'pino';
 import type { Config } from './config.js';
 import { OciError, type ErrorCode } from './errors.js';
@@ -80,6 +80,17 @@ export async function buildApp(config: Config, options: AppOptions = {}): Promis
     // drained first by drain() (see cli.ts), so by close() only idle or stuck sockets remain.
     forceCloseConnections: true,
     routerOptions: { ignoreTrailingSlash: true },
+    // A path Fastify cannot decode (bad percent-encoding, e.g. /v2/%zz/manifests/x) is answered
+    // before routing, past every hook, in Fastify's own format. Here it gets the spec's envelope
+    // (400 NAME_INVALID) and is counted and logged like any other answer.
+    frameworkErrors: (err, req, reply) => {
+      const start = performance.now();
+      track(reply.raw, () => {
+        const length = req.method === 'HEAD' ? 0 : Number(reply.getHeader('content-length') ?? 0);
+        finished({ reqId: req.id, method: req.method, url: req.url, status: reply.statusCode, ctx: null, ms: performance.now() - start, bytes: Number.isFinite(length) ? length : 0 });
+      });
+      onError(err, req, reply);
+    },
   });
 
   const services = await openCache(config, app.log, { sweep: true });
@@ -95,7 +106,10 @@ export async function buildApp(config: Config, options: AppOptions = {}): Promis
   app.removeAllContentTypeParsers();
   app.addContentTypeParser('*', (_req, _payload, done) => done(null, undefined));
 
-  app.setErrorHandler((err: Error & { statusCode?: number }, req, reply) => {
+  app.setErrorHandler(onError);
+
+  /** The one error handler: every error answer in the spec's envelope (errors.ts). */
+  function onError(err: Error & { statusCode?: number }, req: FastifyRequest, reply: FastifyReply): FastifyReply {
     let oci: OciError;
     if (err instanceof OciError) {
       oci = err;
@@ -110,7 +124,7 @@ export async function buildApp(config: Config, options: AppOptions = {}): Promis
     reply.code(oci.status).headers(oci.headers).header('docker-distribution-api-version', 'registry/2.0');
     if (req.method === 'HEAD') return reply.send();
     return reply.type('application/json').send(JSON.stringify(oci.toJSON()));
-  });
+  }
 
   /**
    * Counts a response as in flight until it is finished or its connection closed (drain() waits

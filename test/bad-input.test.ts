@@ -21,6 +21,8 @@ test('bad requests get exact OCI errors and never touch the upstream', async (t)
   const cases: Array<{ what: string; method?: string; path: string; headers?: Record<string, string>; status: number; code: string; message?: string }> = [
     { what: 'path traversal in the name', path: '/v2/../../etc/passwd/manifests/latest?ns=docker.io', status: 400, code: 'NAME_INVALID' },
     { what: 'encoded traversal', path: '/v2/library/%2e%2e/manifests/latest?ns=docker.io', status: 400, code: 'NAME_INVALID' },
+    { what: 'bad percent-encoding (Fastify answers it before routing)', path: '/v2/library/%zz/manifests/latest?ns=docker.io', status: 400, code: 'NAME_INVALID' },
+    { what: 'an encoded byte that is not UTF-8', path: '/v2/library/alpine/manifests/%E0%A4%A?ns=docker.io', status: 400, code: 'NAME_INVALID' },
     { what: 'encoded slash', path: '/v2/library%2Falpine/manifests/latest?ns=docker.io', status: 400, code: 'NAME_INVALID' },
     { what: 'upper-case name', path: '/v2/Library/Alpine/manifests/latest?ns=docker.io', status: 400, code: 'NAME_INVALID' },
     { what: 'empty name component', path: '/v2/library//alpine/manifests/latest?ns=docker.io', status: 400, code: 'NAME_INVALID' },
@@ -57,6 +59,7 @@ test('bad requests get exact OCI errors and never touch the upstream', async (t)
     const text = await res.body.text();
     assert.equal(res.statusCode, c.status, `${c.what}: ${text}`);
     assert.equal(res.headers['content-type'], 'application/json; charset=utf-8', c.what);
+    assert.equal(res.headers['docker-distribution-api-version'], 'registry/2.0', c.what);
     const body = JSON.parse(text) as { errors: Array<{ code: string; message: string }> };
     assert.equal(body.errors.length, 1, c.what);
     assert.equal(body.errors[0]!.code, c.code, c.what);
