@@ -34,6 +34,12 @@ export interface AppOptions {
  */
 const POLLED = new Set(['/', '/healthz', '/readyz', '/metrics']);
 
+/** Body bytes of an answer by its Content-Length: 0 for HEAD, and for a streamed answer without one (admin prefetch's progress lines). */
+function sentBytes(req: FastifyRequest, reply: FastifyReply): number {
+  const length = req.method === 'HEAD' ? 0 : Number(reply.getHeader('content-length') ?? 0);
+  return Number.isFinite(length) ? length : 0;
+}
+
 /** Fastify's own 4xx errors (bad URL, bad header, …) in the spec's vocabulary. */
 const FASTIFY_STATUS_CODE: Record<number, ErrorCode> = { 400: 'NAME_INVALID', 404: 'NAME_UNKNOWN', 405: 'UNSUPPORTED', 413: 'SIZE_INVALID', 415: 'UNSUPPORTED' };
 
@@ -85,10 +91,7 @@ export async function buildApp(config: Config, options: AppOptions = {}): Promis
     // (400 NAME_INVALID) and is counted and logged like any other answer.
     frameworkErrors: (err, req, reply) => {
       const start = performance.now();
-      track(reply.raw, () => {
-        const length = req.method === 'HEAD' ? 0 : Number(reply.getHeader('content-length') ?? 0);
-        finished({ reqId: req.id, method: req.method, url: req.url, status: reply.statusCode, ctx: null, ms: performance.now() - start, bytes: Number.isFinite(length) ? length : 0 });
-      });
+      track(reply.raw, () => finished({ reqId: req.id, method: req.method, url: req.url, status: reply.statusCode, ctx: null, ms: performance.now() - start, bytes: sentBytes(req, reply) }));
       onError(err, req, reply);
     },
   });
@@ -175,10 +178,8 @@ export async function buildApp(config: Config, options: AppOptions = {}): Promis
   };
 
   app.addHook('onResponse', (req, reply, done) => {
-    // By Content-Length: 0 for a streamed answer without one (admin prefetch's progress lines).
-    const length = req.method === 'HEAD' ? 0 : Number(reply.getHeader('content-length') ?? 0);
     const polled = !req.oci && POLLED.has(req.routeOptions.url ?? '');
-    finished({ reqId: req.id, method: req.method, url: req.url, status: reply.statusCode, ctx: req.oci, ms: reply.elapsedTime, bytes: Number.isFinite(length) ? length : 0, polled });
+    finished({ reqId: req.id, method: req.method, url: req.url, status: reply.statusCode, ctx: req.oci, ms: reply.elapsedTime, bytes: sentBytes(req, reply), polled });
     done();
   });
 

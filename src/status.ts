@@ -33,15 +33,15 @@ export class Stats {
     }
   }
 
-  /** Every pulled image as [`upstream/name`, pulls]. */
-  private pulled(): Array<[string, number]> {
-    const all: Array<[string, number]> = [];
-    for (const [upstream, names] of this.pulls) for (const [name, n] of names) all.push([`${upstream}/${name}`, n]);
+  /** Every pulled image with its pulls. */
+  private pulled(): Array<{ upstream: string; name: string; n: number }> {
+    const all: Array<{ upstream: string; name: string; n: number }> = [];
+    for (const [upstream, names] of this.pulls) for (const [name, n] of names) all.push({ upstream, name, n });
     return all;
   }
 
   private trim(): void {
-    const sorted = [...this.pulls].flatMap(([upstream, names]) => [...names].map(([name, n]) => ({ upstream, name, n }))).sort((a, b) => a.n - b.n);
+    const sorted = this.pulled().sort((a, b) => a.n - b.n);
     for (const { upstream, name } of sorted.slice(0, sorted.length - MAX_IMAGES / 2)) this.pulls.get(upstream)!.delete(name);
     this.images = Math.min(sorted.length, MAX_IMAGES / 2);
   }
@@ -62,7 +62,8 @@ export class Stats {
   }
 
   topPulls(n: number): Array<[string, number]> {
-    return this.pulled().sort((a, b) => b[1] - a[1] || a[0].localeCompare(b[0])).slice(0, n);
+    const images = this.pulled().map(({ upstream, name, n: pulls }): [string, number] => [`${upstream}/${name}`, pulls]);
+    return images.sort((a, b) => b[1] - a[1] || a[0].localeCompare(b[0])).slice(0, n);
   }
 }
 
