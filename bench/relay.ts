@@ -11,7 +11,7 @@
  * The TCP relays take one request per connection. With --verify, every body byte from the
  * upstream is hashed (sha256) and written to a file in <dir> by positional writev batches on the
  * thread pool, at most 4 MiB behind the network, and the last byte waits until the hash is done
- * and every byte is written: what src/blob-store.ts does. Nothing else: the response head is found
+ * and every byte is written: what src/storage/fill.ts does. Nothing else: the response head is found
  * with indexOf and passed on as it is; no HTTP parser, no stream but the two sockets, no index, no
  * log.
  */
@@ -53,7 +53,7 @@ function tcpRelay(): void {
   }).listen(Number(port), '127.0.0.1');
 }
 
-/** As in src/blob-store.ts: disk writes may lag the network this far before the upstream is paused. */
+/** As in src/storage/fill.ts: disk writes may lag the network this far before the upstream is paused. */
 const WRITE_WINDOW = 4 * 1024 * 1024;
 
 function verifying(up: Socket, client: Socket, path: string): void {

@@ -17,11 +17,11 @@ import { fileURLToPath } from 'node:url';
 import Database from 'better-sqlite3';
 import { request } from 'undici';
 import { stringify } from 'yaml';
-import { Db } from '../src/db.js';
+import { Db } from '../src/storage/db.js';
 import { startDistribution } from '../test/helpers/distribution.js';
 import { nodeFlags } from '../test/helpers/cli.js';
-import { exec, freePort, stopChild, which } from '../test/helpers/tools.js';
-import { image, multiArch, OCI_MANIFEST, Pusher, sha256 } from '../test/helpers/seed.js';
+import { exec, freePort, need, stopChild, type Scope } from '../test/helpers/tools.js';
+import { image, multiArch, OCI_CONFIG, OCI_LAYER_TAR, OCI_MANIFEST, Pusher, sha256 } from '../test/helpers/seed.js';
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..');
 /** npm start's node flags, read once: ocicache is measured as operators run it (Dockerfile, systemd unit). */
@@ -33,8 +33,8 @@ const P = quick
   : { layerMiB: 256, duration: '10s', round: '4s', rounds: 5, blobsPerStream: 2, reps: 3, tags: 1_000_000, wanMiBps: 32 };
 
 const cleanups: Array<() => unknown> = [];
-/** The slice of TestContext the test helpers use. */
-const ctx = { after: (fn: () => unknown) => cleanups.push(fn), skip: (msg: string) => fail(msg) } as unknown as import('node:test').TestContext;
+/** What the test helpers need of a test: their clean-ups run at the end, and a skip (a missing program) fails the run. */
+const scope: Scope = { after: (fn) => void cleanups.push(fn), skip: (msg) => fail(msg) };
 const work = mkdtempSync(join(tmpdir(), 'ocicache-bench-'));
 
 function fail(msg: string): never {
@@ -43,10 +43,6 @@ function fail(msg: string): never {
 
 function log(msg: string): void {
   process.stderr.write(`[bench] ${msg}\n`);
-}
-
-function need(bin: string, hint: string): void {
-  if (!which(bin)) fail(`${bin} not found: ${hint}`);
 }
 
 interface Load {
@@ -281,7 +277,7 @@ function fillIndex(root: string, n: number): void {
   const batch = db.transaction((from: number, to: number) => {
     for (let i = from; i < to; i++) {
       const config = sha256(`config ${i}`);
-      const body = Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: OCI_MANIFEST, config: { mediaType: 'application/vnd.oci.image.config.v1+json', digest: config, size: 100 }, layers: [{ mediaType: 'application/vnd.oci.image.layer.v1.tar', digest: layer, size: 1000 }] }));
+      const body = Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: OCI_MANIFEST, config: { mediaType: OCI_CONFIG, digest: config, size: 100 }, layers: [{ mediaType: OCI_LAYER_TAR, digest: layer, size: 1000 }] }));
       const digest = sha256(body);
       const name = `org${i % 1000}/app${Math.floor(i / 1000) % 100}`;
       putManifest.run(digest, OCI_MANIFEST, body, body.length, now);
@@ -295,14 +291,14 @@ function fillIndex(root: string, n: number): void {
 }
 
 async function main(): Promise<void> {
-  need('docker-registry', 'apt-get install docker-registry');
-  need('nginx', 'apt-get install nginx-light');
-  need('go', 'Go builds bench/loadgen');
+  need(scope, 'docker-registry', 'apt-get install docker-registry');
+  need(scope, 'nginx', 'apt-get install nginx-light');
+  need(scope, 'go', 'Go builds bench/loadgen');
   const gob = spawnSync('go', ['build', '-o', join(ROOT, '.tools', 'loadgen'), '.'], { cwd: join(ROOT, 'bench', 'loadgen'), encoding: 'utf8' });
   if (gob.status !== 0) fail(`go build loadgen: ${gob.stderr}`);
 
   log(`${quick ? 'quick' : 'full'} run: ${P.layerMiB} MiB layer, ${P.rounds} rounds, ${P.reps} reps of figure 3, ${P.round} per manifest load round, ${P.tags} tags looked up for ${P.duration}`);
-  const upstream = (await startDistribution(ctx))!;
+  const upstream = (await startDistribution(scope))!;
   const big = image({ 'big.bin': randomBytes(P.layerMiB * MiB) });
   const small = multiArch([{ os: 'linux', architecture: 'amd64' }, { os: 'linux', architecture: 'arm64' }], 'small');
   const pusher = new Pusher({ url: upstream.url });

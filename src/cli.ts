@@ -7,12 +7,12 @@ import { readFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import { pino } from 'pino';
 import { request } from 'undici';
-import { buildApp } from './app.js';
-import { ConfigError, loadConfig, type Config } from './config.js';
-import { formatBytes } from './format.js';
-import { prefetch, type PrefetchEvent } from './prefetch.js';
-import { openCache, type Services } from './services.js';
-import { problems, verify } from './verify.js';
+import { buildApp } from './http/app.js';
+import { ConfigError, loadConfig, type Config } from './core/config.js';
+import { formatBytes } from './core/units.js';
+import { prefetch, type PrefetchEvent } from './cache/prefetch.js';
+import { openCache, type Services } from './cache/services.js';
+import { problems, verify } from './cache/verify.js';
 import { version } from './version.js';
 
 const USAGE = `usage: ocicache <command> [--config FILE] [options]

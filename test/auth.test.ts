@@ -6,17 +6,11 @@ import assert from 'node:assert/strict';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import test from 'node:test';
-import { request } from 'undici';
 import { startDistribution } from './helpers/distribution.js';
-import { startProxy } from './helpers/proxy.js';
-import { image, Pusher, sha256 } from './helpers/seed.js';
+import { fetchComplete, ociError, pullImage, startProxy } from './helpers/proxy.js';
+import { image, OCI_MANIFEST, Pusher } from './helpers/seed.js';
 import { startTokenIssuer } from './helpers/token-issuer.js';
 import { tempDir } from './helpers/tools.js';
-
-async function pull(url: string): Promise<{ status: number; body: Buffer; headers: Record<string, unknown> }> {
-  const res = await request(url, { headers: { accept: 'application/vnd.oci.image.manifest.v1+json' } });
-  return { status: res.statusCode, headers: res.headers, body: Buffer.from(await res.body.arrayBuffer()) };
-}
 
 test('an upstream behind Basic auth, password from a file', async (t) => {
   const creds = { username: 'cache', password: 's3cret-basic' };
@@ -28,20 +22,17 @@ test('an upstream behind Basic auth, password from a file', async (t) => {
   writeFileSync(secretFile, `${creds.password}\n`);
 
   const proxy = await startProxy(t, { upstreams: [{ name: 'private.example', url: upstream.url, auth: { username: creds.username, passwordFile: secretFile } }] });
-  const m = await pull(`${proxy.url}/v2/private/app/manifests/v1?ns=private.example`);
-  assert.equal(m.status, 200);
-  assert.deepEqual(m.body, img.manifest);
-  for (const b of img.blobs) {
-    const r = await pull(`${proxy.url}/v2/private/app/blobs/${b.descriptor.digest}?ns=private.example`);
-    assert.equal(sha256(r.body), b.descriptor.digest);
-  }
+  const m = await pullImage(proxy.url, 'private/app', 'v1', 'private.example');
+  assert.equal(m.manifest.status, 200);
+  assert.deepEqual(m.manifest.body, img.manifest);
+  for (const [i, b] of img.blobs.entries()) assert.equal(m.blobs[i]!.sha256, b.descriptor.digest);
 
   const wrong = await startProxy(t, { upstreams: [{ name: 'private.example', url: upstream.url, auth: { username: creds.username, passwordEnv: 'WRONG' } }], env: { WRONG: 'nope' } });
-  const denied = await pull(`${wrong.url}/v2/private/app/manifests/v1?ns=private.example`);
+  const denied = await fetchComplete(`${wrong.url}/v2/private/app/manifests/v1?ns=private.example`, { accept: OCI_MANIFEST });
   assert.equal(denied.status, 403);
-  assert.equal(JSON.parse(denied.body.toString()).errors[0].code, 'DENIED');
+  assert.equal(ociError(denied).code, 'DENIED');
   const anonymous = await startProxy(t, { upstreams: [{ name: 'private.example', url: upstream.url }] });
-  const refused = await pull(`${anonymous.url}/v2/private/app/manifests/v1?ns=private.example`);
+  const refused = await fetchComplete(`${anonymous.url}/v2/private/app/manifests/v1?ns=private.example`, { accept: OCI_MANIFEST });
   assert.equal(refused.status, 403);
 });
 
@@ -59,18 +50,15 @@ test('an upstream behind token auth: tokens fetched with credentials, cached per
   issuer.requests.length = 0;
 
   const proxy = await startProxy(t, { upstreams: [{ name: 'token.example', url: upstream.url, auth: { username: creds.username, passwordEnv: 'TOKEN_PASS' } }], env: { TOKEN_PASS: creds.password } });
-  const m = await pull(`${proxy.url}/v2/secure/app/manifests/v1?ns=token.example`);
-  assert.equal(m.status, 200);
-  assert.deepEqual(m.body, img.manifest);
-  for (const b of img.blobs) {
-    const r = await pull(`${proxy.url}/v2/secure/app/blobs/${b.descriptor.digest}?ns=token.example`);
-    assert.equal(sha256(r.body), b.descriptor.digest);
-  }
+  const m = await pullImage(proxy.url, 'secure/app', 'v1', 'token.example');
+  assert.equal(m.manifest.status, 200);
+  assert.deepEqual(m.manifest.body, img.manifest);
+  for (const [i, b] of img.blobs.entries()) assert.equal(m.blobs[i]!.sha256, b.descriptor.digest);
   // One token for repository:secure/app:pull, reused for the HEAD, the GET and every blob.
   assert.equal(issuer.requests.length, 1);
   assert.deepEqual(issuer.requests[0]!.scopes, ['repository:secure/app:pull']);
   assert.equal(issuer.requests[0]!.user, creds.username);
-  const o = await pull(`${proxy.url}/v2/secure/other/manifests/v1?ns=token.example`);
+  const o = await fetchComplete(`${proxy.url}/v2/secure/other/manifests/v1?ns=token.example`, { accept: OCI_MANIFEST });
   assert.equal(o.status, 200);
   assert.equal(issuer.requests.length, 2, 'another repository is another scope, so another token');
 });

@@ -13,10 +13,10 @@ import { pipeline } from 'node:stream/promises';
 import test from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import Database from 'better-sqlite3';
-import { request } from 'undici';
 import { runCli, startCli, writeConfig, type Running } from './helpers/cli.js';
 import { startDistribution } from './helpers/distribution.js';
-import { image, OCI_MANIFEST, Pusher, randomLayer, sha256, type Image } from './helpers/seed.js';
+import { pullImage } from './helpers/proxy.js';
+import { image, Pusher, randomLayer, sha256, type Image } from './helpers/seed.js';
 import { tempDir } from './helpers/tools.js';
 
 const MiB = 1024 * 1024;
@@ -65,17 +65,11 @@ async function serve(config: string): Promise<{ proc: Running; url: string }> {
   throw new Error(`proxy did not start:\n${proc.out()}\n${proc.err()}`);
 }
 
-/** manifest by tag, then every blob, each digest-checked; throws on any failure. */
+/** pullImage, throwing on any failure: a manifest or blob that is not a 200, a wrong or cut body. */
 async function pull(url: string, name: string, tag: string): Promise<void> {
-  const m = await request(`${url}/v2/${name}/manifests/${tag}?ns=docker.io`, { headers: { accept: OCI_MANIFEST } });
-  if (m.statusCode !== 200) throw new Error(`manifest ${m.statusCode}`);
-  const desc = (await m.body.json()) as { config: { digest: string }; layers: Array<{ digest: string }> };
-  for (const d of [desc.config, ...desc.layers]) {
-    const b = await request(`${url}/v2/${name}/blobs/${d.digest}?ns=docker.io`);
-    const h = createHash('sha256');
-    for await (const chunk of b.body) h.update(chunk as Buffer);
-    if (b.statusCode !== 200 || `sha256:${h.digest('hex')}` !== d.digest) throw new Error(`blob ${d.digest}: ${b.statusCode}, wrong or cut body`);
-  }
+  const { manifest, blobs } = await pullImage(url, name, tag);
+  if (manifest.status !== 200) throw new Error(`manifest ${manifest.status}`);
+  for (const b of blobs) if (b.status !== 200 || b.sha256 !== b.digest) throw new Error(`blob ${b.digest}: ${b.status}, wrong or cut body`);
 }
 
 test('kill -9 during concurrent pulls, fills and evictions never leaves unverified content', { timeout: 300_000 }, async (t) => {

@@ -7,19 +7,13 @@ import { randomBytes } from 'node:crypto';
 import { existsSync, readdirSync, readlinkSync } from 'node:fs';
 import { connect, createServer } from 'node:net';
 import { join } from 'node:path';
-import test, { type TestContext } from 'node:test';
+import test from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { request } from 'undici';
-import { blobHandler, startFakeUpstream, startTrap, type FakeUpstream } from './helpers/fake-upstream.js';
-import { blobFile, fetchBody, startProxy, type Proxy } from './helpers/proxy.js';
-import { image, sha256 } from './helpers/seed.js';
+import { blobHandler, startFakeUpstream, startProxyWithFake, startTrap } from './helpers/fake-upstream.js';
+import { blobFile, fetchBody, jsonBody, ociError, startProxy, type Proxy } from './helpers/proxy.js';
+import { image, OCI_MANIFEST, sha256 } from './helpers/seed.js';
 import { until } from './helpers/tools.js';
-
-async function setup(t: TestContext, extra: Record<string, unknown> = {}, timeouts: Record<string, unknown> = {}, env: NodeJS.ProcessEnv = {}): Promise<{ fake: FakeUpstream; proxy: Proxy }> {
-  const fake = await startFakeUpstream(t);
-  const proxy = await startProxy(t, { upstreams: [{ name: 'fake.example', url: fake.url, ...extra }], timeouts: { manifest: '1s', blobIdle: '1s', ...timeouts }, env });
-  return { fake, proxy };
-}
 
 const tmpEmpty = (proxy: Proxy): boolean => readdirSync(join(proxy.root, 'tmp')).length === 0;
 
@@ -31,13 +25,14 @@ test('a blob whose upstream misbehaves mid-body (resuming off) is never cached, 
   ];
   for (const c of cases) {
     await t.test(c.what, async (t) => {
-      const { fake, proxy } = await setup(t, { blobRetries: 0 });
+      const { fake, proxy } = await startProxyWithFake(t, { blobRetries: 0 });
       const data = randomBytes(4 * 1024 * 1024);
       const digest = sha256(data);
       fake.route(`/v2/some/repo/blobs/${digest}`, blobHandler(data, { cutAt: 1024 * 1024, how: c.how }));
       const r = await fetchBody(`${proxy.url}/v2/some/repo/blobs/${digest}?ns=fake.example`);
       assert.ok(r.aborted || (r.body && r.body.length < data.length), 'the client must not get a complete-looking body');
-      await sleep(100);
+      // The client is cut off as the fill fails; the temp file goes just after.
+      await until('the failed fill to remove its temp file', () => tmpEmpty(proxy));
       assert.equal(existsSync(blobFile(proxy.root, digest)), false);
       assert.ok(tmpEmpty(proxy), 'temp file removed');
       // The upstream recovers: the next request fills and serves the right bytes.
@@ -46,33 +41,33 @@ test('a blob whose upstream misbehaves mid-body (resuming off) is never cached, 
       assert.equal(ok.status, 200);
       assert.equal(sha256(ok.body!), digest);
       // The last bytes reach the client just before the fill's fsync and rename.
-      for (let i = 0; i < 40 && !existsSync(blobFile(proxy.root, digest)); i++) await sleep(25);
+      await until('the fill to be committed', () => existsSync(blobFile(proxy.root, digest)));
       assert.ok(existsSync(blobFile(proxy.root, digest)));
     });
   }
 });
 
 test('wrong bytes for a digest: the client never gets a complete body and nothing is cached', async (t) => {
-  const { fake, proxy } = await setup(t);
+  const { fake, proxy } = await startProxyWithFake(t);
   const data = randomBytes(2 * 1024 * 1024);
   const digest = sha256(data);
   fake.route(`/v2/some/repo/blobs/${digest}`, blobHandler(randomBytes(data.length)));
   const r = await fetchBody(`${proxy.url}/v2/some/repo/blobs/${digest}?ns=fake.example`);
   assert.ok(r.aborted, 'the connection is aborted rather than finishing a wrong body');
-  await sleep(50);
+  await until('the failed fill to remove its temp file', () => tmpEmpty(proxy));
   assert.equal(existsSync(blobFile(proxy.root, digest)), false);
   assert.ok(tmpEmpty(proxy));
 });
 
 test('a wrong manifest for its digest is refused, not stored', async (t) => {
-  const { fake, proxy } = await setup(t);
+  const { fake, proxy } = await startProxyWithFake(t);
   const img = image({ 'a.txt': Buffer.from('a') });
   fake.route(`/v2/some/repo/manifests/${img.digest}`, (_req, res) => {
     res.writeHead(200, { 'content-type': img.mediaType, 'docker-content-digest': img.digest }).end(Buffer.from(img.manifest.toString().replace('"a', '"b')));
   });
   const r = await fetchBody(`${proxy.url}/v2/some/repo/manifests/${img.digest}?ns=fake.example`);
   assert.equal(r.status, 502);
-  assert.equal(JSON.parse(r.body!.toString()).errors[0].code, 'UNKNOWN');
+  assert.equal(ociError(r).code, 'UNKNOWN');
 });
 
 /** A media type with a line break: as a header it would smuggle a second one. */
@@ -80,7 +75,7 @@ const BAD_MEDIA_TYPE = 'application/x\r\nset-cookie: a=b';
 const BAD_MEDIA_TYPE_MANIFEST = Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: BAD_MEDIA_TYPE, layers: [] }));
 
 test('a manifest whose mediaType field holds a line break is served with a clean Content-Type, on a miss and on a hit', async (t) => {
-  const { fake, proxy } = await setup(t);
+  const { fake, proxy } = await startProxyWithFake(t);
   const body = BAD_MEDIA_TYPE_MANIFEST;
   const digest = sha256(body);
   // By tag for the HEAD, by digest for the GET that follows.
@@ -97,18 +92,18 @@ test('a manifest whose mediaType field holds a line break is served with a clean
 });
 
 test('a malformed media type stored by an older version is not served either', async (t) => {
-  const { proxy } = await setup(t);
+  const { proxy } = await startProxyWithFake(t);
   const body = BAD_MEDIA_TYPE_MANIFEST;
   // As the index held it before mediaTypeOf refused such types: a fresh tag, so no upstream is asked.
   proxy.app.services.db.putManifest({ digest: sha256(body), mediaType: BAD_MEDIA_TYPE, body }, [], 'fake.example', 'some/legacy', 'v1', Date.now());
   for (const method of ['GET', 'HEAD'] as const) {
     const r = await fetchBody(`${proxy.url}/v2/some/legacy/manifests/v1?ns=fake.example`, {}, method);
-    assert.deepEqual([r.status, r.headers['content-type'], r.headers['x-cache'], r.headers['set-cookie']], [200, 'application/vnd.oci.image.manifest.v1+json', 'HIT', undefined], method);
+    assert.deepEqual([r.status, r.headers['content-type'], r.headers['x-cache'], r.headers['set-cookie']], [200, OCI_MANIFEST, 'HIT', undefined], method);
   }
 });
 
 test('upstream status codes map to OCI errors', async (t) => {
-  const { fake, proxy } = await setup(t);
+  const { fake, proxy } = await startProxyWithFake(t);
   const cases: Array<{ what: string; reply: (res: import('node:http').ServerResponse) => void; status: number; code: string; headers?: Record<string, string> }> = [
     { what: '500', reply: (res) => res.writeHead(500).end('boom'), status: 502, code: 'UNAVAILABLE' },
     { what: '503', reply: (res) => res.writeHead(503).end(), status: 502, code: 'UNAVAILABLE' },
@@ -124,7 +119,7 @@ test('upstream status codes map to OCI errors', async (t) => {
       fake.route(`/v2/case/${i}/manifests/latest`, (_req, res) => c.reply(res));
       const r = await fetchBody(`${proxy.url}/v2/case/${i}/manifests/latest?ns=fake.example`);
       assert.equal(r.status, c.status);
-      assert.equal(JSON.parse(r.body!.toString()).errors[0].code, c.code);
+      assert.equal(ociError(r).code, c.code);
       for (const [k, v] of Object.entries(c.headers ?? {})) assert.equal(r.headers[k], v);
     });
   }
@@ -138,21 +133,21 @@ test('an unreachable upstream answers 503 UNAVAILABLE', async (t) => {
   const proxy = await startProxy(t, { upstreams: [{ name: 'down.example', url: `http://127.0.0.1:${port}` }] });
   const r = await fetchBody(`${proxy.url}/v2/a/b/manifests/latest?ns=down.example`);
   assert.equal(r.status, 503);
-  assert.deepEqual(JSON.parse(r.body!.toString()), { errors: [{ code: 'UNAVAILABLE', message: 'upstream down.example is unreachable' }] });
+  assert.deepEqual(jsonBody(r), { errors: [{ code: 'UNAVAILABLE', message: 'upstream down.example is unreachable' }] });
 });
 
 test('an oversized manifest is refused with MANIFEST_INVALID', async (t) => {
-  const { fake, proxy } = await setup(t);
+  const { fake, proxy } = await startProxyWithFake(t);
   const huge = Buffer.alloc(4 * 1048 * 1048 + 1, 0x20);
   const serve: import('./helpers/fake-upstream.js').Handler = (req, res) => {
-    res.writeHead(200, { 'content-type': 'application/vnd.oci.image.manifest.v1+json', 'docker-content-digest': sha256(huge) });
+    res.writeHead(200, { 'content-type': OCI_MANIFEST, 'docker-content-digest': sha256(huge) });
     res.end(req.method === 'HEAD' ? undefined : huge);
   };
   fake.route('/v2/big/manifest/manifests/latest', serve);
   fake.route(`/v2/big/manifest/manifests/${sha256(huge)}`, serve);
   const r = await fetchBody(`${proxy.url}/v2/big/manifest/manifests/latest?ns=fake.example`);
   assert.equal(r.status, 400);
-  assert.equal(JSON.parse(r.body!.toString()).errors[0].code, 'MANIFEST_INVALID');
+  assert.equal(ociError(r).code, 'MANIFEST_INVALID');
 });
 
 test('a blob 307 to another origin is followed without Authorization and the URL is not cached', async (t) => {
@@ -165,7 +160,7 @@ test('a blob 307 to another origin is followed without Authorization and the URL
     blobHandler(data)(req, res);
   });
   // The password comes from the environment named in the config, never from the config itself.
-  const { fake, proxy } = await setup(t, { auth: { username: 'u', passwordEnv: 'FAKE_PASSWORD' } }, {}, { FAKE_PASSWORD: 'p4ss' });
+  const { fake, proxy } = await startProxyWithFake(t, { auth: { username: 'u', passwordEnv: 'FAKE_PASSWORD' } }, { env: { FAKE_PASSWORD: 'p4ss' } });
   fake.route(`/v2/cdn/repo/blobs/${digest}`, (req, res) => {
     if (req.headers.authorization !== `Basic ${Buffer.from('u:p4ss').toString('base64')}`) {
       res.writeHead(401, { 'www-authenticate': 'Basic realm="fake"' }).end();
@@ -184,7 +179,7 @@ test('a blob 307 to another origin is followed without Authorization and the URL
 });
 
 test('a client that disconnects does not abort the fill', async (t) => {
-  const { fake, proxy } = await setup(t, {}, { blobIdle: '5s' });
+  const { fake, proxy } = await startProxyWithFake(t, {}, { timeouts: { blobIdle: '5s' } });
   const data = randomBytes(3 * 1024 * 1024);
   const digest = sha256(data);
   fake.route(`/v2/slow/repo/blobs/${digest}`, (_req, res) => {
@@ -201,13 +196,13 @@ test('a client that disconnects does not abort the fill', async (t) => {
   const res = await request(`${proxy.url}/v2/slow/repo/blobs/${digest}?ns=fake.example`);
   for await (const _chunk of res.body) break; // read a little, then hang up
   res.body.destroy();
-  for (let i = 0; i < 100 && !existsSync(blobFile(proxy.root, digest)); i++) await sleep(50);
+  await until('the fill to be committed', () => existsSync(blobFile(proxy.root, digest)));
   assert.ok(existsSync(blobFile(proxy.root, digest)), 'the fill finished and was committed');
   assert.equal(fake.count('GET', `/v2/slow/repo/blobs/${digest}`), 1);
 });
 
 test('cached blob bytes stay intact for concurrent readers, and readers that leave release the file', async (t) => {
-  const { fake, proxy } = await setup(t);
+  const { fake, proxy } = await startProxyWithFake(t);
   const data = randomBytes(33 * 1024 * 1024 + 123);
   const digest = sha256(data);
   const path = `/v2/some/repo/blobs/${digest}?ns=fake.example`;
@@ -270,7 +265,7 @@ test('cached blob bytes stay intact for concurrent readers, and readers that lea
 test('an ns or path prefix that names no configured upstream is refused without a single packet to it', async (t) => {
   const trap = await startTrap(t, '127.0.0.1');
   const host = trap.host;
-  const { proxy } = await setup(t);
+  const { proxy } = await startProxyWithFake(t);
   const cases = [
     { path: `/v2/library/alpine/manifests/latest?ns=${encodeURIComponent(host)}`, status: 404, code: 'NAME_UNKNOWN' },
     { path: `/v2/library/alpine/blobs/sha256:${'a'.repeat(64)}?ns=${host}`, status: 404, code: 'NAME_UNKNOWN' },
@@ -280,7 +275,7 @@ test('an ns or path prefix that names no configured upstream is refused without 
   for (const c of cases) {
     const r = await fetchBody(`${proxy.url}${c.path}`);
     assert.equal(r.status, c.status, c.path);
-    assert.equal(JSON.parse(r.body!.toString()).errors[0].code, c.code, c.path);
+    assert.equal(ociError(r).code, c.code, c.path);
   }
   await sleep(50);
   assert.equal(trap.connections, 0);
@@ -288,12 +283,12 @@ test('an ns or path prefix that names no configured upstream is refused without 
 
 test('a token realm outside the upstream is never dialled', async (t) => {
   const trap = await startTrap(t, '127.0.0.2');
-  const { fake, proxy } = await setup(t);
+  const { fake, proxy } = await startProxyWithFake(t);
   fake.route('/v2/x/y/manifests/latest', (_req, res) => {
     res.writeHead(401, { 'www-authenticate': `Bearer realm="http://${trap.host}/token",service="evil"` }).end();
   });
   const r = await fetchBody(`${proxy.url}/v2/x/y/manifests/latest?ns=fake.example`);
   assert.equal(r.status, 403);
-  assert.equal(JSON.parse(r.body!.toString()).errors[0].code, 'DENIED');
+  assert.equal(ociError(r).code, 'DENIED');
   assert.equal(trap.connections, 0);
 });

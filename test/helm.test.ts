@@ -9,10 +9,9 @@ import assert from 'node:assert/strict';
 import { cpSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import test, { type TestContext } from 'node:test';
-import { request } from 'undici';
 import { parse, parseAllDocuments } from 'yaml';
-import { buildConfig } from '../src/config.js';
-import { startProxy } from './helpers/proxy.js';
+import { buildConfig } from '../src/core/config.js';
+import { metricsText, startProxy } from './helpers/proxy.js';
 import { exec, tempDir } from './helpers/tools.js';
 
 const HELM = resolve('.tools/helm');
@@ -151,7 +150,7 @@ test('helm chart: NOTES print the containerd hosts.toml for the chosen shape', a
 
 test('the Grafana dashboard only queries metrics that ocicache exposes', async (t) => {
   const proxy = await startProxy(t, { upstreams: [{ name: 'docker.io', url: 'http://127.0.0.1:9' }] });
-  const text = await (await request(`${proxy.url}/metrics`)).body.text();
+  const text = await metricsText(proxy);
   const exposed = new Set([...text.matchAll(/^# HELP (\w+)/gm)].map((m) => m[1]!));
   const dashboard = readFileSync(join(CHART, 'dashboards', 'ocicache.json'), 'utf8');
   const used = new Set([...dashboard.matchAll(/\b(ocicache_\w+)/g)].map((m) => m[1]!.replace(/_(bucket|sum|count)$/, '')));

@@ -11,32 +11,25 @@ import { get as httpGet, type IncomingMessage } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import test, { type TestContext } from 'node:test';
-import { setTimeout as sleep } from 'node:timers/promises';
 import Database from 'better-sqlite3';
-import { request } from 'undici';
-import { formatBytes } from '../src/format.js';
+import { formatBytes } from '../src/core/units.js';
 import { runCli, writeConfig } from './helpers/cli.js';
 import { startDistribution, type Distribution } from './helpers/distribution.js';
-import { blobFile, metric, metricsText, startProxy, type Proxy } from './helpers/proxy.js';
-import { image, OCI_MANIFEST, Pusher, sha256, type Image } from './helpers/seed.js';
+import { blobFile, metric, metricsText, pullImage, startProxy, testClock, type Proxy } from './helpers/proxy.js';
+import { image, Pusher, sha256, type Image } from './helpers/seed.js';
 import { needRoot, tempDir, until } from './helpers/tools.js';
 
 const MiB = 1024 * 1024;
 
-/** Pulls an image the way a client does: manifest by tag, then config and layers; returns their X-Cache values. */
+/** pullImage, every answer a 200 with the right digest; returns the X-Cache values of the manifest, config and layers. */
 async function pull(proxy: Proxy, name: string, tag: string, ns = 'docker.io'): Promise<string[]> {
-  const m = await request(`${proxy.url}/v2/${name}/manifests/${tag}?ns=${ns}`, { headers: { accept: OCI_MANIFEST } });
-  assert.equal(m.statusCode, 200, `${name}:${tag}`);
-  const desc = (await m.body.json()) as { config: { digest: string }; layers: Array<{ digest: string }> };
-  const results = [String(m.headers['x-cache'])];
-  for (const d of [desc.config, ...desc.layers]) {
-    const b = await request(`${proxy.url}/v2/${name}/blobs/${d.digest}?ns=${ns}`);
-    const body = Buffer.from(await b.body.arrayBuffer());
-    assert.equal(b.statusCode, 200);
-    assert.equal(sha256(body), d.digest);
-    results.push(String(b.headers['x-cache']));
+  const { manifest, blobs } = await pullImage(proxy.url, name, tag, ns);
+  assert.equal(manifest.status, 200, `${name}:${tag}`);
+  for (const b of blobs) {
+    assert.equal(b.status, 200);
+    assert.equal(b.sha256, b.digest);
   }
-  return results;
+  return [manifest, ...blobs].map((r) => String(r.headers['x-cache']));
 }
 
 /** The index must never name a manifest whose blobs were evicted: every manifest's blob children exist. */
@@ -82,10 +75,13 @@ test('watermark eviction drops the least recently used blobs and the manifests t
   const registry = await seeded(t, { 'team/a:v1': a, 'team/b:v1': b });
   if (!registry) return;
   // 3.2 MiB limit: A and B together (three 1 MiB layers) pass the 90% mark; 70% is reached by dropping A's own blobs.
-  const proxy = await startProxy(t, { upstreams: [{ name: 'docker.io', url: registry.url }], storage: { maxSize: Math.round(3.2 * MiB), highWatermark: 90, lowWatermark: 70 } });
+  const clock = testClock();
+  const proxy = await startProxy(t, { clock, upstreams: [{ name: 'docker.io', url: registry.url }], storage: { maxSize: Math.round(3.2 * MiB), highWatermark: 90, lowWatermark: 70 } });
 
   await pull(proxy, 'team/a', 'v1');
-  await sleep(20);
+  // A's fills are indexed (a client has the last byte just before that), then B's uses come later.
+  await until("A's blobs to be indexed", () => dbRows(proxy.root, 'SELECT digest FROM blobs').length === a.blobs.length);
+  clock.advance(20);
   await pull(proxy, 'team/b', 'v1');
   const [cA, , lA] = a.blobs.map((x) => x.descriptor.digest);
   const [cB, s, lB] = b.blobs.map((x) => x.descriptor.digest);
@@ -151,7 +147,10 @@ test('ocicache gc: expiry by age since last access, per upstream, and eviction d
   await pull(proxy, 'team/hub', 'v1', 'docker.io');
   await pull(proxy, 'team/ghcr', 'v1', 'ghcr.io');
   await proxy.app.close();
-  await sleep(1100);
+  // Every use two seconds ago, rather than sleeping past docker.io's maxAge: gc is another process, on the system's clock.
+  const index = new Database(join(root, 'index.db'));
+  index.exec('UPDATE blobs SET last_access = last_access - 2000; UPDATE blob_access SET last_access = last_access - 2000');
+  index.close();
 
   // The server's secrets are not needed to collect garbage: an unset admin token env is fine here.
   const config = writeConfig(root, { storage: { root }, upstreams, admin: { tokenEnv: 'OCICACHE_TEST_UNSET_TOKEN' } });

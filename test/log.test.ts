@@ -1,5 +1,5 @@
 /**
- * The server's stdout log (src/log.ts): the hand-formatted request line says exactly what pino
+ * The server's stdout log (src/telemetry/log-stream.ts): the hand-formatted request line says exactly what pino
  * would, lines keep their order whoever formats them, and nothing batched is lost when the
  * process ends: flushed, exiting, or crashing.
  */
@@ -9,10 +9,10 @@ import { closeSync, openSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import test from 'node:test';
 import { pino } from 'pino';
-import { LogStream, type RequestLine } from '../src/log.js';
+import { LogStream, type RequestLine } from '../src/telemetry/log-stream.js';
 import { tempDir } from './helpers/tools.js';
 
-const SRC = join(import.meta.dirname, '..', 'src', 'log.ts');
+const SRC = join(import.meta.dirname, '..', 'src', 'telemetry', 'log-stream.ts');
 /** A lost flush callback shows as a hang: fail instead. */
 const T = { timeout: 30_000 };
 

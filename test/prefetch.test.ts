@@ -4,12 +4,12 @@ import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import test from 'node:test';
 import { request } from 'undici';
-import { formatBytes } from '../src/format.js';
+import { formatBytes } from '../src/core/units.js';
 import { runCli, writeConfig } from './helpers/cli.js';
 import { startDistribution } from './helpers/distribution.js';
-import { blobFile, metric, startProxy } from './helpers/proxy.js';
+import { blobFile, metric, metricsText, startProxy } from './helpers/proxy.js';
 import { startFakeUpstream } from './helpers/fake-upstream.js';
-import { image, multiArch, OCI_MANIFEST, Pusher, randomLayer, sha256 } from './helpers/seed.js';
+import { image, multiArch, OCI_CONFIG, OCI_MANIFEST, Pusher, randomLayer, sha256 } from './helpers/seed.js';
 import { tempDir } from './helpers/tools.js';
 
 const platforms = [
@@ -101,7 +101,7 @@ test('POST /admin/prefetch and /admin/gc: off without a token, 401 without the r
   const events = (await res.body.text()).trim().split('\n').map((l) => JSON.parse(l) as { event: string; result?: string; summary?: Record<string, number> });
   assert.deepEqual(events.map((e) => `${e.event}:${e.result ?? ''}`), ['manifest:fetched', 'manifest:fetched', 'blob:fetched', 'blob:fetched', 'done:']);
   assert.deepEqual(events.at(-1)!.summary, { refs: 1, failedRefs: 0, blobs: 2, fetched: 2, bytes: alpine.images[0]!.blobs.reduce((n, b) => n + b.data.length, 0) });
-  const text = await (await request(`${proxy.url}/metrics`)).body.text();
+  const text = await metricsText(proxy);
   assert.equal(metric(text, 'ocicache_prefetch_blobs_total', { result: 'fetched' }), 2);
 
   const gc = await request(`${proxy.url}/admin/gc`, { method: 'POST', headers: { authorization: 'Bearer s3cret' } });
@@ -126,7 +126,7 @@ test('prefetch refuses digests from upstream content that are not digests (no pa
   writeFileSync(victim, 'must survive');
   const proxy = await startProxy(t, { upstreams: [{ name: 'evil.example', url: fake.url }], admin: { tokenEnv: 'T' }, env: { T: 'tok' } });
   const evil = `sha256:${'../'.repeat(8)}${victim.slice(1)}`;
-  const manifest = Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: OCI_MANIFEST, config: { mediaType: 'application/vnd.oci.image.config.v1+json', digest: evil, size: 12 }, layers: [] }));
+  const manifest = Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: OCI_MANIFEST, config: { mediaType: OCI_CONFIG, digest: evil, size: 12 }, layers: [] }));
   const serve = (req: import('node:http').IncomingMessage, res: import('node:http').ServerResponse): void => {
     res.writeHead(200, { 'content-type': OCI_MANIFEST, 'docker-content-digest': sha256(manifest) });
     res.end(req.method === 'HEAD' ? undefined : manifest);

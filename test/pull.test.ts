@@ -7,20 +7,12 @@ import { createHash } from 'node:crypto';
 import { existsSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import test from 'node:test';
-import { request } from 'undici';
 import { startDistribution } from './helpers/distribution.js';
-import { metric, startProxy } from './helpers/proxy.js';
-import { artifact, image, multiArch, OCI_CONFIG, OCI_INDEX, OCI_LAYER_TAR, OCI_MANIFEST, Pusher, randomLayer, sha256 } from './helpers/seed.js';
+import { fetchComplete, jsonBody, metric, metricsText, ociError, startProxy } from './helpers/proxy.js';
+import { artifact, DOCKER_MANIFEST, FULL_ACCEPT, image, multiArch, OCI_CONFIG, OCI_INDEX, OCI_LAYER_TAR, OCI_MANIFEST, Pusher, randomLayer, sha256 } from './helpers/seed.js';
 
 const WASM_CONFIG = 'application/vnd.wasm.config.v1+json';
 const WASM_LAYER = 'application/vnd.wasm.content.layer.v1+wasm';
-const ACCEPT_ALL = `${OCI_INDEX}, ${OCI_MANIFEST}, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json`;
-
-async function get(url: string, headers: Record<string, string> = {}, method: 'GET' | 'HEAD' = 'GET') {
-  const res = await request(url, { method, headers });
-  const body = Buffer.from(await res.body.arrayBuffer());
-  return { status: res.statusCode, headers: res.headers, body };
-}
 
 test('pull through two real upstreams', async (t) => {
   const hub = await startDistribution(t);
@@ -55,7 +47,7 @@ test('pull through two real upstreams', async (t) => {
 
   await t.test('GET and HEAD /v2/ answer 200 {} with the API version header', async () => {
     for (const method of ['GET', 'HEAD'] as const) {
-      const r = await get(`${P}/v2/`, {}, method);
+      const r = await fetchComplete(`${P}/v2/`, {}, method);
       assert.equal(r.status, 200);
       assert.equal(r.headers['docker-distribution-api-version'], 'registry/2.0');
       assert.equal(r.body.toString(), method === 'GET' ? '{}' : '');
@@ -64,7 +56,7 @@ test('pull through two real upstreams', async (t) => {
 
   await t.test('a multi-arch index by tag: exact bytes and complete headers on GET and HEAD', async () => {
     const url = `${P}/v2/library/alpine/manifests/3.20?ns=docker.io`;
-    const g = await get(url, { accept: ACCEPT_ALL });
+    const g = await fetchComplete(url, { accept: FULL_ACCEPT });
     assert.equal(g.status, 200);
     assert.deepEqual(g.body, alpine.index);
     assert.equal(g.headers['content-type'], OCI_INDEX);
@@ -72,17 +64,17 @@ test('pull through two real upstreams', async (t) => {
     assert.equal(g.headers['content-length'], String(alpine.index.length));
     assert.equal(g.headers['oci-namespace'], 'docker.io');
     assert.equal(g.headers['content-encoding'], undefined);
-    const h = await get(url, { accept: ACCEPT_ALL }, 'HEAD');
+    const h = await fetchComplete(url, { accept: FULL_ACCEPT }, 'HEAD');
     assert.equal(h.status, 200);
     assert.equal(h.body.length, 0);
     for (const k of ['content-type', 'content-length', 'docker-content-digest', 'oci-namespace']) assert.equal(h.headers[k], g.headers[k], k);
     assert.equal(h.headers['x-cache'], 'HIT');
     for (const img of alpine.images) {
-      const m = await get(`${P}/v2/library/alpine/manifests/${img.digest}?ns=docker.io`, { accept: `${OCI_MANIFEST}, */*` });
+      const m = await fetchComplete(`${P}/v2/library/alpine/manifests/${img.digest}?ns=docker.io`, { accept: `${OCI_MANIFEST}, */*` });
       assert.equal(m.status, 200);
       assert.deepEqual(m.body, img.manifest);
       for (const b of img.blobs) {
-        const r = await get(`${P}/v2/library/alpine/blobs/${b.descriptor.digest}?ns=docker.io`);
+        const r = await fetchComplete(`${P}/v2/library/alpine/blobs/${b.descriptor.digest}?ns=docker.io`);
         assert.equal(r.status, 200);
         assert.deepEqual(r.body, b.data);
         assert.equal(r.headers['docker-content-digest'], b.descriptor.digest);
@@ -102,7 +94,7 @@ test('pull through two real upstreams', async (t) => {
       '/v2/library/alpine/manifests/3.20', // Docker registry-mirrors: the default upstream
     ];
     for (const path of paths) {
-      const r = await get(`${P}${path}`, { accept: ACCEPT_ALL });
+      const r = await fetchComplete(`${P}${path}`, { accept: FULL_ACCEPT });
       assert.equal(r.status, 200, path);
       assert.equal(r.headers['docker-content-digest'], alpine.digest, path);
       assert.equal(r.headers['oci-namespace'], 'docker.io', path);
@@ -112,40 +104,40 @@ test('pull through two real upstreams', async (t) => {
   await t.test('the same name on two upstreams is never confused, cold or warm, in any order', async () => {
     for (let round = 0; round < 2; round++) {
       for (const [ns, img] of [['ghcr.io', ghcrApp], ['docker.io', hubApp]] as const) {
-        const r = await get(`${P}/v2/team/app/manifests/v1?ns=${ns}`, { accept: ACCEPT_ALL });
+        const r = await fetchComplete(`${P}/v2/team/app/manifests/v1?ns=${ns}`, { accept: FULL_ACCEPT });
         assert.equal(r.status, 200);
         assert.equal(r.headers['docker-content-digest'], img.digest, `${ns} round ${round}`);
         assert.deepEqual(r.body, img.manifest);
         assert.equal(r.headers['x-cache'], round === 0 ? 'MISS' : 'HIT');
-        const prefixed = await get(`${P}/v2/${ns}/team/app/manifests/v1`, { accept: ACCEPT_ALL });
+        const prefixed = await fetchComplete(`${P}/v2/${ns}/team/app/manifests/v1`, { accept: FULL_ACCEPT });
         assert.equal(prefixed.headers['docker-content-digest'], img.digest);
       }
     }
     // docker.io's manifest is cached, but ghcr.io never had it: asked under ghcr.io, the cache checks first.
-    const cross = await get(`${P}/v2/team/app/manifests/${hubApp.digest}?ns=ghcr.io`, { accept: ACCEPT_ALL });
+    const cross = await fetchComplete(`${P}/v2/team/app/manifests/${hubApp.digest}?ns=ghcr.io`, { accept: FULL_ACCEPT });
     assert.equal(cross.status, 404);
-    assert.equal(JSON.parse(cross.body.toString()).errors[0].code, 'MANIFEST_UNKNOWN');
+    assert.equal(ociError(cross).code, 'MANIFEST_UNKNOWN');
   });
 
   await t.test('a 64 MiB layer streams whole, then from disk, with ranges', async () => {
     const url = `${P}/v2/big/layer/blobs/${bigDigest}?ns=docker.io`;
-    const ranged = await get(url, { range: 'bytes=1000-1999' });
+    const ranged = await fetchComplete(url, { range: 'bytes=1000-1999' });
     assert.equal(ranged.status, 206);
     assert.equal(ranged.headers['content-range'], `bytes 1000-1999/${bigLayer.length}`);
     assert.deepEqual(ranged.body, bigLayer.subarray(1000, 2000));
-    const full = await get(url);
+    const full = await fetchComplete(url);
     assert.equal(full.status, 200);
     assert.equal(full.headers['content-length'], String(bigLayer.length));
     assert.equal(sha256(full.body), bigDigest);
-    const suffix = await get(url, { range: 'bytes=-10' });
+    const suffix = await fetchComplete(url, { range: 'bytes=-10' });
     assert.equal(suffix.status, 206);
     assert.deepEqual(suffix.body, bigLayer.subarray(bigLayer.length - 10));
-    const open = await get(url, { range: `bytes=${bigLayer.length - 5}-` });
+    const open = await fetchComplete(url, { range: `bytes=${bigLayer.length - 5}-` });
     assert.deepEqual(open.body, bigLayer.subarray(bigLayer.length - 5));
-    const bad = await get(url, { range: `bytes=${bigLayer.length}-` });
+    const bad = await fetchComplete(url, { range: `bytes=${bigLayer.length}-` });
     assert.equal(bad.status, 416);
     assert.equal(bad.headers['content-range'], `bytes */${bigLayer.length}`);
-    assert.equal(JSON.parse(bad.body.toString()).errors[0].code, 'RANGE_INVALID');
+    assert.equal(ociError(bad).code, 'RANGE_INVALID');
     const gets = hub.accessLog.filter((l) => l.startsWith(`GET /v2/big/layer/blobs/${bigDigest}`));
     assert.equal(gets.length, 1, `one upstream GET for all of that, saw ${gets.join('; ')}`);
   });
@@ -154,7 +146,7 @@ test('pull through two real upstreams', async (t) => {
     const cold = image({ 'cold.txt': Buffer.from('never downloaded by a HEAD') });
     await hubPush.pushImage('head/only', 'v1', cold);
     const b = cold.blobs[1]!;
-    const h = await get(`${P}/v2/head/only/blobs/${b.descriptor.digest}?ns=docker.io`, {}, 'HEAD');
+    const h = await fetchComplete(`${P}/v2/head/only/blobs/${b.descriptor.digest}?ns=docker.io`, {}, 'HEAD');
     assert.equal(h.status, 200);
     assert.equal(h.headers['content-length'], String(b.data.length));
     assert.equal(h.headers['docker-content-digest'], b.descriptor.digest);
@@ -166,7 +158,7 @@ test('pull through two real upstreams', async (t) => {
     const img = image({ 'herd.bin': Buffer.alloc(8 * 1024 * 1024, 7) });
     await hubPush.pushImage('herd/image', 'v1', img);
     const b = img.blobs[1]!;
-    const bodies = await Promise.all(Array.from({ length: 32 }, () => get(`${P}/v2/herd/image/blobs/${b.descriptor.digest}?ns=docker.io`)));
+    const bodies = await Promise.all(Array.from({ length: 32 }, () => fetchComplete(`${P}/v2/herd/image/blobs/${b.descriptor.digest}?ns=docker.io`)));
     for (const r of bodies) {
       assert.equal(r.status, 200);
       assert.equal(sha256(r.body), b.descriptor.digest);
@@ -176,50 +168,50 @@ test('pull through two real upstreams', async (t) => {
   });
 
   await t.test('an OCI artifact with wasm media types passes through untouched', async () => {
-    const m = await get(`${P}/v2/wasm/hello/manifests/v1?ns=docker.io`, { accept: OCI_MANIFEST });
+    const m = await fetchComplete(`${P}/v2/wasm/hello/manifests/v1?ns=docker.io`, { accept: OCI_MANIFEST });
     assert.equal(m.status, 200);
     assert.deepEqual(m.body, wasm.manifest);
-    const parsed = JSON.parse(m.body.toString());
+    const parsed = jsonBody(m);
     assert.equal(parsed.config.mediaType, WASM_CONFIG);
     assert.equal(parsed.layers[0].mediaType, WASM_LAYER);
     for (const b of wasm.blobs) {
-      const r = await get(`${P}/v2/wasm/hello/blobs/${b.descriptor.digest}?ns=docker.io`);
+      const r = await fetchComplete(`${P}/v2/wasm/hello/blobs/${b.descriptor.digest}?ns=docker.io`);
       assert.deepEqual(r.body, b.data);
     }
   });
 
   await t.test('a client whose Accept lacks the cached type is not handed it', async () => {
     // Cached as an OCI index; a schema2-only client gets what the upstream gives it: distribution says 404.
-    const r = await get(`${P}/v2/library/alpine/manifests/3.20?ns=docker.io`, { accept: 'application/vnd.docker.distribution.manifest.v2+json' });
+    const r = await fetchComplete(`${P}/v2/library/alpine/manifests/3.20?ns=docker.io`, { accept: DOCKER_MANIFEST });
     assert.notEqual(r.headers['content-type'], OCI_INDEX);
     assert.equal(r.status, 404);
-    const any = await get(`${P}/v2/library/alpine/manifests/3.20?ns=docker.io`, { accept: '*/*' });
+    const any = await fetchComplete(`${P}/v2/library/alpine/manifests/3.20?ns=docker.io`, { accept: '*/*' });
     assert.equal(any.headers['docker-content-digest'], alpine.digest);
   });
 
   await t.test('tags/list pages with n, last and a Link in the client\'s own path shape', async () => {
-    const first = await get(`${P}/v2/team/tags/tags/list?n=2&ns=docker.io`);
+    const first = await fetchComplete(`${P}/v2/team/tags/tags/list?n=2&ns=docker.io`);
     assert.equal(first.status, 200);
-    assert.deepEqual(JSON.parse(first.body.toString()), { name: 'team/tags', tags: ['a1', 'b2'] });
+    assert.deepEqual(jsonBody(first), { name: 'team/tags', tags: ['a1', 'b2'] });
     assert.equal(first.headers.link, '</v2/team/tags/tags/list?n=2&last=b2&ns=docker.io>; rel="next"');
     assert.equal(first.headers['x-cache'], 'PASSTHROUGH');
-    const next = await get(`${P}/v2/team/tags/tags/list?n=2&last=b2&ns=docker.io`);
-    assert.deepEqual(JSON.parse(next.body.toString()).tags, ['c3', 'd4']);
-    const prefixed = await get(`${P}/v2/docker.io/team/tags/tags/list?n=4`);
+    const next = await fetchComplete(`${P}/v2/team/tags/tags/list?n=2&last=b2&ns=docker.io`);
+    assert.deepEqual(jsonBody(next).tags, ['c3', 'd4']);
+    const prefixed = await fetchComplete(`${P}/v2/docker.io/team/tags/tags/list?n=4`);
     assert.equal(prefixed.headers.link, '</v2/docker.io/team/tags/tags/list?n=4&last=d4>; rel="next"');
-    const all = await get(`${P}/v2/team/tags/tags/list?ns=docker.io`);
-    assert.deepEqual(JSON.parse(all.body.toString()).tags, ['a1', 'b2', 'c3', 'd4', 'e5']);
+    const all = await fetchComplete(`${P}/v2/team/tags/tags/list?ns=docker.io`);
+    assert.deepEqual(jsonBody(all).tags, ['a1', 'b2', 'c3', 'd4', 'e5']);
     assert.equal(all.headers.link, undefined);
   });
 
   await t.test('referrers: the upstream\'s 404 stays a 404 (clients fall back to tag schema)', async () => {
-    const r = await get(`${P}/v2/library/alpine/referrers/${alpine.digest}?ns=docker.io`);
+    const r = await fetchComplete(`${P}/v2/library/alpine/referrers/${alpine.digest}?ns=docker.io`);
     assert.equal(r.status, 404);
-    assert.ok(JSON.parse(r.body.toString()).errors[0].code.endsWith('_UNKNOWN'));
+    assert.ok(ociError(r).code.endsWith('_UNKNOWN'));
   });
 
   await t.test('metrics count hits and misses by upstream, with no repository label', async () => {
-    const text = (await get(`${P}/metrics`)).body.toString();
+    const text = await metricsText(proxy);
     assert.ok(metric(text, 'ocicache_cache_requests_total', { upstream: 'docker.io', kind: 'blob', result: 'hit' }) > 0);
     assert.ok(metric(text, 'ocicache_cache_requests_total', { upstream: 'ghcr.io', kind: 'manifest', result: 'miss' }) > 0);
     assert.ok(metric(text, 'ocicache_served_bytes_total', { upstream: 'docker.io', source: 'cache' }) > 0);
@@ -232,16 +224,16 @@ test('pull through two real upstreams', async (t) => {
 
   await t.test('with the upstream gone, cached content is still served from disk', async () => {
     await hub.stop();
-    const m = await get(`${P}/v2/library/alpine/manifests/${alpine.digest}?ns=docker.io`, { accept: ACCEPT_ALL });
+    const m = await fetchComplete(`${P}/v2/library/alpine/manifests/${alpine.digest}?ns=docker.io`, { accept: FULL_ACCEPT });
     assert.equal(m.status, 200);
     assert.equal(m.headers['x-cache'], 'HIT');
-    const b = await get(`${P}/v2/big/layer/blobs/${bigDigest}?ns=docker.io`, { range: 'bytes=0-15' });
+    const b = await fetchComplete(`${P}/v2/big/layer/blobs/${bigDigest}?ns=docker.io`, { range: 'bytes=0-15' });
     assert.deepEqual(b.body, bigLayer.subarray(0, 16));
-    const tag = await get(`${P}/v2/library/alpine/manifests/3.20?ns=docker.io`, { accept: ACCEPT_ALL });
+    const tag = await fetchComplete(`${P}/v2/library/alpine/manifests/3.20?ns=docker.io`, { accept: FULL_ACCEPT });
     assert.equal(tag.status, 200);
-    const cold = await get(`${P}/v2/never/seen/manifests/v1?ns=docker.io`);
+    const cold = await fetchComplete(`${P}/v2/never/seen/manifests/v1?ns=docker.io`);
     assert.equal(cold.status, 503);
-    assert.equal(JSON.parse(cold.body.toString()).errors[0].code, 'UNAVAILABLE');
+    assert.equal(ociError(cold).code, 'UNAVAILABLE');
     const hex = bigDigest.slice(7);
     assert.equal(createHash('sha256').update(bigLayer).digest('hex'), hex);
     assert.ok(readdirSync(join(proxy.root, 'blobs', 'sha256', hex.slice(0, 2))).includes(hex));

@@ -8,13 +8,13 @@ import test from 'node:test';
 import { request } from 'undici';
 import { startFakeUpstream } from './helpers/fake-upstream.js';
 import { metric, metricsText, startProxy } from './helpers/proxy.js';
+import { OCI_INDEX, OCI_MANIFEST } from './helpers/seed.js';
 
 const SUBJECT = `sha256:${'a'.repeat(64)}`;
-const OCI_INDEX = 'application/vnd.oci.image.index.v1+json';
 
 test('referrers pass through with their filter header; they and tag lists are logged and counted as passthrough', async (t) => {
   const fake = await startFakeUpstream(t);
-  const index = Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: OCI_INDEX, manifests: [{ mediaType: 'application/vnd.oci.image.manifest.v1+json', digest: `sha256:${'b'.repeat(64)}`, size: 123, artifactType: 'application/spdx+json' }] }));
+  const index = Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: OCI_INDEX, manifests: [{ mediaType: OCI_MANIFEST, digest: `sha256:${'b'.repeat(64)}`, size: 123, artifactType: 'application/spdx+json' }] }));
   fake.route('/v2/library/alpine/tags/list', (_req, res) => res.writeHead(200, { 'content-type': 'application/json' }).end('{"name":"library/alpine","tags":["3.20"]}'));
   fake.route(`/v2/library/alpine/referrers/${SUBJECT}`, (req, res) => {
     const headers: Record<string, string> = { 'content-type': OCI_INDEX, 'content-length': String(index.length) };

@@ -6,19 +6,16 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import type { IncomingMessage, ServerResponse } from 'node:http';
-import test, { type TestContext } from 'node:test';
+import test from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { startDistribution } from './helpers/distribution.js';
 import { until } from './helpers/tools.js';
-import { blobHandler, startFakeUpstream, startTrap, type FakeUpstream } from './helpers/fake-upstream.js';
-import { blobFile, fetchBody, metric, metricsText, startProxy, type Proxy } from './helpers/proxy.js';
-import { image, OCI_MANIFEST, Pusher, randomLayer, sha256 } from './helpers/seed.js';
+import { blobHandler, startProxyWithFake, startTrap } from './helpers/fake-upstream.js';
+import { blobFile, fetchBody, jsonBody, metric, metricsText, ociError, pullImage, startProxy, testClock, type Proxy } from './helpers/proxy.js';
+import { image, OCI_CONFIG, OCI_MANIFEST, Pusher, randomLayer, sha256 } from './helpers/seed.js';
 
-async function setup(t: TestContext, upstream: Record<string, unknown> = {}, options: { timeouts?: Record<string, unknown>; offline?: boolean } = {}): Promise<{ fake: FakeUpstream; proxy: Proxy }> {
-  const fake = await startFakeUpstream(t);
-  const proxy = await startProxy(t, { upstreams: [{ name: 'fake.example', url: fake.url, ...upstream }], timeouts: { manifest: '1s', blobIdle: '300ms', ...options.timeouts } });
-  return { fake, proxy };
-}
+/** startProxyWithFake's options here: a stalled upstream is given up on after 300 ms. */
+const quickIdle = { timeouts: { blobIdle: '300ms' } };
 
 /** Serves a blob, honouring `Range: bytes=N-` unless told not to. */
 function rangeBlob(data: Buffer, honourRange: boolean): (req: IncomingMessage, res: ServerResponse) => void {
@@ -43,7 +40,7 @@ test('a broken blob download resumes and the client gets the whole, verified blo
   ];
   for (const c of cases) {
     await t.test(c.what, async (t) => {
-      const { fake, proxy } = await setup(t);
+      const { fake, proxy } = await startProxyWithFake(t, {}, quickIdle);
       const data = randomBytes(3 * 1024 * 1024);
       const digest = sha256(data);
       const path = `/v2/flaky/repo/blobs/${digest}`;
@@ -69,7 +66,7 @@ test('a broken blob download resumes and the client gets the whole, verified blo
 });
 
 test('a blob download that keeps breaking gives up after blobRetries, caching nothing', async (t) => {
-  const { fake, proxy } = await setup(t, { blobRetries: 2 });
+  const { fake, proxy } = await startProxyWithFake(t, { blobRetries: 2 }, quickIdle);
   const data = randomBytes(2 * 1024 * 1024);
   const digest = sha256(data);
   const path = `/v2/flaky/repo/blobs/${digest}`;
@@ -82,8 +79,10 @@ test('a blob download that keeps breaking gives up after blobRetries, caching no
 });
 
 test('circuit breaker: opens after consecutive failures, serves cached tags, fails fast, probes after the cool-down', async (t) => {
-  const { fake, proxy } = await setup(t, { breakerFailures: 3, breakerCooldown: '1s', tagTtl: '1ms' });
-  const manifest = Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: OCI_MANIFEST, config: { mediaType: 'application/vnd.oci.image.config.v1+json', digest: sha256('{}'), size: 2 }, layers: [] }));
+  // tagTtl 0: every request asks the upstream. The cool-down passes by advancing the proxy's clock.
+  const clock = testClock();
+  const { fake, proxy } = await startProxyWithFake(t, { breakerFailures: 3, breakerCooldown: '1s', tagTtl: '0ms' }, { ...quickIdle, clock });
+  const manifest = Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: OCI_MANIFEST, config: { mediaType: OCI_CONFIG, digest: sha256('{}'), size: 2 }, layers: [] }));
   const digest = sha256(manifest);
   let down = false;
   const serveManifest = (req: IncomingMessage, res: ServerResponse): void => {
@@ -111,12 +110,12 @@ test('circuit breaker: opens after consecutive failures, serves cached tags, fai
   assert.equal(stale.headers['x-cache'], 'STALE');
   const uncached = await fetchBody(`${proxy.url}/v2/app/blobs/${sha256('missing')}?ns=fake.example`);
   assert.equal(uncached.status, 503);
-  assert.equal(JSON.parse(uncached.body!.toString()).errors[0].code, 'UNAVAILABLE');
-  assert.match(JSON.parse(uncached.body!.toString()).errors[0].message, /circuit open/);
+  assert.equal(ociError(uncached).code, 'UNAVAILABLE');
+  assert.match(ociError(uncached).message, /circuit open/);
   assert.equal(fake.requests.length, before, 'an open breaker sends nothing upstream');
 
   // Half-open: after the cool-down one probe goes out; it fails, so the breaker opens again.
-  await sleep(1100);
+  clock.advance(1100);
   assert.equal((await fetchBody(tagUrl)).headers['x-cache'], 'STALE');
   assert.equal(fake.requests.length, before + 1, 'one probe');
   assert.equal(metric(await metricsText(proxy), 'ocicache_upstream_breaker_state', { upstream: 'fake.example' }), 1);
@@ -125,14 +124,16 @@ test('circuit breaker: opens after consecutive failures, serves cached tags, fai
 
   // The upstream recovers: the next probe closes the breaker.
   down = false;
-  await sleep(1100);
+  clock.advance(1100);
   assert.equal((await fetchBody(tagUrl)).headers['x-cache'], 'REVALIDATED');
   assert.equal(metric(await metricsText(proxy), 'ocicache_upstream_breaker_state', { upstream: 'fake.example' }), 0, 'closed');
 });
 
 test("a 429's Retry-After is honoured: nothing goes upstream until it passes, cached tags are still served", async (t) => {
-  const { fake, proxy } = await setup(t, { tagTtl: '1ms' });
-  const manifest = Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: OCI_MANIFEST, config: { mediaType: 'application/vnd.oci.image.config.v1+json', digest: sha256('{}'), size: 2 }, layers: [] }));
+  // tagTtl 0: every request asks the upstream. Retry-After passes by advancing the proxy's clock.
+  const clock = testClock();
+  const { fake, proxy } = await startProxyWithFake(t, { tagTtl: '0ms' }, { ...quickIdle, clock });
+  const manifest = Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: OCI_MANIFEST, config: { mediaType: OCI_CONFIG, digest: sha256('{}'), size: 2 }, layers: [] }));
   const digest = sha256(manifest);
   let limited = false;
   const serve = (req: IncomingMessage, res: ServerResponse): void => {
@@ -156,7 +157,7 @@ test("a 429's Retry-After is honoured: nothing goes upstream until it passes, ca
   for (let i = 0; i < 5; i++) assert.equal((await fetchBody(tagUrl)).headers['x-cache'], 'STALE');
   const blob = await fetchBody(`${proxy.url}/v2/app/blobs/${sha256('x')}?ns=fake.example`);
   assert.equal(blob.status, 429);
-  assert.deepEqual(JSON.parse(blob.body!.toString()).errors[0].code, 'TOOMANYREQUESTS');
+  assert.deepEqual(ociError(blob).code, 'TOOMANYREQUESTS');
   assert.match(String(blob.headers['retry-after']), /^[12]$/);
   assert.equal(fake.requests.length, seen, 'no request to the upstream before Retry-After passes');
   text = await metricsText(proxy);
@@ -164,14 +165,14 @@ test("a 429's Retry-After is honoured: nothing goes upstream until it passes, ca
   assert.ok(metric(text, 'ocicache_upstream_refused_total', { upstream: 'fake.example', reason: 'retry_after' }) >= 6);
 
   limited = false;
-  await sleep(2100);
+  clock.advance(2100);
   assert.equal((await fetchBody(tagUrl)).headers['x-cache'], 'REVALIDATED');
   assert.equal(fake.requests.length, seen + 1);
 });
 
 test('per-upstream limits: maxConcurrent requests in flight, maxRequestsPerSecond', async (t) => {
   await t.test('maxConcurrent: 2', async (t) => {
-    const { fake, proxy } = await setup(t, { maxConcurrent: 2 }, { timeouts: { manifest: '10s', blobIdle: '10s' } });
+    const { fake, proxy } = await startProxyWithFake(t, { maxConcurrent: 2 }, { timeouts: { manifest: '10s', blobIdle: '10s' } });
     let inFlight = 0;
     let peak = 0;
     const blobs = Array.from({ length: 6 }, () => randomBytes(64 * 1024));
@@ -187,7 +188,7 @@ test('per-upstream limits: maxConcurrent requests in flight, maxRequestsPerSecon
     assert.equal(peak, 2);
   });
   await t.test('maxRequestsPerSecond: 4', async (t) => {
-    const { fake, proxy } = await setup(t, { maxRequestsPerSecond: 4 });
+    const { fake, proxy } = await startProxyWithFake(t, { maxRequestsPerSecond: 4 }, quickIdle);
     const at: number[] = [];
     for (let i = 0; i < 10; i++) {
       fake.route(`/v2/app/manifests/t${i}`, (_req, res) => {
@@ -211,13 +212,10 @@ test('offline mode, global and per upstream, serves the cache and connects to no
   await new Pusher({ url: registry.url }).pushImage('team/other', 'v1', other);
 
   const online = await startProxy(t, { upstreams: [{ name: 'docker.io', url: registry.url }] });
-  const pull = async (proxy: Proxy, ns: string, name = 'team/app', tag = 'v1'): Promise<number[]> => {
-    const m = await fetchBody(`${proxy.url}/v2/${name}/manifests/${tag}?ns=${ns}`, { accept: OCI_MANIFEST });
-    if (m.status !== 200) return [m.status];
-    const desc = JSON.parse(m.body!.toString()) as { config: { digest: string }; layers: Array<{ digest: string }> };
-    const statuses = [m.status];
-    for (const d of [desc.config, ...desc.layers]) statuses.push((await fetchBody(`${proxy.url}/v2/${name}/blobs/${d.digest}?ns=${ns}`)).status);
-    return statuses;
+  /** The statuses of team/app:v1's manifest, config and layers. */
+  const pull = async (proxy: Proxy, ns: string): Promise<number[]> => {
+    const { manifest, blobs } = await pullImage(proxy.url, 'team/app', 'v1', ns);
+    return [manifest, ...blobs].map((r) => r.status);
   };
   assert.deepEqual(await pull(online, 'docker.io'), [200, 200, 200, 200]);
   await online.app.close();
@@ -229,13 +227,13 @@ test('offline mode, global and per upstream, serves the cache and connects to no
     await t.test(c.what, async (t) => {
       // The upstream's address is now a listener that counts connections: there must be none.
       const trap = await startTrap(t, '127.0.0.1');
-      const proxy = await startProxy(t, { root: online.root, env: c.env, upstreams: [{ name: 'docker.io', url: `http://${trap.host}`, tagTtl: '1ms', ...c.upstream }] });
+      const proxy = await startProxy(t, { root: online.root, env: c.env, upstreams: [{ name: 'docker.io', url: `http://${trap.host}`, tagTtl: '0ms', ...c.upstream }] });
       assert.deepEqual(await pull(proxy, 'docker.io'), [200, 200, 200, 200], 'cached content is served');
       const m = await fetchBody(`${proxy.url}/v2/team/app/manifests/v1?ns=docker.io`, { accept: OCI_MANIFEST });
       assert.equal(m.headers['x-cache'], 'STALE');
       const missing = await fetchBody(`${proxy.url}/v2/team/other/manifests/v1?ns=docker.io`);
       assert.equal(missing.status, 503);
-      assert.deepEqual(JSON.parse(missing.body!.toString()), { errors: [{ code: 'UNAVAILABLE', message: 'upstream docker.io is offline: serving from the cache only' }] });
+      assert.deepEqual(jsonBody(missing), { errors: [{ code: 'UNAVAILABLE', message: 'upstream docker.io is offline: serving from the cache only' }] });
       assert.equal(metric(await metricsText(proxy), 'ocicache_upstream_offline', { upstream: 'docker.io' }), 1);
       await sleep(100);
       assert.equal(trap.connections, 0, 'no connection to the upstream');

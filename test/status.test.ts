@@ -7,12 +7,11 @@ import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import test from 'node:test';
 import { chromium } from 'playwright-core';
-import { request } from 'undici';
 import { startDistribution } from './helpers/distribution.js';
-import { startProxy } from './helpers/proxy.js';
+import { fetchComplete, pullImage, startProxy } from './helpers/proxy.js';
 import { image, OCI_MANIFEST, Pusher } from './helpers/seed.js';
 import { freePort, need } from './helpers/tools.js';
-import { formatBytes } from '../src/format.js';
+import { formatBytes } from '../src/core/units.js';
 import { version } from '../src/version.js';
 
 test('status page: version, upstream states, cache size and limit, hit ratio, most pulled images', async (t) => {
@@ -32,17 +31,10 @@ test('status page: version, upstream states, cache size and limit, hit ratio, mo
       { name: 'ghcr.io', url: `http://127.0.0.1:${await freePort()}`, breakerFailures: 1, breakerCooldown: '1h' },
     ],
   });
-  const get = async (path: string): Promise<void> => {
-    const res = await request(`${proxy.url}${path}`, { headers: { accept: OCI_MANIFEST } });
-    await res.body.dump();
-  };
-  // team/app pulled three times (the blobs are hits after the first), team/tool once.
-  for (let i = 0; i < 3; i++) {
-    await get('/v2/team/app/manifests/v1?ns=docker.io');
-    for (const b of app.blobs) await get(`/v2/team/app/blobs/${b.descriptor.digest}?ns=docker.io`);
-  }
-  await get('/v2/team/tool/manifests/v1?ns=docker.io');
-  await get('/v2/team/x/manifests/v1?ns=ghcr.io'); // unreachable: opens the breaker
+  // team/app pulled three times (the blobs are hits after the first), team/tool's manifest once.
+  for (let i = 0; i < 3; i++) await pullImage(proxy.url, 'team/app', 'v1');
+  await fetchComplete(`${proxy.url}/v2/team/tool/manifests/v1?ns=docker.io`, { accept: OCI_MANIFEST });
+  await fetchComplete(`${proxy.url}/v2/team/x/manifests/v1?ns=ghcr.io`, { accept: OCI_MANIFEST }); // unreachable: opens the breaker
 
   const browser = await chromium.launch({ executablePath: browserPath, args: ['--no-sandbox'] });
   t.after(() => browser.close());

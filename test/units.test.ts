@@ -5,15 +5,15 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import test, { after } from 'node:test';
 import { Counter, Histogram, Registry } from 'prom-client';
-import { Db } from '../src/db.js';
-import { buildConfig, ConfigError } from '../src/config.js';
-import { OciError } from '../src/errors.js';
-import { accepts, DOCKER_MANIFEST, DOCKER_SCHEMA1_SIGNED, mediaTypeOf, OCI_INDEX, OCI_MANIFEST } from '../src/manifest.js';
-import { Metrics } from '../src/metrics.js';
-import { parseRange } from '../src/range.js';
-import { parseV2Path, UpstreamIndex } from '../src/reference.js';
-import { Stats } from '../src/status.js';
-import { parseWwwAuthenticate } from '../src/www-authenticate.js';
+import { Db } from '../src/storage/db.js';
+import { buildConfig, ConfigError } from '../src/core/config.js';
+import { OciError } from '../src/core/errors.js';
+import { accepts, DOCKER_MANIFEST, DOCKER_SCHEMA1_SIGNED, mediaTypeOf, OCI_INDEX, OCI_MANIFEST } from '../src/core/media-types.js';
+import { Metrics } from '../src/telemetry/metrics.js';
+import { parseRange } from '../src/core/byte-range.js';
+import { parseV2Path, UpstreamIndex } from '../src/core/api-path.js';
+import { Stats } from '../src/http/status.js';
+import { parseWwwAuthenticate } from '../src/upstream/www-authenticate.js';
 import { tempDir } from './helpers/tools.js';
 
 test('WWW-Authenticate: quoted commas, several challenges, case', () => {
@@ -55,22 +55,21 @@ test('Range: single ranges, suffixes, and 416s', () => {
 });
 
 test('Accept negotiation: lists, parameters, wildcards', () => {
-  const index = 'application/vnd.oci.image.index.v1+json';
   const cases: Array<[string | undefined, boolean]> = [
     [undefined, true],
     ['', true],
     ['*/*', true],
     ['application/*', true],
-    [`application/vnd.docker.distribution.manifest.v2+json, ${index}`, true],
-    [`${index}; q=0.5`, true],
-    ['application/vnd.docker.distribution.manifest.v2+json', false],
+    [`${DOCKER_MANIFEST}, ${OCI_INDEX}`, true],
+    [`${OCI_INDEX}; q=0.5`, true],
+    [DOCKER_MANIFEST, false],
     ['text/*', false],
   ];
   // Twice: the second round answers from the memo of parsed Accept lines.
-  for (let round = 0; round < 2; round++) for (const [accept, want] of cases) assert.equal(accepts(accept, index), want, String(accept));
+  for (let round = 0; round < 2; round++) for (const [accept, want] of cases) assert.equal(accepts(accept, OCI_INDEX), want, String(accept));
   // Past the memo's 1 KiB line limit, still parsed.
-  assert.equal(accepts(`${'x/y, '.repeat(300)}${index}`, index), true);
-  assert.equal(accepts('x/y, '.repeat(300), index), false);
+  assert.equal(accepts(`${'x/y, '.repeat(300)}${OCI_INDEX}`, OCI_INDEX), true);
+  assert.equal(accepts('x/y, '.repeat(300), OCI_INDEX), false);
 });
 
 test('media type served for a manifest: Content-Type, else the mediaType field, never a malformed one', () => {

@@ -1,5 +1,5 @@
 /**
- * Manifest hits are answered before Fastify (routes.ts warmManifests); everything else goes
+ * Manifest hits are answered before Fastify (http/warm-path.ts); everything else goes
  * through it. Both paths must be indistinguishable to a client and to an operator: the same
  * status, headers and body, the same request log line, the same metrics. Each request below is
  * sent once over HTTP (the warm path when it is a hit) and once through app.inject (always
@@ -10,10 +10,10 @@ import { connect } from 'node:net';
 import test from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { request } from 'undici';
-import { DOCKER_MANIFEST } from '../src/manifest.js';
 import { startDistribution } from './helpers/distribution.js';
-import { metric, metricsText, startProxy } from './helpers/proxy.js';
-import { image, multiArch, OCI_INDEX, OCI_MANIFEST, Pusher, sha256 } from './helpers/seed.js';
+import { fetchComplete, metric, metricsText, startProxy } from './helpers/proxy.js';
+import { DOCKER_MANIFEST, image, multiArch, OCI_INDEX, OCI_MANIFEST, Pusher, sha256 } from './helpers/seed.js';
+import { until } from './helpers/tools.js';
 
 /** Headers only a real connection has. */
 const CONNECTION_HEADERS = ['date', 'connection', 'keep-alive'];
@@ -35,7 +35,7 @@ test('a manifest hit answers the same on the warm path as through Fastify: heade
     // ghcr.io: the same registry with tags that are never fresh, so a tag always asks the upstream.
     upstreams: [
       { name: 'docker.io', url: registry.url },
-      { name: 'ghcr.io', url: registry.url, tagTtl: '1ms' },
+      { name: 'ghcr.io', url: registry.url, tagTtl: '0ms' },
     ],
     logger: { level: 'info', stream: { write: (s: string) => lines.push(JSON.parse(s) as Line) } },
   });
@@ -46,8 +46,8 @@ test('a manifest hit answers the same on the warm path as through Fastify: heade
     await res.body.dump();
   }
 
-  const { registry: reg } = proxy.app.services;
-  const getManifest = t.mock.method(reg, 'getManifest');
+  const { manifests } = proxy.app.services;
+  const getManifest = t.mock.method(manifests, 'get');
   // cache: the log's field; the x-cache header is the same in capitals on a 200.
   const cases: Array<{ name: string; method: 'GET' | 'HEAD'; path: string; accept: string; warm: boolean; status: number; cache: string }> = [
     { name: 'GET by tag', method: 'GET', path: '/v2/team/app/manifests/v1', accept: OCI_MANIFEST, warm: true, status: 200, cache: 'hit' },
@@ -66,8 +66,7 @@ test('a manifest hit answers the same on the warm path as through Fastify: heade
     await t.test(c.name, async () => {
       const before = getManifest.mock.callCount();
       const first = lines.length;
-      const res = await request(proxy.url + c.path, { method: c.method, headers: { accept: c.accept } });
-      const viaHttp = { status: res.statusCode, headers: { ...res.headers } as Record<string, unknown>, body: Buffer.from(await res.body.arrayBuffer()) };
+      const viaHttp = await fetchComplete(proxy.url + c.path, { accept: c.accept }, c.method);
       assert.equal(getManifest.mock.callCount() - before, c.warm ? 0 : 1, c.warm ? 'answered on the warm path' : 'answered by Fastify');
       const injected = await proxy.app.inject({ method: c.method, url: c.path, headers: { accept: c.accept } });
       assert.equal(getManifest.mock.callCount() - before, c.warm ? 1 : 2, 'inject always goes through Fastify');
@@ -137,18 +136,26 @@ test('shutdown waits for a manifest hit still being sent, and logs it once it wa
   t.after(() => socket.destroy());
   socket.pause();
   socket.write('GET /v2/big/app/manifests/v1?ns=docker.io HTTP/1.1\r\nhost: cache\r\naccept: */*\r\n\r\n');
-  await sleep(300);
+  // The response is under way once its first bytes arrive; then the client stops reading.
+  let received = 0;
+  await new Promise<void>((resolve) => {
+    socket.once('data', (chunk: Buffer) => {
+      received += chunk.length;
+      socket.pause();
+      resolve();
+    });
+    socket.resume();
+  });
   let drained = false;
   const drain = proxy.app.drain(20_000).then(() => (drained = true));
   await sleep(500);
   assert.equal(drained, false, 'drain returned while the response was still being sent');
   assert.deepEqual(lines.filter((l) => l.msg === 'request'), [], 'logged before it was sent');
 
-  let received = 0;
   socket.on('data', (chunk: Buffer) => (received += chunk.length));
   socket.resume();
   await drain;
-  await sleep(50);
+  await until('the whole response and its log line', () => received > body.length && lines.some((l) => l.msg === 'request'));
   assert.ok(received > body.length, `received ${received} bytes`);
   const logged = lines.filter((l) => l.msg === 'request');
   assert.deepEqual(logged.map((l) => [l.status, l.cache, l.bytes]), [[200, 'hit', body.length]]);

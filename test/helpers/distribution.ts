@@ -7,8 +7,7 @@ import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import type { TestContext } from 'node:test';
-import { need, stopChild } from './tools.js';
+import { need, stopChild, type Scope } from './tools.js';
 import type { TokenIssuer } from './token-issuer.js';
 
 export interface Distribution {
@@ -28,7 +27,7 @@ export interface DistributionOptions {
 }
 
 /** Starts docker-registry; returns undefined when it is missing outside CI (the test is skipped). */
-export async function startDistribution(t: TestContext, options: DistributionOptions = {}): Promise<Distribution | undefined> {
+export async function startDistribution(t: Scope, options: DistributionOptions = {}): Promise<Distribution | undefined> {
   const bin = need(t, 'docker-registry', 'apt-get install docker-registry');
   if (!bin) return undefined;
   const dir = mkdtempSync(join(tmpdir(), 'ocicache-upstream-'));

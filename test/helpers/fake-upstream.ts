@@ -4,7 +4,8 @@
  */
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
 import { createServer as createTcpServer, type AddressInfo, type Server, type Socket } from 'node:net';
-import type { TestContext } from 'node:test';
+import { startProxy, type Proxy, type ProxyOptions } from './proxy.js';
+import type { Scope } from './tools.js';
 
 export type Handler = (req: IncomingMessage, res: ServerResponse) => void;
 
@@ -19,7 +20,7 @@ export interface FakeUpstream {
   count(method: string, path: string): number;
 }
 
-export async function startFakeUpstream(t: TestContext): Promise<FakeUpstream> {
+export async function startFakeUpstream(t: Scope): Promise<FakeUpstream> {
   const routes = new Map<string, Handler>();
   const sockets = new Set<Socket>();
   const fake: FakeUpstream = {
@@ -52,6 +53,17 @@ export async function startFakeUpstream(t: TestContext): Promise<FakeUpstream> {
   return fake;
 }
 
+/**
+ * A fake upstream named fake.example and a proxy pointed at it. `upstream` adds to that upstream's
+ * config; `options` are the rest of ProxyOptions (env, clock, ...), their `timeouts` laid over
+ * short ones (manifest and blobIdle 1s) so that a fault shows quickly.
+ */
+export async function startProxyWithFake(t: Scope, upstream: Record<string, unknown> = {}, options: Omit<ProxyOptions, 'upstreams'> = {}): Promise<{ fake: FakeUpstream; proxy: Proxy }> {
+  const fake = await startFakeUpstream(t);
+  const proxy = await startProxy(t, { ...options, upstreams: [{ name: 'fake.example', url: fake.url, ...upstream }], timeouts: { manifest: '1s', blobIdle: '1s', ...options.timeouts } });
+  return { fake, proxy };
+}
+
 /** Serves `body` as a blob, optionally misbehaving after `cutAt` bytes. */
 export function blobHandler(body: Buffer, fault?: { cutAt: number; how: 'reset' | 'end-chunked' | 'stall' }): Handler {
   return (req, res) => {
@@ -77,7 +89,7 @@ export function blobHandler(body: Buffer, fault?: { cutAt: number; how: 'reset' 
 }
 
 /** A TCP listener that counts connections: where the cache must never connect. */
-export async function startTrap(t: TestContext, address: string): Promise<{ host: string; connections: number }> {
+export async function startTrap(t: Scope, address: string): Promise<{ host: string; connections: number }> {
   const trap = { host: '', connections: 0 };
   const server: Server = createTcpServer((s) => {
     trap.connections++;

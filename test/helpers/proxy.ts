@@ -1,13 +1,16 @@
 /** Starts ocicache in-process on a loopback port the kernel picks, with a fresh cache directory. */
+import { createHash } from 'node:crypto';
 import { mkdtempSync, rmSync } from 'node:fs';
 import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import type { TestContext } from 'node:test';
 import type { FastifyInstance } from 'fastify';
 import { request } from 'undici';
-import { buildApp } from '../../src/app.js';
-import { buildConfig, type Config } from '../../src/config.js';
+import { buildApp } from '../../src/http/app.js';
+import type { Clock } from '../../src/core/clock.js';
+import { buildConfig, type Config } from '../../src/core/config.js';
+import { OCI_MANIFEST } from './seed.js';
+import type { Scope } from './tools.js';
 
 export interface Proxy {
   url: string;
@@ -28,9 +31,22 @@ export interface ProxyOptions {
   env?: NodeJS.ProcessEnv;
   /** pino options, e.g. {level: 'info', stream} to read the log; default: no log (OCICACHE_TEST_LOG=debug shows it) */
   logger?: Record<string, unknown>;
+  /** The proxy's time (testClock()): tests move it forward instead of sleeping. Default: the system's. */
+  clock?: Clock;
 }
 
-export async function startProxy(t: TestContext, options: ProxyOptions): Promise<Proxy> {
+/** A clock that starts at the system's time and moves only when told to. */
+export interface TestClock {
+  (): number;
+  advance(ms: number): void;
+}
+
+export function testClock(start = Date.now()): TestClock {
+  let now = start;
+  return Object.assign(() => now, { advance: (ms: number) => void (now += ms) });
+}
+
+export async function startProxy(t: Scope, options: ProxyOptions): Promise<Proxy> {
   const root = options.root ?? mkdtempSync(join(tmpdir(), 'ocicache-cache-'));
   const config = buildConfig(
     {
@@ -45,7 +61,7 @@ export async function startProxy(t: TestContext, options: ProxyOptions): Promise
     },
     options.env ?? {},
   );
-  const app = await buildApp(config, { logger: options.logger ?? (process.env.OCICACHE_TEST_LOG ? { level: process.env.OCICACHE_TEST_LOG } : false) });
+  const app = await buildApp(config, { logger: options.logger ?? (process.env.OCICACHE_TEST_LOG ? { level: process.env.OCICACHE_TEST_LOG } : false), clock: options.clock });
   await app.listen({ host: '127.0.0.1', port: 0 });
   t.after(async () => {
     await app.close();
@@ -69,7 +85,7 @@ export function metric(text: string, name: string, labels: Record<string, string
   return total;
 }
 
-/** Where a blob lives in a cache directory (src/blob-store.ts layout). */
+/** Where a blob lives in a cache directory (src/storage/blob-store.ts layout). */
 export function blobFile(root: string, digest: string): string {
   const [algorithm, hex] = digest.split(':') as [string, string];
   return join(root, 'blobs', algorithm, hex.slice(0, 2), hex);
@@ -79,12 +95,63 @@ export async function metricsText(proxy: Proxy): Promise<string> {
   return (await request(`${proxy.url}/metrics`)).body.text();
 }
 
-/** A request that reports whether the body arrived complete or the connection was cut. */
-export async function fetchBody(url: string, headers: Record<string, string> = {}, method: 'GET' | 'HEAD' = 'GET'): Promise<{ status: number; headers: Record<string, unknown>; body?: Buffer; aborted?: Error }> {
+/** A response read to its end. */
+export interface Fetched {
+  status: number;
+  headers: Record<string, unknown>;
+  body: Buffer;
+}
+
+/** A request that reports whether the body arrived complete or the connection was cut (then `aborted`, and no body). */
+export async function fetchBody(url: string, headers: Record<string, string> = {}, method: 'GET' | 'HEAD' = 'GET'): Promise<Omit<Fetched, 'body'> & { body?: Buffer; aborted?: Error }> {
   const res = await request(url, { headers, method });
   try {
     return { status: res.statusCode, headers: res.headers, body: Buffer.from(await res.body.arrayBuffer()) };
   } catch (err) {
     return { status: res.statusCode, headers: res.headers, aborted: err as Error };
   }
+}
+
+/** A request whose body must arrive whole: it rejects if the connection is cut. */
+export async function fetchComplete(url: string, headers: Record<string, string> = {}, method: 'GET' | 'HEAD' = 'GET'): Promise<Fetched> {
+  const { aborted, body, ...rest } = await fetchBody(url, headers, method);
+  if (aborted) throw aborted;
+  return { ...rest, body: body! };
+}
+
+/** A response's body parsed as JSON (`any`, as JSON.parse gives, unless the caller names the shape). */
+export function jsonBody<T = any>(r: { body?: Buffer }): T {
+  return JSON.parse(r.body!.toString()) as T;
+}
+
+/** The first error of an OCI error body ({errors: [{code, message}]}). */
+export function ociError(r: { body?: Buffer }): { code: string; message: string } {
+  return jsonBody<{ errors: Array<{ code: string; message: string }> }>(r).errors[0]!;
+}
+
+/** One blob of a pullImage: the digest the manifest names, and the digest of what arrived. */
+export interface PulledBlob {
+  digest: string;
+  status: number;
+  headers: Record<string, unknown>;
+  sha256: string;
+}
+
+/**
+ * Pulls an image the way a client does: the manifest by tag (Accept: OCI_MANIFEST), then its
+ * config and layers in order, each hashed as it streams. No blobs unless the manifest is a 200;
+ * rejects if a connection is cut.
+ */
+export async function pullImage(base: string, name: string, tag: string, ns = 'docker.io'): Promise<{ manifest: Fetched; blobs: PulledBlob[] }> {
+  const manifest = await fetchComplete(`${base}/v2/${name}/manifests/${tag}?ns=${ns}`, { accept: OCI_MANIFEST });
+  const blobs: PulledBlob[] = [];
+  if (manifest.status !== 200) return { manifest, blobs };
+  const desc = jsonBody<{ config: { digest: string }; layers: Array<{ digest: string }> }>(manifest);
+  for (const { digest } of [desc.config, ...desc.layers]) {
+    const res = await request(`${base}/v2/${name}/blobs/${digest}?ns=${ns}`);
+    const hash = createHash('sha256');
+    for await (const chunk of res.body) hash.update(chunk as Buffer);
+    blobs.push({ digest, status: res.statusCode, headers: res.headers, sha256: `sha256:${hash.digest('hex')}` });
+  }
+  return { manifest, blobs };
 }

@@ -4,9 +4,10 @@
  */
 import { createHash, randomBytes } from 'node:crypto';
 import { request } from 'undici';
+import { OCI_INDEX, OCI_MANIFEST } from '../../src/core/media-types.js';
 
-export const OCI_MANIFEST = 'application/vnd.oci.image.manifest.v1+json';
-export const OCI_INDEX = 'application/vnd.oci.image.index.v1+json';
+/** The media types the tests name, one spelling each: the proxy's own, plus what only tests build. */
+export { DOCKER_MANIFEST, FULL_ACCEPT, OCI_INDEX, OCI_MANIFEST } from '../../src/core/media-types.js';
 export const OCI_CONFIG = 'application/vnd.oci.image.config.v1+json';
 export const OCI_LAYER_TAR = 'application/vnd.oci.image.layer.v1.tar';
 

@@ -9,8 +9,7 @@ import { readFileSync } from 'node:fs';
 import { createServer, type IncomingMessage } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
-import type { TestContext } from 'node:test';
-import { need, tempDir } from './tools.js';
+import { need, tempDir, type Scope } from './tools.js';
 
 export interface TokenIssuer {
   realm: string;
@@ -24,7 +23,7 @@ export interface TokenIssuer {
 const b64url = (data: Buffer | string): string => Buffer.from(data).toString('base64url');
 
 /** Grants pull to anyone and push to `users`; a wrong password gets 401. */
-export async function startTokenIssuer(t: TestContext, users: Record<string, string>): Promise<TokenIssuer | undefined> {
+export async function startTokenIssuer(t: Scope, users: Record<string, string>): Promise<TokenIssuer | undefined> {
   const openssl = need(t, 'openssl', 'apt-get install openssl');
   if (!openssl) return undefined;
   const dir = tempDir(t, 'token');

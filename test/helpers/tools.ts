@@ -9,7 +9,15 @@ import { tmpdir } from 'node:os';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import type { TestContext } from 'node:test';
+
+/**
+ * What the helpers need of a test: somewhere to register clean-up, and a way to skip. node:test's
+ * TestContext is one; bench/run.ts makes its own.
+ */
+export interface Scope {
+  after(fn: () => unknown): void;
+  skip(message: string): void;
+}
 
 export function which(name: string): string | undefined {
   const r = spawnSync('sh', ['-c', `command -v ${name}`], { encoding: 'utf8' });
@@ -17,7 +25,7 @@ export function which(name: string): string | undefined {
 }
 
 /** The path of `name`, or: under CI an error, elsewhere a skip (returns undefined). */
-export function need(t: TestContext, name: string, hint: string): string | undefined {
+export function need(t: Scope, name: string, hint: string): string | undefined {
   const path = which(name);
   if (path) return path;
   const msg = `${name} not found: ${hint}`;
@@ -27,7 +35,7 @@ export function need(t: TestContext, name: string, hint: string): string | undef
 }
 
 /** Whether this process is root, or: under CI an error, elsewhere a skip (returns false). */
-export function needRoot(t: TestContext, why: string): boolean {
+export function needRoot(t: Scope, why: string): boolean {
   if (process.getuid?.() === 0) return true;
   const msg = `${why} needs root`;
   if (process.env.CI) throw new Error(`${msg} (required under CI)`);
@@ -46,7 +54,7 @@ export async function stopChild(child: ChildProcess, signal: NodeJS.Signals = 'S
 }
 
 /** A fresh directory under the system temp dir, removed when the test ends. */
-export function tempDir(t: TestContext, prefix: string): string {
+export function tempDir(t: Scope, prefix: string): string {
   const dir = mkdtempSync(join(tmpdir(), `ocicache-${prefix}-`));
   t.after(() => rmSync(dir, { recursive: true, force: true }));
   return dir;

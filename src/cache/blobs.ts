@@ -1,0 +1,284 @@
+/**
+ * Blob decisions: serve from disk, or start (or join) the one fill that downloads a blob from its
+ * upstream while every waiting client tails it; resume broken downloads with Range; stream
+ * through uncached when storage is full. Routes and prefetch call this; this calls the upstream
+ * client, the blob store and the lifecycle.
+ */
+import type { FileHandle } from 'node:fs/promises';
+import type { Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import { setTimeout as sleep } from 'node:timers/promises';
+import type { Target } from '../core/api-path.js';
+import { parseRange, type ByteRange } from '../core/byte-range.js';
+import type { CacheResult } from '../core/cache-result.js';
+import type { Config } from '../core/config.js';
+import { OciError } from '../core/errors.js';
+import type { Logger } from '../core/logger.js';
+import { isStorageError, type BlobStore } from '../storage/blob-store.js';
+import { DigestGuard } from '../storage/digest-guard.js';
+import type { Fill } from '../storage/fill.js';
+import type { Metrics } from '../telemetry/metrics.js';
+import type { BlobResponse, UpstreamClient } from '../upstream/client.js';
+import type { Lifecycle } from './lifecycle.js';
+
+export interface BlobResult {
+  size: number | undefined;
+  range: ByteRange | undefined;
+  /** present for GET of a blob being filled or passed through; the route hands it to the client, which owns it from then on */
+  stream: (Readable & { bytesRead: number }) | undefined;
+  /** present for GET of a cached blob: bytes [start, end) of an open file; the route owns it and calls `done` once */
+  file?: { handle: FileHandle; start: number; end: number; done: () => Promise<void> };
+  cache: CacheResult;
+}
+
+/** Thrown to every waiter of a fill that could not start because storage is full: each streams through instead. */
+class StorageUnavailable extends Error {}
+
+/** The upstream's body ended before the size it announced: the transfer broke, so it may be resumed. */
+class BodyEndedEarly extends Error {}
+
+/** A cached blob opened and pinned against eviction until `release`. */
+interface Opened {
+  handle: FileHandle;
+  size: number;
+  release: () => void;
+}
+
+/** Fills are keyed by upstream too: a 404 from one upstream must not answer a request meant for another. */
+function fillKey(target: Target, digest: string): string {
+  return `${target.upstream.name}\n${digest}`;
+}
+
+export class Blobs {
+  private readonly fills = new Map<string, Promise<Fill>>();
+  private readonly fillsDone = new Set<Promise<void>>();
+  private readonly fillAbort = new AbortController();
+
+  constructor(
+    private readonly config: Pick<Config, 'timeouts'>,
+    private readonly store: BlobStore,
+    private readonly upstream: UpstreamClient,
+    private readonly lifecycle: Lifecycle,
+    private readonly metrics: Metrics,
+    private readonly log: Logger,
+  ) {}
+
+  /** Size of a blob; a HEAD never downloads one. */
+  async head(target: Target, digest: string): Promise<BlobResult> {
+    const size = await this.store.stat(digest);
+    if (size !== undefined) return { size, range: undefined, stream: undefined, cache: 'hit' };
+    const head = await this.upstream.headBlob(target, digest);
+    return { size: head.size, range: undefined, stream: undefined, cache: 'miss' };
+  }
+
+  /** A blob from disk, tailing the (shared) fill from upstream, or straight through when storage is full. */
+  async get(target: Target, digest: string, rangeHeader: string | undefined): Promise<BlobResult> {
+    const opened = await this.openPinned(digest);
+    if (opened) return this.fromFile(target, digest, opened, rangeHeader);
+    let fill: Fill;
+    try {
+      fill = await this.fillFor(target, digest);
+    } catch (err) {
+      if (err instanceof StorageUnavailable) return this.uncached(target, digest);
+      throw err;
+    }
+    if (fill.state === 'committed') {
+      const again = await this.openPinned(digest);
+      if (again) return this.fromFile(target, digest, again, rangeHeader);
+    }
+    // Without a Content-Length from upstream the size is unknown until the end: ignore Range (RFC 9110 §14.2).
+    const range = fill.size === undefined ? undefined : parseRange(rangeHeader, fill.size);
+    // With a known size the stream ends at the last byte, not when the file is later renamed into place.
+    const end = range?.end ?? (fill.size === undefined ? undefined : fill.size - 1);
+    const reader = fill.reader(range?.start ?? 0, end);
+    const release = this.lifecycle.pin(digest);
+    reader.once('close', release);
+    return { size: fill.size, range, stream: reader, cache: 'miss' };
+  }
+
+  /** Makes sure a blob is in the cache, through the same shared fill as client pulls (prefetch). */
+  async ensure(target: Target, digest: string): Promise<{ size: number; result: 'cached' | 'fetched' }> {
+    const size = await this.store.stat(digest);
+    if (size !== undefined) {
+      this.lifecycle.touch(digest, size, target.upstream.name);
+      return { size, result: 'cached' };
+    }
+    let fill: Fill;
+    try {
+      fill = await this.fillFor(target, digest);
+    } catch (err) {
+      if (err instanceof StorageUnavailable) throw new OciError('UNAVAILABLE', 'storage is full or unwritable: nothing can be prefetched');
+      throw err;
+    }
+    await fill.settled();
+    return { size: fill.received, result: 'fetched' };
+  }
+
+  /** Lets running fills finish for up to `graceMs`, then aborts the rest (their temp files are removed). */
+  async close(graceMs: number): Promise<void> {
+    const all = Promise.allSettled([...this.fillsDone]);
+    const timer = setTimeout(() => this.fillAbort.abort(new Error('shutting down')), graceMs);
+    await all;
+    clearTimeout(timer);
+  }
+
+  /** Opens a cached blob, pinned first so eviction cannot slip in between the open and the pin. */
+  private async openPinned(digest: string): Promise<Opened | undefined> {
+    const release = this.lifecycle.pin(digest);
+    try {
+      const opened = await this.store.open(digest);
+      if (opened) return { ...opened, release };
+    } catch (err) {
+      release();
+      throw err;
+    }
+    release();
+    return undefined;
+  }
+
+  private fromFile(target: Target, digest: string, opened: Opened, rangeHeader: string | undefined): BlobResult {
+    const { handle, size, release } = opened;
+    let range: ByteRange | undefined;
+    try {
+      range = parseRange(rangeHeader, size);
+    } catch (err) {
+      release();
+      void handle.close();
+      throw err;
+    }
+    this.lifecycle.touch(digest, size, target.upstream.name);
+    const done = async (): Promise<void> => {
+      release();
+      await handle.close().catch(() => undefined);
+    };
+    return { size, range, stream: undefined, file: { handle, start: range?.start ?? 0, end: range ? range.end + 1 : size, done }, cache: 'hit' };
+  }
+
+  /** Storage is full or failing: stream the blob from upstream without caching, still verifying it. */
+  private async uncached(target: Target, digest: string): Promise<BlobResult> {
+    const res = await this.upstream.getBlob(target, digest, AbortSignal.timeout(this.config.timeouts.fill));
+    const guard = new DigestGuard(digest, res.size);
+    // The guard owns the upstream body from here: a client that leaves destroys both.
+    pipeline(res.body, guard).catch(() => undefined);
+    this.metrics.uncachedBlobs.inc({ upstream: target.upstream.name });
+    return { size: res.size, range: undefined, stream: guard, cache: 'passthrough' };
+  }
+
+  /** The running fill of this blob from this upstream, or a new one. */
+  private fillFor(target: Target, digest: string): Promise<Fill> {
+    const key = fillKey(target, digest);
+    let fill = this.fills.get(key);
+    if (!fill) {
+      fill = this.startFill(target, digest, key);
+      this.fills.set(key, fill);
+      fill.catch(() => this.fills.delete(key));
+    }
+    return fill;
+  }
+
+  private async startFill(target: Target, digest: string, key: string): Promise<Fill> {
+    const upstream = target.upstream.name;
+    const signal = AbortSignal.any([this.fillAbort.signal, AbortSignal.timeout(this.config.timeouts.fill)]);
+    const res = await this.upstream.getBlob(target, digest, signal);
+    let fill: Fill;
+    try {
+      if (!(await this.lifecycle.canCache(res.size))) throw new StorageUnavailable();
+      fill = await this.store.createFill(digest, res.size);
+    } catch (err) {
+      res.body.destroy();
+      if (isStorageError(err)) this.lifecycle.storageFailed(err as Error);
+      if (err instanceof StorageUnavailable || isStorageError(err)) throw new StorageUnavailable();
+      throw err;
+    }
+    this.metrics.fillsInFlight.inc();
+    const release = this.lifecycle.pin(digest);
+    const done = this.download(target, fill, res, signal)
+      .then(() => fill.commit())
+      .then(
+        (size) => {
+          this.lifecycle.added(digest, size, upstream);
+          this.metrics.upstreamBytes.inc({ upstream }, size);
+        },
+        async (err: Error) => {
+          if (isStorageError(err)) this.lifecycle.storageFailed(err);
+          this.metrics.fillFailures.inc({ upstream, reason: err instanceof OciError ? 'invalid' : isStorageError(err) ? 'storage' : 'transport' });
+          this.log.warn({ upstream, digest, bytes: fill.received, err: err.message }, 'blob fill failed; nothing cached');
+          await fill.fail(err);
+        },
+      )
+      .finally(() => {
+        release();
+        this.metrics.fillsInFlight.dec();
+        this.fills.delete(key);
+        this.fillsDone.delete(done);
+      });
+    this.fillsDone.add(done);
+    return fill;
+  }
+
+  /**
+   * Copies the upstream body into the fill. When the connection breaks (reset, truncation, idle
+   * timeout) it resumes with Range from the bytes received, up to blobRetries times with backoff;
+   * an upstream that answers 200 instead of 206 is read from the start and the known bytes skipped.
+   * The fill hashes every byte once, in order, so the digest still covers the whole blob.
+   */
+  private async download(target: Target, fill: Fill, first: BlobResponse, signal: AbortSignal): Promise<void> {
+    const upstream = target.upstream;
+    let res: BlobResponse | undefined = first;
+    for (let attempt = 0; ; attempt++) {
+      try {
+        if (!res) {
+          res = await this.upstream.getBlob(target, fill.digest, signal, fill.received);
+          if (res.size !== undefined && res.size !== fill.size) {
+            res.body.destroy();
+            throw new OciError('UNKNOWN', `upstream ${upstream.name} changed the size of ${fill.digest} from ${fill.size} to ${res.size}`, { status: 502 });
+          }
+          this.metrics.blobResumes.inc({ upstream: upstream.name, how: res.start === fill.received ? 'range' : 'restart' });
+        }
+        const skip = fill.received - res.start;
+        const body = res.body;
+        res = undefined;
+        if (skip > 0) await pipeline(body, skipBytes(skip), fill.sink());
+        else await pipeline(body, fill.sink());
+        if (fill.size === undefined || fill.received === fill.size) return;
+        throw new BodyEndedEarly(`upstream body ended after ${fill.received} of ${fill.size} bytes`);
+      } catch (err) {
+        res?.body.destroy();
+        res = undefined;
+        // Every byte arrived and only the connection's end failed: the digest check decides.
+        if (fill.size !== undefined && fill.received === fill.size) return;
+        if (!resumable(err, signal) || fill.size === undefined || attempt >= upstream.blobRetries) throw err;
+        this.log.warn({ upstream: upstream.name, digest: fill.digest, at: fill.received, of: fill.size, attempt: attempt + 1, err: (err as Error).message }, 'blob download broke; resuming');
+        await sleep(Math.min(250 * 2 ** attempt, 5000), undefined, { signal });
+      }
+    }
+  }
+}
+
+/**
+ * Worth another try: a broken transfer (an early end, a reset, an idle timeout), or the upstream
+ * briefly unavailable or rate limiting. Not: wrong content (the fill refuses it), refusals,
+ * shutdown or the fill deadline, a full disk.
+ */
+function resumable(err: unknown, signal: AbortSignal): boolean {
+  if (signal.aborted || isStorageError(err)) return false;
+  if (err instanceof BodyEndedEarly) return true;
+  if (err instanceof OciError) return err.code === 'UNAVAILABLE' || err.code === 'TOOMANYREQUESTS';
+  // Anything else came from the transport (undici, the socket): the transfer broke.
+  return true;
+}
+
+/** Drops the first `n` bytes of a stream (a 200 answer to a resume repeats what the fill already has). */
+function skipBytes(n: number): (source: AsyncIterable<Buffer>) => AsyncGenerator<Buffer> {
+  return async function* (source) {
+    let left = n;
+    for await (const chunk of source) {
+      if (left >= chunk.length) {
+        left -= chunk.length;
+        continue;
+      }
+      yield left > 0 ? chunk.subarray(left) : chunk;
+      left = 0;
+    }
+  };
+}

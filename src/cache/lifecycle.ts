@@ -1,0 +1,283 @@
+/**
+ * Bounded disk: tracks blob use without a SQLite write per request, keeps the blobs on disk under
+ * storage.maxSize with high/low watermarks, expires blobs by age per upstream, and decides when
+ * storage can take a new blob at all (disk full: stream through, don't cache).
+ *
+ * Eviction is least-recently-used and reference-aware: Db.dropBlob removes the manifests that point
+ * to a blob in the same transaction as the blob's row, before the file is unlinked. A blob that a
+ * client is reading or a fill is writing is pinned and skipped; a reader that opened a file before
+ * it was unlinked still reads it to the end.
+ */
+import type { Clock } from '../core/clock.js';
+import type { Config } from '../core/config.js';
+import type { Logger } from '../core/logger.js';
+import type { BlobStore } from '../storage/blob-store.js';
+import type { BlobAccess, BlobRow, Db } from '../storage/db.js';
+import type { Metrics } from '../telemetry/metrics.js';
+
+export type EvictionReason = 'size' | 'age' | 'gc';
+
+export interface PassResult {
+  blobs: number;
+  bytes: number;
+  manifests: number;
+  tags: number;
+  /** bytes of blobs after the pass */
+  used: number;
+  /** index rows pointing at nothing, deleted (gc passes only) */
+  danglingRows: number;
+}
+
+/** How often batched access times reach SQLite. A crash loses at most this much LRU precision. */
+const FLUSH_MS = 5_000;
+/** How often expiry by age runs (when any upstream has a maxAge). */
+const EXPIRY_MS = 10 * 60_000;
+/** How long caching stays off after a storage error before it is tried again. */
+const RETRY_STORAGE_MS = 30_000;
+
+export class Lifecycle {
+  private pending = new Map<string, BlobAccess>();
+  private readonly pins = new Map<string, number>();
+  private used = 0;
+  private running: Promise<PassResult> | undefined;
+  private timers: NodeJS.Timeout[] = [];
+  /** Until when caching is off after a storage write error (0: not blocked). */
+  private storageDownUntil = 0;
+  private lastSoon = 0;
+  private rerun = false;
+  private soonTimer: NodeJS.Timeout | undefined;
+  /** Caching is off (low space or a write error); logged once per episode. */
+  private down = false;
+
+  constructor(
+    private readonly config: Pick<Config, 'storage' | 'upstreams'>,
+    private readonly db: Db,
+    private readonly blobs: BlobStore,
+    private readonly metrics: Metrics,
+    private readonly log: Logger,
+    private readonly now: Clock,
+  ) {
+    this.used = db.usage().bytes;
+    this.report();
+  }
+
+  /** Starts the background flush and expiry timers; the server calls this, one-shot commands don't. */
+  start(): void {
+    this.timers.push(setInterval(() => this.flush(), FLUSH_MS).unref());
+    if (this.config.upstreams.some((u) => u.maxAge !== undefined)) {
+      this.timers.push(setInterval(() => void this.pass('age').catch((err: Error) => this.log.warn({ err: err.message }, 'expiry pass failed')), EXPIRY_MS).unref());
+    }
+    this.schedule();
+  }
+
+  get usedBytes(): number {
+    return this.used;
+  }
+
+  /**
+   * A blob was served from the cache: remember when, in memory only. A use recorded just as the
+   * blob was evicted is harmless: the flush only updates rows that exist (Db.touchBlobs).
+   */
+  touch(digest: string, size: number, upstream: string, at = this.now()): void {
+    this.pending.set(`${digest}\n${upstream}`, { digest, size, upstream, at });
+  }
+
+  /** A verified blob entered the cache. */
+  added(digest: string, size: number, upstream: string): void {
+    const known = this.db.hasBlob(digest);
+    this.db.putBlob(digest, size, upstream, this.now());
+    if (!known) this.used += size;
+    this.report();
+    this.schedule();
+  }
+
+  /** Keeps a blob from eviction until the returned function is called. */
+  pin(digest: string): () => void {
+    this.pins.set(digest, (this.pins.get(digest) ?? 0) + 1);
+    let released = false;
+    return () => {
+      if (released) return;
+      released = true;
+      const n = (this.pins.get(digest) ?? 1) - 1;
+      if (n > 0) return void this.pins.set(digest, n);
+      this.pins.delete(digest);
+      // A pass may have skipped this blob while it was pinned: look again.
+      if (this.overHigh()) this.scheduleSoon();
+    };
+  }
+
+  /** Runs schedule() soon, at most once a second, for pin releases and passes that need a rerun. */
+  private scheduleSoon(): void {
+    if (this.soonTimer) return;
+    this.soonTimer = setTimeout(() => {
+      this.soonTimer = undefined;
+      this.schedule();
+    }, Math.max(0, this.lastSoon + 1000 - Date.now())).unref();
+    this.lastSoon = Date.now();
+  }
+
+  /** Writes batched access times to SQLite in one transaction. */
+  flush(): void {
+    if (this.pending.size === 0) return;
+    const batch = this.pending;
+    this.pending = new Map();
+    this.db.touchBlobs(batch.values());
+  }
+
+  /**
+   * Whether a new blob of `size` bytes should be written to disk. False while storage is failing
+   * or too full: the caller then streams the blob through without caching it.
+   */
+  async canCache(size: number | undefined): Promise<boolean> {
+    if (this.now() < this.storageDownUntil) return false;
+    let free: number;
+    try {
+      free = await this.blobs.freeBytes();
+    } catch (err) {
+      this.storageFailed(err as Error);
+      return false;
+    }
+    // Keep storage.minFree so SQLite's WAL and other fills in flight still have room. Checked on
+    // every fill (statfs is cheap), so caching resumes as soon as space returns.
+    if (free < (size ?? 0) + this.config.storage.minFree) {
+      this.degraded(Object.assign(new Error(`${free} bytes free on the cache filesystem, below storage.minFree plus the blob`), { code: 'ENOSPC' }));
+      if (this.config.storage.maxSize !== undefined) void this.pass('size').catch(() => undefined);
+      return false;
+    }
+    if (this.down) {
+      this.down = false;
+      this.storageDownUntil = 0;
+      this.metrics.storageWritable.set(1);
+      this.log.info({ free }, 'storage writable again: caching resumed');
+    }
+    return true;
+  }
+
+  /** A write failed with ENOSPC, EROFS and the like: stop caching for a while; pulls go on uncached. */
+  storageFailed(err: Error): void {
+    this.storageDownUntil = this.now() + RETRY_STORAGE_MS;
+    this.degraded(err);
+  }
+
+  private degraded(err: Error): void {
+    this.metrics.storageErrors.inc({ code: (err as NodeJS.ErrnoException).code ?? 'unknown' });
+    if (this.down) return;
+    this.down = true;
+    this.metrics.storageWritable.set(0);
+    this.log.warn({ err: err.message, code: (err as NodeJS.ErrnoException).code }, 'storage full or unwritable: serving blobs without caching them');
+  }
+
+  /** Starts a size pass when usage is above the high watermark (one at a time). */
+  private overHigh(): boolean {
+    const max = this.config.storage.maxSize;
+    return max !== undefined && this.used > (max * this.config.storage.highWatermark) / 100;
+  }
+
+  private schedule(): void {
+    if (!this.overHigh()) return;
+    if (this.running) {
+      // Something changed during the pass (a blob added, one unpinned): look again after it.
+      this.rerun = true;
+      return;
+    }
+    void this.pass('size').catch((err: Error) => this.log.warn({ err: err.message }, 'eviction pass failed'));
+  }
+
+  /**
+   * One pass: expire by age, then evict least recently used blobs down to the low watermark when
+   * above the high one ('gc' evicts whenever above the low one, and prunes dangling index rows).
+   * Passes never overlap.
+   */
+  pass(reason: EvictionReason): Promise<PassResult> {
+    // An explicit gc must not be answered by a size pass that stops at the high watermark.
+    if (this.running && reason === 'gc') return this.running.catch(() => undefined).then(() => this.pass('gc'));
+    this.running ??= this.runPass(reason).finally(() => {
+      this.running = undefined;
+      if (this.rerun) {
+        this.rerun = false;
+        this.scheduleSoon();
+      }
+    });
+    return this.running;
+  }
+
+  private async runPass(reason: EvictionReason): Promise<PassResult> {
+    this.flush();
+    const result: PassResult = { blobs: 0, bytes: 0, manifests: 0, tags: 0, used: 0, danglingRows: 0 };
+    this.used = this.db.usage().bytes;
+    const now = this.now();
+    const cutoffs: Record<string, number> = {};
+    for (const u of this.config.upstreams) if (u.maxAge !== undefined) cutoffs[u.name] = now - u.maxAge;
+    if (Object.keys(cutoffs).length > 0) {
+      await this.evict(this.db.expiredBlobs(cutoffs, Number.MIN_SAFE_INTEGER), reason === 'gc' ? 'gc' : 'age', result);
+    }
+    const max = this.config.storage.maxSize;
+    if (max !== undefined) {
+      const high = (max * this.config.storage.highWatermark) / 100;
+      const low = (max * this.config.storage.lowWatermark) / 100;
+      if (this.used > high || (reason === 'gc' && this.used > low)) {
+        await this.evict(this.lruUntil(this.used - low), reason === 'gc' ? 'gc' : 'size', result);
+      }
+    }
+    if (reason === 'gc') result.danglingRows = this.db.pruneDangling();
+    result.used = this.used;
+    if (result.blobs > 0) this.log.info({ reason, ...result }, 'evicted blobs');
+    return result;
+  }
+
+  /** Least recently used, unpinned blobs adding up to at least `bytes`. */
+  private lruUntil(bytes: number): BlobRow[] {
+    const out: BlobRow[] = [];
+    let total = 0;
+    for (let limit = 1024; total < bytes; limit *= 4) {
+      out.length = 0;
+      total = 0;
+      const rows = this.db.oldestBlobs(limit);
+      for (const row of rows) {
+        if (this.pins.has(row.digest)) continue;
+        out.push(row);
+        total += row.size;
+        if (total >= bytes) break;
+      }
+      if (rows.length < limit) break;
+    }
+    return out;
+  }
+
+  private async evict(rows: BlobRow[], reason: EvictionReason, result: PassResult): Promise<void> {
+    for (const row of rows) {
+      if (this.pins.has(row.digest)) continue;
+      // Rows first, in one transaction with the manifests that point to the blob; then the file.
+      // A crash in between leaves a verified file without a row, which is adopted or swept later.
+      const dropped = this.db.dropBlob(row.digest);
+      this.used -= row.size;
+      try {
+        await this.blobs.remove(row.digest);
+      } catch (err) {
+        // The index no longer names it; `ocicache verify` adopts or deletes the file later.
+        this.log.warn({ digest: row.digest, err: (err as Error).message }, 'could not delete an evicted blob file');
+      }
+      result.blobs++;
+      result.bytes += row.size;
+      result.manifests += dropped.manifests.length;
+      result.tags += dropped.tags;
+      this.metrics.evictions.inc({ reason });
+      this.metrics.evictedBytes.inc({ reason }, row.size);
+    }
+    this.report();
+  }
+
+  private report(): void {
+    this.metrics.diskUsed.set(this.used);
+    this.metrics.diskLimit.set(this.config.storage.maxSize ?? 0);
+  }
+
+  /** Flushes access times and stops the timers; waits for a running pass. */
+  async close(): Promise<void> {
+    for (const t of this.timers) clearInterval(t);
+    this.timers = [];
+    clearTimeout(this.soonTimer);
+    await this.running?.catch(() => undefined);
+    this.flush();
+  }
+}

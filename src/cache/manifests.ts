@@ -1,0 +1,250 @@
+/**
+ * Manifest, tag and referrer decisions: what to serve from the index, when to ask the upstream
+ * (HEAD to revalidate a tag past its TTL, GET for new content), and what to do when it fails
+ * (serve stale). Routes and prefetch call this; this calls the upstream client and the db.
+ */
+import { LRUCache } from 'lru-cache';
+import type { Target } from '../core/api-path.js';
+import type { CacheResult } from '../core/cache-result.js';
+import type { Clock } from '../core/clock.js';
+import { isDigest, splitDigest, digestOf } from '../core/digest.js';
+import { OciError, isUpstreamUnavailable } from '../core/errors.js';
+import type { Logger } from '../core/logger.js';
+import { accepts, childrenOf, mediaTypeOf } from '../core/media-types.js';
+import { SingleFlight } from '../core/single-flight.js';
+import type { Db, ManifestRecord, TagRecord } from '../storage/db.js';
+import type { UpstreamClient } from '../upstream/client.js';
+
+export interface ManifestResult {
+  digest: string;
+  mediaType: string;
+  size: number;
+  /** undefined for HEAD answers that never fetched the body */
+  body: Buffer | undefined;
+  cache: CacheResult;
+}
+
+export interface TagList {
+  tags: string[];
+  hasNext: boolean;
+  cache: CacheResult;
+}
+
+type TagResult = { manifest: ManifestRecord; cache: CacheResult };
+
+function manifestResult(manifest: ManifestRecord, cache: CacheResult, wantBody: boolean): ManifestResult {
+  return { digest: manifest.digest, mediaType: manifest.mediaType, size: manifest.body.length, body: wantBody ? manifest.body : undefined, cache };
+}
+
+export class Manifests {
+  private readonly tagFlights = new SingleFlight<TagResult>();
+  private readonly lastWarned = new Map<string, number>();
+  /** Recently used tag rows. SQLite stays the truth; a tag whose manifest was evicted misses in loadManifest and revalidates. */
+  private readonly tagMemory = new LRUCache<string, TagRecord>({ max: 100_000 });
+
+  constructor(
+    private readonly db: Db,
+    private readonly upstream: UpstreamClient,
+    private readonly log: Logger,
+    private readonly now: Clock,
+  ) {}
+
+  /** During an outage every request would warn: one line per upstream and message every 30 s (the metrics count them all). */
+  private warnOnce(upstream: string, obj: object, msg: string): void {
+    const key = `${upstream}\n${msg}`;
+    const now = this.now();
+    if ((this.lastWarned.get(key) ?? 0) > now - 30_000) return;
+    this.lastWarned.set(key, now);
+    this.log.warn(obj, msg);
+  }
+
+  /**
+   * A manifest by tag or digest, negotiated against the client's Accept. A hit that needs no
+   * upstream (a fresh tag, or a digest this repository is known to hold) is answered without a
+   * promise: it is the warm path of every pull (http/warm-path.ts).
+   */
+  get(target: Target, reference: string, accept: string | undefined, wantBody: boolean): ManifestResult | Promise<ManifestResult> {
+    const hit = this.hit(target, reference);
+    if (!hit) return this.fetchOrRevalidate(target, reference, isDigest(reference), accept, wantBody);
+    return this.negotiate({ manifest: hit, cache: 'hit' }, target, reference, accept, wantBody);
+  }
+
+  /** get's answer when it is a hit in a type the client accepts; undefined when it would need the upstream. */
+  cached(target: Target, reference: string, accept: string | undefined, wantBody: boolean): ManifestResult | undefined {
+    const hit = this.hit(target, reference);
+    return hit && accepts(accept, hit.mediaType) ? manifestResult(hit, 'hit', wantBody) : undefined;
+  }
+
+  /** Everything but a hit: the upstream is asked (HEAD for a known digest or a stale tag, GET for new content). */
+  private async fetchOrRevalidate(target: Target, reference: string, byDigest: boolean, accept: string | undefined, wantBody: boolean): Promise<ManifestResult> {
+    const found = byDigest ? await this.manifestByDigest(target, reference) : await this.manifestByTag(target, reference);
+    return this.negotiate(found, target, reference, accept, wantBody);
+  }
+
+  /** Never hands a client a type it did not ask for: the upstream then negotiates with its Accept. */
+  private negotiate({ manifest, cache }: TagResult, target: Target, reference: string, accept: string | undefined, wantBody: boolean): ManifestResult | Promise<ManifestResult> {
+    if (!accepts(accept, manifest.mediaType)) return this.passthrough(target, reference, accept, wantBody);
+    return manifestResult(manifest, cache, wantBody);
+  }
+
+  /** A manifest served without asking the upstream: a fresh tag, or a digest this repository is known to hold. */
+  private hit(target: Target, reference: string): ManifestRecord | undefined {
+    return isDigest(reference) ? this.digestHit(target, reference) : this.freshTag(target, reference);
+  }
+
+  /** The manifest of a digest cached and known to be in this repository on this upstream. */
+  private digestHit(target: Target, digest: string): ManifestRecord | undefined {
+    const cached = this.loadManifest(digest);
+    return cached && this.db.isSeenIn(target.upstream.name, target.name, digest) ? cached : undefined;
+  }
+
+  /** The manifest of a tag checked within the upstream's tagTtl. */
+  private freshTag(target: Target, tag: string): ManifestRecord | undefined {
+    const row = this.getTag(target, tag);
+    const manifest = row && this.loadManifest(row.digest);
+    return manifest && this.now() - row.checkedAt < target.upstream.tagTtl ? manifest : undefined;
+  }
+
+  private loadManifest(digest: string): ManifestRecord | undefined {
+    return this.db.getManifest(digest);
+  }
+
+  private async manifestByDigest(target: Target, digest: string): Promise<TagResult> {
+    const { upstream, name } = target;
+    const cached = this.loadManifest(digest);
+    if (cached) {
+      // Cached for another repository or upstream: the digest proves the bytes, not that this
+      // repository holds them. Ask before serving (HEAD is free on Docker Hub).
+      await this.upstream.headManifest(target, digest);
+      this.db.markSeenIn(upstream.name, name, digest);
+      return { manifest: cached, cache: 'revalidated' };
+    }
+    return { manifest: await this.fetchManifest(target, digest, digest), cache: 'miss' };
+  }
+
+  /** GETs a manifest, verifies its bytes against `expected` (or the upstream's digest header), and stores it. */
+  private async fetchManifest(target: Target, reference: string, expected: string | undefined, tag?: string, accept?: string): Promise<ManifestRecord> {
+    const res = await this.upstream.getManifest(target, reference, accept);
+    const claimed = expected ?? (res.digest && isDigest(res.digest) ? res.digest : undefined);
+    const digest = digestOf(res.body, claimed === undefined ? 'sha256' : splitDigest(claimed).algorithm);
+    if (claimed !== undefined && digest !== claimed) {
+      throw new OciError('UNKNOWN', `upstream ${target.upstream.name} sent manifest bytes hashing to ${digest} for ${claimed}`, { status: 502 });
+    }
+    const manifest = { digest, mediaType: mediaTypeOf(res.body, res.contentType), body: res.body };
+    const now = this.now();
+    this.db.putManifest(manifest, childrenOf(res.body), target.upstream.name, target.name, tag, now);
+    if (tag !== undefined) this.tagMemory.set(tagKey(target, tag), { digest, checkedAt: now });
+    return manifest;
+  }
+
+  /** A tag's row, from memory when recently used: a warm tag lookup never touches SQLite. */
+  private getTag(target: Target, tag: string): TagRecord | undefined {
+    const key = tagKey(target, tag);
+    let row = this.tagMemory.get(key);
+    if (!row) {
+      row = this.db.getTag(target.upstream.name, target.name, tag);
+      if (row) this.tagMemory.set(key, row);
+    }
+    return row;
+  }
+
+  private putTag(target: Target, tag: string, digest: string): void {
+    const now = this.now();
+    this.db.putTag(target.upstream.name, target.name, tag, digest, now);
+    this.tagMemory.set(tagKey(target, tag), { digest, checkedAt: now });
+  }
+
+  private async manifestByTag(target: Target, tag: string): Promise<TagResult> {
+    const { upstream } = target;
+    const row = this.getTag(target, tag);
+    const manifest = row && this.loadManifest(row.digest);
+    // Offline by choice: the cached tag is the answer, with no warning per request.
+    if (manifest && this.upstream.gate(upstream.name).offline) return { manifest, cache: 'stale' };
+    return this.tagFlights.do(tagKey(target, tag), () => this.revalidateTag(target, tag));
+  }
+
+  /** HEAD the tag upstream; GET only when the digest is new. Serve stale when the upstream is down. */
+  private async revalidateTag(target: Target, tag: string): Promise<TagResult> {
+    const { upstream, name } = target;
+    const row = this.getTag(target, tag);
+    try {
+      const head = await this.upstream.headManifest(target, tag);
+      const digest = head.digest && isDigest(head.digest) ? head.digest : undefined;
+      const known = digest && this.loadManifest(digest);
+      if (digest && known) {
+        this.putTag(target, tag, digest);
+        return { manifest: known, cache: row?.digest === digest ? 'revalidated' : 'miss' };
+      }
+      // By digest when the HEAD named one (Docker Hub counts either GET as a pull; this one is verifiable).
+      return { manifest: await this.fetchManifest(target, digest ?? tag, digest, tag), cache: 'miss' };
+    } catch (err) {
+      const stale = row && isUpstreamUnavailable(err) ? this.loadManifest(row.digest) : undefined;
+      if (stale) {
+        this.warnOnce(upstream.name, { upstream: upstream.name, name, reference: tag, digest: stale.digest, err: (err as Error).message }, 'upstream unavailable, serving stale tag');
+        return { manifest: stale, cache: 'stale' };
+      }
+      if (row && err instanceof OciError && err.status === 404) {
+        this.db.deleteTag(upstream.name, name, tag);
+        this.tagMemory.delete(tagKey(target, tag));
+      }
+      throw err;
+    }
+  }
+
+  private async passthrough(target: Target, reference: string, accept: string | undefined, wantBody: boolean): Promise<ManifestResult> {
+    if (!wantBody) {
+      const head = await this.upstream.headManifest(target, reference, accept);
+      if (head.digest && isDigest(head.digest) && head.size !== undefined && head.contentType) {
+        return { digest: head.digest, mediaType: mediaTypeOf(Buffer.alloc(0), head.contentType), size: head.size, body: undefined, cache: 'passthrough' };
+      }
+    }
+    const m = await this.fetchManifest(target, reference, isDigest(reference) ? reference : undefined, undefined, accept);
+    return manifestResult(m, 'passthrough', wantBody);
+  }
+
+  /** The upstream's tag list; from the tags this cache knows when the upstream is unreachable. */
+  async listTags(target: Target, n: number | undefined, last: string | undefined): Promise<TagList> {
+    const query = new URLSearchParams();
+    if (n !== undefined) query.set('n', String(n));
+    if (last !== undefined) query.set('last', last);
+    try {
+      const res = await this.upstream.listTags(target, query);
+      let tags: unknown;
+      try {
+        tags = (JSON.parse(res.body.toString('utf8')) as { tags?: unknown }).tags ?? [];
+      } catch {
+        throw new OciError('UNKNOWN', `upstream ${target.upstream.name} sent an invalid tag list`, { status: 502 });
+      }
+      if (!Array.isArray(tags) || !tags.every((t) => typeof t === 'string')) {
+        throw new OciError('UNKNOWN', `upstream ${target.upstream.name} sent an invalid tag list`, { status: 502 });
+      }
+      if (res.hasNext) return { tags: [...(tags as string[])].sort(), hasNext: true, cache: 'passthrough' };
+      // A last or only page; or an upstream that ignores n and last (distribution 2.8 does, and does not sort).
+      return { ...paginate(tags as string[], n, last), cache: 'passthrough' };
+    } catch (err) {
+      if (!isUpstreamUnavailable(err)) throw err;
+      const known = this.db.listTags(target.upstream.name, target.name);
+      if (known.length === 0) throw err;
+      this.warnOnce(target.upstream.name, { upstream: target.upstream.name, name: target.name, err: (err as Error).message }, 'upstream unavailable, listing cached tags');
+      return { ...paginate(known, n, last), cache: 'stale' };
+    }
+  }
+
+  async getReferrers(target: Target, digest: string, artifactType: string | undefined): Promise<{ body: Buffer; contentType: string; filtersApplied: string | undefined }> {
+    const query = new URLSearchParams();
+    if (artifactType !== undefined) query.set('artifactType', artifactType);
+    const res = await this.upstream.getReferrers(target, digest, query);
+    return { body: res.body, contentType: res.contentType ?? 'application/vnd.oci.image.index.v1+json', filtersApplied: res.filtersApplied };
+  }
+}
+
+function tagKey(target: Target, tag: string): string {
+  return `${target.upstream.name}\n${target.name}\n${tag}`;
+}
+
+/** One page of a tag list: lexically sorted, after `last`, at most `n` (spec: "Listing Tags"). */
+function paginate(all: string[], n: number | undefined, last: string | undefined): { tags: string[]; hasNext: boolean } {
+  const after = [...all].sort().filter((t) => last === undefined || t > last);
+  const tags = n === undefined ? after : after.slice(0, n);
+  return { tags, hasNext: tags.length < after.length };
+}

@@ -1,0 +1,72 @@
+/**
+ * Opens a cache directory and builds the services over it: the one place that wires the blob
+ * store, the index, the upstream client, the lifecycle and the manifest and blob decisions. Used
+ * by the server (http/app.ts) and by the one-shot commands (gc, verify, prefetch), so they share
+ * one code path.
+ */
+import { join } from 'node:path';
+import { UpstreamIndex } from '../core/api-path.js';
+import { systemClock, type Clock } from '../core/clock.js';
+import type { Config } from '../core/config.js';
+import type { Logger } from '../core/logger.js';
+import { BlobStore } from '../storage/blob-store.js';
+import { Db } from '../storage/db.js';
+import { Metrics } from '../telemetry/metrics.js';
+import { UpstreamClient } from '../upstream/client.js';
+import { Blobs } from './blobs.js';
+import { Lifecycle } from './lifecycle.js';
+import { Manifests } from './manifests.js';
+
+export interface Services {
+  config: Config;
+  metrics: Metrics;
+  store: BlobStore;
+  db: Db;
+  upstream: UpstreamClient;
+  upstreams: UpstreamIndex;
+  lifecycle: Lifecycle;
+  manifests: Manifests;
+  blobs: Blobs;
+  /** Finishes fills (up to `graceMs`), flushes access times, closes connections and the index. */
+  close(graceMs: number): Promise<void>;
+}
+
+export interface OpenOptions {
+  /**
+   * Delete tmp/ leftovers (fills a crash interrupted). Only the server does this at start-up: a
+   * one-shot command must not delete the temp files of a server running on the same directory.
+   */
+  sweep: boolean;
+  /** The time; tests pass their own to move it forward (default: the system's). */
+  clock?: Clock;
+}
+
+export async function openCache(config: Config, log: Logger, options: OpenOptions): Promise<Services> {
+  const clock = options.clock ?? systemClock;
+  const metrics = new Metrics();
+  const store = new BlobStore(config.storage.root);
+  const removed = await store.init(options.sweep);
+  if (removed > 0) log.info({ removed }, 'removed temp files left by an earlier run');
+  const db = new Db(join(config.storage.root, 'index.db'), { manifestMemory: config.cache.manifestMemory });
+  const upstream = new UpstreamClient(config, metrics, clock);
+  const lifecycle = new Lifecycle(config, db, store, metrics, log, clock);
+  const blobs = new Blobs(config, store, upstream, lifecycle, metrics, log);
+  const manifests = new Manifests(db, upstream, log, clock);
+  return {
+    config,
+    metrics,
+    store,
+    db,
+    upstream,
+    upstreams: new UpstreamIndex(config),
+    lifecycle,
+    manifests,
+    blobs,
+    close: async (graceMs) => {
+      await blobs.close(graceMs);
+      await lifecycle.close();
+      await upstream.close();
+      db.close();
+    },
+  };
+}

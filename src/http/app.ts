@@ -1,0 +1,132 @@
+/**
+ * Wiring: opens the cache, builds the Fastify instance and plugs in the routes, the warm manifest
+ * path, the accounting, the one error handler, the operational endpoints, the admin API and the
+ * status page. The only file that knows every module; each decision lives in the module it names.
+ */
+import { createServer } from 'node:http';
+import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance } from 'fastify';
+import { pino, type Logger } from 'pino';
+import { openCache, type Services } from '../cache/services.js';
+import type { Clock } from '../core/clock.js';
+import type { Config } from '../core/config.js';
+import { OciError } from '../core/errors.js';
+import { LogStream, type RequestLine } from '../telemetry/log-stream.js';
+import { version } from '../version.js';
+import { Accounting, sentBytes } from './accounting.js';
+import { registerAdmin } from './admin.js';
+import { onError } from './error-handler.js';
+import { registerProbes } from './probes.js';
+import { registerRoutes } from './routes.js';
+import { registerStatus, Stats } from './status.js';
+import { warmManifests } from './warm-path.js';
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    /** Stops taking requests (readyz fails, new requests get 503) and waits for running ones, up to `ms`. */
+    drain(ms: number): Promise<void>;
+    readonly services: Services;
+  }
+}
+
+export interface AppOptions {
+  /** pino options or false; defaults to JSON logs at config.log.level on our batched stdout writer */
+  logger?: boolean | Record<string, unknown>;
+  /** The time, for tests that move it forward (default: the system's). */
+  clock?: Clock;
+}
+
+/** pino from AppOptions.logger: our batched stdout writer by default, or what a test passes. */
+function makeLogger(config: Config, option: AppOptions['logger']): { log: Logger; logStream: LogStream | undefined } {
+  const redact = ['req.headers.authorization'];
+  if (option === undefined) {
+    const logStream = new LogStream();
+    return { log: pino({ level: config.log.level, redact }, logStream), logStream };
+  }
+  if (option === false) return { log: pino({ level: 'silent' }), logStream: undefined };
+  const { stream, ...rest } = (option === true ? {} : option) as { stream?: { write(line: string): void } };
+  return { log: stream ? pino({ redact, ...rest }, stream) : pino({ redact, ...rest }), logStream: undefined };
+}
+
+export async function buildApp(config: Config, options: AppOptions = {}): Promise<FastifyInstance> {
+  const { log, logStream } = makeLogger(config, options.logger);
+  const services = await openCache(config, log, { sweep: true, clock: options.clock });
+  const stats = new Stats();
+  const logRequest = (line: RequestLine): void => {
+    if (!logStream) log.info(line, 'request');
+    else if (log.isLevelEnabled('info')) logStream.request(line);
+  };
+  const accounting = new Accounting(services.metrics, stats, logRequest, (obj, msg) => log.warn(obj, msg));
+  let closing = false;
+  const warm = warmManifests({ ...services, accounting, open: () => !closing, error: (obj, msg) => log.error(obj, msg) });
+
+  const app = Fastify({
+    serverFactory: (handler) => {
+      const server = createServer((req, res) => {
+        if (!warm(req, res)) handler(req, res);
+      });
+      // Blob downloads may legitimately take long; idle connections are still reaped by keepAliveTimeout.
+      // (Fastify applies its own timeout options only to servers it creates.)
+      server.requestTimeout = 0;
+      server.setTimeout(0);
+      server.keepAliveTimeout = 75_000;
+      return server;
+    },
+    genReqId: accounting.nextReqId,
+    loggerInstance: log as FastifyBaseLogger,
+    // One log line per request, written by the accounting with the cache fields; no child logger
+    // per request either: those lines carry reqId themselves.
+    logController: new LogController({ disableRequestLogging: true }),
+    childLoggerFactory: (logger) => logger,
+    exposeHeadRoutes: false,
+    return503OnClosing: true,
+    trustProxy: config.server.trustProxy,
+    bodyLimit: 1024 * 1024,
+    // Idle keep-alive sockets must not hold shutdown for keepAliveTimeout; in-flight requests are
+    // drained first by drain() (see cli.ts), so by close() only idle or stuck sockets remain.
+    forceCloseConnections: true,
+    routerOptions: { ignoreTrailingSlash: true },
+    // A path Fastify cannot decode (bad percent-encoding, e.g. /v2/%zz/manifests/x) is answered
+    // before routing, past every hook: here it gets the spec's envelope and is counted and logged.
+    frameworkErrors: (err, req, reply) => {
+      const start = performance.now();
+      accounting.track(reply.raw, () => accounting.finished({ reqId: req.id, method: req.method, url: req.url, status: reply.statusCode, ctx: null, ms: performance.now() - start, bytes: sentBytes(req, reply) }));
+      onError(err, req, reply);
+    },
+  });
+  services.lifecycle.start();
+  app.decorate('services', services);
+
+  // We never read request bodies (every write is refused), so don't parse them either.
+  app.removeAllContentTypeParsers();
+  app.addContentTypeParser('*', (_req, _payload, done) => done(null, undefined));
+  app.setErrorHandler(onError);
+
+  // Callback-style hooks: no promise per request on the hot path.
+  app.addHook('onRequest', (req, reply, done) => {
+    // Probes still get their own answers: /healthz ok, /readyz "not ready: shutting down".
+    if (closing && req.routeOptions.url !== '/healthz' && req.routeOptions.url !== '/readyz') return done(new OciError('UNAVAILABLE', 'shutting down'));
+    accounting.trackReply(req, reply);
+    done();
+  });
+  app.addHook('onResponse', (req, reply, done) => {
+    accounting.finishedReply(req, reply);
+    done();
+  });
+
+  registerRoutes(app, services);
+  registerAdmin(app, services);
+  registerStatus(app, services, stats, version());
+  registerProbes(app, services, () => closing);
+
+  app.decorate('drain', async (ms: number): Promise<void> => {
+    closing = true;
+    await accounting.drain(ms);
+  });
+  app.addHook('preClose', async () => {
+    closing = true;
+  });
+  app.addHook('onClose', async () => {
+    await services.close(config.server.shutdownTimeout);
+  });
+  return app;
+}

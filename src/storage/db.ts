@@ -1,0 +1,329 @@
+/**
+ * The SQLite index (better-sqlite3, WAL). Invariants:
+ * - `manifests` holds exact upstream bytes keyed by their verified digest; rows are immutable.
+ * - `manifest_repos` records under which (upstream, name) a manifest digest was seen upstream, so a
+ *   cached digest is never served for a repository the upstream did not confirm.
+ * - `tags` maps (upstream, name, tag) to a digest present in `manifests`; every key starts with the
+ *   upstream, so one upstream's tags are never served for another (dependency confusion).
+ * - `refs` lists what each manifest points to (config, layers, children), for eviction.
+ * - `blobs` mirrors the files in the blob store: a row is written only after the file is in place,
+ *   and removed before the file is deleted. `last_access` drives eviction (least recent first).
+ * - `blob_access` records when each upstream last used a blob, for per-upstream expiry (maxAge).
+ * - Dropping a blob drops, in the same transaction, every manifest that points to it (directly or
+ *   through an index) and the tags of those: no cached manifest ever points to an evicted blob.
+ * Schema changes bump `user_version` and add a step to MIGRATIONS.
+ *
+ * Recently read manifests are also kept in memory, in front of SQLite: the warm path of every pull
+ * reads them. What drops a manifest row drops it there too, in the same call, so memory never
+ * serves a manifest the index no longer has.
+ */
+import Database from 'better-sqlite3';
+import { LRUCache } from 'lru-cache';
+import { isMediaType, mediaTypeOf } from '../core/media-types.js';
+
+export interface ManifestRecord {
+  digest: string;
+  mediaType: string;
+  body: Buffer;
+}
+
+export interface TagRecord {
+  digest: string;
+  checkedAt: number;
+}
+
+const MIGRATIONS = [
+  `CREATE TABLE manifests (
+     digest TEXT PRIMARY KEY, media_type TEXT NOT NULL, body BLOB NOT NULL,
+     size INTEGER NOT NULL, created_at INTEGER NOT NULL);
+   CREATE TABLE manifest_repos (
+     upstream TEXT NOT NULL, name TEXT NOT NULL, digest TEXT NOT NULL,
+     PRIMARY KEY (upstream, name, digest)) WITHOUT ROWID;
+   CREATE INDEX manifest_repos_digest ON manifest_repos (digest);
+   CREATE TABLE tags (
+     upstream TEXT NOT NULL, name TEXT NOT NULL, tag TEXT NOT NULL,
+     digest TEXT NOT NULL, checked_at INTEGER NOT NULL,
+     PRIMARY KEY (upstream, name, tag)) WITHOUT ROWID;
+   CREATE INDEX tags_digest ON tags (digest);
+   CREATE TABLE refs (parent TEXT NOT NULL, child TEXT NOT NULL, PRIMARY KEY (parent, child)) WITHOUT ROWID;
+   CREATE INDEX refs_child ON refs (child);
+   CREATE TABLE blobs (digest TEXT PRIMARY KEY, size INTEGER NOT NULL, created_at INTEGER NOT NULL, last_access INTEGER NOT NULL);`,
+  `CREATE INDEX blobs_last_access ON blobs (last_access);
+   CREATE TABLE blob_access (
+     digest TEXT NOT NULL, upstream TEXT NOT NULL, last_access INTEGER NOT NULL,
+     PRIMARY KEY (digest, upstream)) WITHOUT ROWID;`,
+];
+
+export interface BlobAccess {
+  digest: string;
+  size: number;
+  upstream: string;
+  at: number;
+}
+
+export interface BlobRow {
+  digest: string;
+  size: number;
+}
+
+export interface Dropped {
+  /** manifests removed because they pointed to the blob, directly or through an index */
+  manifests: string[];
+  tags: number;
+}
+
+export interface DbOptions {
+  /** Bytes of manifests kept in memory in front of SQLite; 0: none (one-shot commands). */
+  manifestMemory?: number;
+}
+
+export class Db {
+  private readonly db: Database.Database;
+  private readonly stmt;
+  private readonly memory: LRUCache<string, ManifestRecord> | undefined;
+
+  constructor(file: string, options: DbOptions = {}) {
+    const bytes = options.manifestMemory ?? 0;
+    this.memory = bytes > 0 ? new LRUCache({ maxSize: bytes, sizeCalculation: (m) => m.body.length + 200 }) : undefined;
+    this.db = new Database(file);
+    this.db.pragma('journal_mode = WAL');
+    // NORMAL in WAL mode survives a process crash (kill -9); only power loss may drop the last commits.
+    this.db.pragma('synchronous = NORMAL');
+    this.db.pragma('busy_timeout = 5000');
+    this.migrate();
+    const db = this.db;
+    this.stmt = {
+      getManifest: db.prepare<[string], { digest: string; media_type: string; body: Buffer }>(
+        'SELECT digest, media_type, body FROM manifests WHERE digest = ?',
+      ),
+      putManifest: db.prepare('INSERT OR IGNORE INTO manifests (digest, media_type, body, size, created_at) VALUES (?, ?, ?, ?, ?)'),
+      putRef: db.prepare('INSERT OR IGNORE INTO refs (parent, child) VALUES (?, ?)'),
+      seenIn: db.prepare<[string, string, string], { one: number }>(
+        'SELECT 1 AS one FROM manifest_repos WHERE upstream = ? AND name = ? AND digest = ?',
+      ),
+      putSeen: db.prepare('INSERT OR IGNORE INTO manifest_repos (upstream, name, digest) VALUES (?, ?, ?)'),
+      getTag: db.prepare<[string, string, string], { digest: string; checked_at: number }>(
+        'SELECT digest, checked_at FROM tags WHERE upstream = ? AND name = ? AND tag = ?',
+      ),
+      putTag: db.prepare(
+        `INSERT INTO tags (upstream, name, tag, digest, checked_at) VALUES (?, ?, ?, ?, ?)
+         ON CONFLICT (upstream, name, tag) DO UPDATE SET digest = excluded.digest, checked_at = excluded.checked_at`,
+      ),
+      deleteTag: db.prepare('DELETE FROM tags WHERE upstream = ? AND name = ? AND tag = ?'),
+      listTags: db.prepare<[string, string], { tag: string }>('SELECT tag FROM tags WHERE upstream = ? AND name = ? ORDER BY tag'),
+      // Rows are inserted only for a file just renamed into place (or verified by verify).
+      putBlob: db.prepare(
+        `INSERT INTO blobs (digest, size, created_at, last_access) VALUES (?, ?, ?, ?)
+         ON CONFLICT (digest) DO UPDATE SET last_access = max(last_access, excluded.last_access)`,
+      ),
+      // Access times only ever update: a use recorded just as the blob was evicted must not
+      // bring back a row for a deleted file.
+      touchBlob: db.prepare('UPDATE blobs SET last_access = max(last_access, ?) WHERE digest = ?'),
+      touchAccess: db.prepare(
+        `INSERT INTO blob_access (digest, upstream, last_access) SELECT ?, ?, ? WHERE EXISTS (SELECT 1 FROM blobs WHERE digest = ?)
+         ON CONFLICT (digest, upstream) DO UPDATE SET last_access = max(last_access, excluded.last_access)`,
+      ),
+      blobSize: db.prepare<[string], { size: number }>('SELECT size FROM blobs WHERE digest = ?'),
+      usedBytes: db.prepare<[], { total: number | null; count: number }>('SELECT sum(size) AS total, count(*) AS count FROM blobs'),
+      oldestBlobs: db.prepare<[number], BlobRow>('SELECT digest, size FROM blobs ORDER BY last_access LIMIT ?'),
+      allBlobs: db.prepare<[], BlobRow>('SELECT digest, size FROM blobs'),
+      // A blob expires when no upstream that used it still wants it: each access row is older than
+      // that upstream's cut-off (no cut-off: kept). Blobs without access rows use the fallback.
+      expiredBlobs: db.prepare<[string, number], BlobRow>(
+        `WITH policy(upstream, cutoff) AS (SELECT key, value FROM json_each(?))
+         SELECT b.digest, b.size FROM blobs b
+         WHERE NOT EXISTS (
+                 SELECT 1 FROM blob_access a LEFT JOIN policy p ON p.upstream = a.upstream
+                 WHERE a.digest = b.digest AND (p.cutoff IS NULL OR a.last_access >= p.cutoff))
+           AND (EXISTS (SELECT 1 FROM blob_access a WHERE a.digest = b.digest) OR b.last_access < ?)
+         ORDER BY b.last_access`,
+      ),
+      dependents: db.prepare<[string], { digest: string }>(
+        `WITH RECURSIVE doomed(digest) AS (
+           SELECT parent FROM refs WHERE child = ?
+           UNION SELECT r.parent FROM refs r JOIN doomed d ON r.child = d.digest)
+         SELECT digest FROM doomed`,
+      ),
+      deleteBlob: db.prepare('DELETE FROM blobs WHERE digest = ?'),
+      deleteAccess: db.prepare('DELETE FROM blob_access WHERE digest = ?'),
+      deleteManifest: db.prepare('DELETE FROM manifests WHERE digest = ?'),
+      deleteManifestRepos: db.prepare('DELETE FROM manifest_repos WHERE digest = ?'),
+      deleteRefs: db.prepare('DELETE FROM refs WHERE parent = ?'),
+      deleteTagsOf: db.prepare('DELETE FROM tags WHERE digest = ?'),
+      allManifests: db.prepare<[], { digest: string; body: Buffer }>('SELECT digest, body FROM manifests'),
+    };
+  }
+
+  private migrate(): void {
+    const version = this.db.pragma('user_version', { simple: true }) as number;
+    for (let v = version; v < MIGRATIONS.length; v++) {
+      this.db.transaction(() => {
+        this.db.exec(MIGRATIONS[v]!);
+        this.db.pragma(`user_version = ${v + 1}`);
+      })();
+    }
+  }
+
+  /** A manifest by digest, from memory when recently read. */
+  getManifest(digest: string): ManifestRecord | undefined {
+    let m = this.memory?.get(digest);
+    if (m) return m;
+    const row = this.stmt.getManifest.get(digest);
+    if (!row) return undefined;
+    // A row stored before media types were checked must never put a malformed one in a header.
+    m = { digest: row.digest, mediaType: isMediaType(row.media_type) ? row.media_type : mediaTypeOf(row.body, undefined), body: row.body };
+    this.memory?.set(digest, m);
+    return m;
+  }
+
+  /** Stores a verified manifest, its refs, that (upstream, name) holds it, and optionally a tag, atomically. */
+  putManifest(m: ManifestRecord, children: string[], upstream: string, name: string, tag: string | undefined, now: number): void {
+    this.db.transaction(() => {
+      this.stmt.putManifest.run(m.digest, m.mediaType, m.body, m.body.length, now);
+      for (const c of children) this.stmt.putRef.run(m.digest, c);
+      this.stmt.putSeen.run(upstream, name, m.digest);
+      if (tag !== undefined) this.stmt.putTag.run(upstream, name, tag, m.digest, now);
+    })();
+  }
+
+  isSeenIn(upstream: string, name: string, digest: string): boolean {
+    return this.stmt.seenIn.get(upstream, name, digest) !== undefined;
+  }
+
+  markSeenIn(upstream: string, name: string, digest: string): void {
+    this.stmt.putSeen.run(upstream, name, digest);
+  }
+
+  getTag(upstream: string, name: string, tag: string): TagRecord | undefined {
+    const row = this.stmt.getTag.get(upstream, name, tag);
+    return row && { digest: row.digest, checkedAt: row.checked_at };
+  }
+
+  /** Points a tag at a digest already in `manifests` and marks it checked now. */
+  putTag(upstream: string, name: string, tag: string, digest: string, now: number): void {
+    this.db.transaction(() => {
+      this.stmt.putTag.run(upstream, name, tag, digest, now);
+      this.stmt.putSeen.run(upstream, name, digest);
+    })();
+  }
+
+  deleteTag(upstream: string, name: string, tag: string): void {
+    this.stmt.deleteTag.run(upstream, name, tag);
+  }
+
+  listTags(upstream: string, name: string): string[] {
+    return this.stmt.listTags.all(upstream, name).map((r) => r.tag);
+  }
+
+  /** Records blob uses, many in one transaction: the hot path never writes SQLite itself. Unknown digests are ignored. */
+  touchBlobs(entries: Iterable<BlobAccess>): void {
+    this.db.transaction(() => {
+      for (const e of entries) {
+        this.stmt.touchBlob.run(e.at, e.digest);
+        this.stmt.touchAccess.run(e.digest, e.upstream, e.at, e.digest);
+      }
+    })();
+  }
+
+  /** Indexes a blob file that was just renamed into place, and who fetched it. */
+  putBlob(digest: string, size: number, upstream: string, at: number): void {
+    this.db.transaction(() => {
+      this.stmt.putBlob.run(digest, size, at, at);
+      this.stmt.touchAccess.run(digest, upstream, at, digest);
+    })();
+  }
+
+  /** Indexes a verified file found without a row (ocicache verify). */
+  adoptBlob(digest: string, size: number, at: number): void {
+    this.stmt.putBlob.run(digest, size, at, at);
+  }
+
+  hasBlob(digest: string): boolean {
+    return this.stmt.blobSize.get(digest) !== undefined;
+  }
+
+  usage(): { bytes: number; count: number } {
+    const row = this.stmt.usedBytes.get()!;
+    return { bytes: row.total ?? 0, count: row.count };
+  }
+
+  /** The least recently used blobs first. */
+  oldestBlobs(limit: number): BlobRow[] {
+    return this.stmt.oldestBlobs.all(limit);
+  }
+
+  allBlobs(): BlobRow[] {
+    return this.stmt.allBlobs.all();
+  }
+
+  /** Blobs past their upstreams' maxAge; `cutoffs` maps upstream name to the oldest access time it keeps. */
+  expiredBlobs(cutoffs: Record<string, number>, fallbackCutoff: number): BlobRow[] {
+    return this.stmt.expiredBlobs.all(JSON.stringify(cutoffs), fallbackCutoff);
+  }
+
+  /** Removes a blob's row and every manifest (and its tags) that depends on it, atomically, from SQLite and memory. */
+  dropBlob(digest: string): Dropped {
+    const dropped = this.db.transaction((): Dropped => {
+      this.stmt.deleteBlob.run(digest);
+      this.stmt.deleteAccess.run(digest);
+      return this.dropDependents(digest);
+    })();
+    this.forget(dropped.manifests);
+    return dropped;
+  }
+
+  /** Removes a manifest and everything that points to it (indexes, their tags), from SQLite and memory. */
+  dropManifest(digest: string): Dropped {
+    const dropped = this.db.transaction((): Dropped => {
+      const d = this.dropDependents(digest);
+      let tags = d.tags;
+      this.stmt.deleteManifestRepos.run(digest);
+      this.stmt.deleteRefs.run(digest);
+      tags += this.stmt.deleteTagsOf.run(digest).changes;
+      this.stmt.deleteManifest.run(digest);
+      return { manifests: [digest, ...d.manifests], tags };
+    })();
+    this.forget(dropped.manifests);
+    return dropped;
+  }
+
+  private forget(manifests: string[]): void {
+    if (this.memory) for (const d of manifests) this.memory.delete(d);
+  }
+
+  private dropDependents(digest: string): Dropped {
+    const manifests = this.stmt.dependents.all(digest).map((r) => r.digest);
+    let tags = 0;
+    for (const m of manifests) {
+      tags += this.stmt.deleteTagsOf.run(m).changes;
+      this.stmt.deleteManifestRepos.run(m);
+      this.stmt.deleteRefs.run(m);
+      this.stmt.deleteManifest.run(m);
+    }
+    return { manifests, tags };
+  }
+
+  /** Every manifest, for verification; iterates so a big index is never loaded whole. */
+  *manifests(): Generator<{ digest: string; body: Buffer }> {
+    yield* this.stmt.allManifests.iterate();
+  }
+
+  /** Removes rows that point at nothing (tags without a manifest, repos and refs of missing manifests). */
+  pruneDangling(): number {
+    return this.db.transaction(() => {
+      let n = this.db.prepare('DELETE FROM tags WHERE digest NOT IN (SELECT digest FROM manifests)').run().changes;
+      n += this.db.prepare('DELETE FROM manifest_repos WHERE digest NOT IN (SELECT digest FROM manifests)').run().changes;
+      n += this.db.prepare('DELETE FROM refs WHERE parent NOT IN (SELECT digest FROM manifests)').run().changes;
+      n += this.db.prepare('DELETE FROM blob_access WHERE digest NOT IN (SELECT digest FROM blobs)').run().changes;
+      return n;
+    })();
+  }
+
+  ping(): boolean {
+    return this.db.prepare('SELECT 1 AS one').get() !== undefined;
+  }
+
+  close(): void {
+    if (this.db.open) this.db.close();
+  }
+}

@@ -1,0 +1,356 @@
+/**
+ * One blob being written from upstream, and the readers that tail it.
+ *
+ * A fill writes the upstream body into a temp file while hashing it; readers tail that growing
+ * file, so one upstream GET serves every concurrent client, and a client that leaves never stops
+ * the fill: the download is shared, so one client's disconnect must not cancel it for the others
+ * or for the cache. Only after the digest and size check is the file fsync'd and renamed into
+ * place: nothing partial or wrong is ever under blobs/. Until then the blob's last byte is held
+ * back from every reader, so no client receives a complete-looking body with the wrong content.
+ */
+import { EventEmitter } from 'node:events';
+import { mkdir, open, rename, rm, type FileHandle } from 'node:fs/promises';
+import { dirname } from 'node:path';
+import { Readable, Writable } from 'node:stream';
+import { DigestVerifier } from '../core/digest.js';
+
+const READ_CHUNK = 256 * 1024;
+/** How far disk writes may lag behind the network per fill before the upstream is paused (memory bound). */
+const WRITE_WINDOW = 4 * 1024 * 1024;
+/**
+ * Bytes already on disk a fill keeps in memory for readers a little behind the network, so such
+ * a reader takes them from memory instead of reading the temp file back (a copy, a buffer and a
+ * thread-pool round trip per chunk).
+ */
+const RETAIN_WINDOW = 16 * 1024 * 1024;
+
+/** filling → verified (digest and size checked: the last byte may go out) → committed (renamed into place), or failed. */
+type FillState = 'filling' | 'verified' | 'committed' | 'failed';
+
+/**
+ * One blob being written from upstream. Emits 'progress' whenever `written` grows or the state
+ * changes. Owned by the blob decisions (cache/blobs.ts); clients only ever hold a reader.
+ */
+export class Fill extends EventEmitter {
+  /** Bytes on disk in the temp file. */
+  written = 0;
+  /** Received chunks from offset `memStart` on: the tail not yet written, and up to RETAIN_WINDOW before it. */
+  private chunks: Buffer[] = [];
+  /** Offset of each chunk in `chunks`, for lookups by position. */
+  private offsets: number[] = [];
+  private memStart = 0;
+  /** Index in `chunks` of the first chunk not yet handed to the writer loop. */
+  private unwritten = 0;
+  private pendingBytes = 0;
+  /** Readers' positions, so retained chunks go only once every reader has passed them. */
+  private readonly readers = new Set<TailReader>();
+  private writing: Promise<void> | undefined;
+  private writeError: Error | undefined;
+  private windowWaiters: Array<(err?: Error | null) => void> = [];
+  state: FillState = 'filling';
+  error: Error | undefined;
+  private readonly verifier: DigestVerifier;
+
+  constructor(
+    readonly digest: string,
+    /** from the upstream's Content-Length; undefined when it sent none */
+    readonly size: number | undefined,
+    readonly tmpPath: string,
+    readonly finalPath: string,
+    private handle: FileHandle | undefined,
+    private readonly removal: () => Promise<void> | undefined = () => undefined,
+  ) {
+    super();
+    this.setMaxListeners(0);
+    this.verifier = new DigestVerifier(digest, size);
+  }
+
+  /** Bytes received and hashed, in order: on disk, or still in `chunks` past `written`. */
+  get received(): number {
+    return this.verifier.received;
+  }
+
+  /**
+   * The sink to pipe the upstream body into. Each chunk is hashed and handed to readers from
+   * memory at once; a writer loop puts it on disk behind them. Readers are never held up by the
+   * disk unless it falls more than WRITE_WINDOW behind the network (then the upstream is paused).
+   */
+  sink(): Writable {
+    return new Writable({
+      highWaterMark: 1024 * 1024,
+      write: (chunk: Buffer, _enc, cb) => {
+        if (this.writeError) return cb(this.writeError);
+        if (this.state !== 'filling') return cb(new Error('fill is closed'));
+        const at = this.received;
+        try {
+          this.verifier.update(chunk);
+        } catch (err) {
+          return cb(err as Error);
+        }
+        this.chunks.push(chunk);
+        this.offsets.push(at);
+        this.pendingBytes += chunk.length;
+        this.emit('progress');
+        this.pumpWrites();
+        if (this.pendingBytes < WRITE_WINDOW) return cb();
+        this.windowWaiters.push(cb);
+      },
+      final: (cb) => {
+        this.flushed().then(() => cb(), cb);
+      },
+    });
+  }
+
+  /** Writes pending chunks in order, one positional writev at a time. */
+  private pumpWrites(): void {
+    if (this.writing || this.unwritten >= this.chunks.length) return;
+    this.writing = (async () => {
+      try {
+        while (this.unwritten < this.chunks.length) {
+          if (!this.handle) throw new Error('fill is closed');
+          const batch = this.chunks.slice(this.unwritten, this.unwritten + 64);
+          let total = 0;
+          for (const b of batch) total += b.length;
+          const { bytesWritten } = await this.handle.writev(batch, this.written);
+          // A short write to a regular file means the filesystem is full.
+          if (bytesWritten !== total) throw Object.assign(new Error(`short write to ${this.tmpPath}: ${bytesWritten} of ${total} bytes`), { code: 'ENOSPC' });
+          if (this.state === 'failed') return;
+          this.unwritten += batch.length;
+          this.pendingBytes -= total;
+          this.written += total;
+          this.trim();
+          if (this.pendingBytes < WRITE_WINDOW) this.releaseWindow();
+        }
+      } catch (err) {
+        this.writeError = err as Error;
+        this.releaseWindow();
+      } finally {
+        this.writing = undefined;
+      }
+    })();
+  }
+
+  private releaseWindow(): void {
+    const waiters = this.windowWaiters;
+    this.windowWaiters = [];
+    for (const cb of waiters) cb(this.writeError);
+  }
+
+  /** Resolves when everything received is on disk. */
+  private async flushed(): Promise<void> {
+    for (;;) {
+      this.pumpWrites();
+      if (!this.writing) break;
+      await this.writing;
+    }
+    if (this.writeError) throw this.writeError;
+  }
+
+  /** Up to `max` received bytes at `pos` that are still in memory, or undefined (not received yet, or only on disk). */
+  fromMemory(pos: number, max: number): Buffer | undefined {
+    if (pos < this.memStart || pos >= this.received) return undefined;
+    // The last chunk starting at or before pos.
+    let lo = 0;
+    let hi = this.offsets.length - 1;
+    while (lo < hi) {
+      const mid = (lo + hi + 1) >> 1;
+      if (this.offsets[mid]! <= pos) lo = mid;
+      else hi = mid - 1;
+    }
+    const b = this.chunks[lo]!;
+    const from = pos - this.offsets[lo]!;
+    return b.subarray(from, from + Math.min(max, b.length - from));
+  }
+
+  /** Drops retained chunks that are on disk and either every reader has passed or exceed RETAIN_WINDOW. */
+  trim(): void {
+    let slowest = Infinity;
+    for (const r of this.readers) slowest = Math.min(slowest, r.position);
+    let drop = 0;
+    let retained = this.written - this.memStart;
+    while (drop < this.unwritten) {
+      const end = this.offsets[drop]! + this.chunks[drop]!.length;
+      if (end > slowest && retained <= RETAIN_WINDOW) break;
+      retained -= this.chunks[drop]!.length;
+      drop++;
+    }
+    if (drop === 0) return;
+    this.chunks.splice(0, drop);
+    this.offsets.splice(0, drop);
+    this.unwritten -= drop;
+    this.memStart = this.offsets[0] ?? this.written;
+  }
+
+  /** Readers register so trim() knows how far behind the slowest is. */
+  track(reader: TailReader): void {
+    this.readers.add(reader);
+  }
+
+  untrack(reader: TailReader): void {
+    if (this.readers.delete(reader)) this.trim();
+  }
+
+  /** Verifies digest and size, makes the bytes durable, and renames the file into place. */
+  async commit(): Promise<number> {
+    await this.flushed();
+    this.verifier.verify();
+    this.state = 'verified';
+    this.emit('progress');
+    await this.handle!.datasync();
+    await this.handle!.close();
+    this.handle = undefined;
+    await mkdir(dirname(this.finalPath), { recursive: true });
+    await this.removal()?.catch(() => undefined);
+    await rename(this.tmpPath, this.finalPath);
+    this.state = 'committed';
+    this.emit('progress');
+    return this.written;
+  }
+
+  /** Removes the temp file and fails every reader: a client must never see a complete-looking wrong body. */
+  async fail(err: Error): Promise<void> {
+    if (this.state === 'committed' || this.state === 'failed') return;
+    this.state = 'failed';
+    this.error = err;
+    this.emit('progress');
+    this.chunks = [];
+    this.offsets = [];
+    this.unwritten = 0;
+    this.memStart = this.received;
+    this.pendingBytes = 0;
+    this.writeError ??= err;
+    this.releaseWindow();
+    const handle = this.handle;
+    this.handle = undefined;
+    await this.writing?.catch(() => undefined);
+    await handle?.close().catch(() => undefined);
+    await rm(this.tmpPath, { force: true });
+  }
+
+  /**
+   * Bytes readers may send now. While filling, the blob's last byte is held back until the digest
+   * is checked, so a client never receives a complete-looking body with the wrong content.
+   */
+  get deliverable(): number {
+    if (this.state !== 'filling' || this.size === undefined) return this.received;
+    return Math.min(this.received, this.size - 1);
+  }
+
+  /** Resolves once the blob is committed; rejects with the fill's error if it fails. */
+  settled(): Promise<void> {
+    return new Promise((resolve, reject) => {
+      const check = (): void => {
+        if (this.state === 'committed') resolve();
+        else if (this.state === 'failed') reject(this.error ?? new Error('fill failed'));
+        else return void this.once('progress', check);
+      };
+      check();
+    });
+  }
+
+  /** A stream of bytes [start, end] (end inclusive, default: to the end) that tails the fill. */
+  reader(start = 0, end?: number): TailReader {
+    return new TailReader(this, start, end);
+  }
+}
+
+/** Reads a fill's temp file up to what has been written, waiting for more; errors if the fill fails. */
+export class TailReader extends Readable {
+  bytesRead = 0;
+  private handle: FileHandle | undefined;
+  private pos: number;
+  private waiting = false;
+  private readonly onProgress = (): void => {
+    this.waiting = false;
+    this.pump();
+  };
+
+  constructor(
+    private readonly fill: Fill,
+    start: number,
+    private readonly end: number | undefined,
+  ) {
+    super({ highWaterMark: READ_CHUNK });
+    this.pos = start;
+    fill.track(this);
+  }
+
+  /** The next byte this reader will send. */
+  get position(): number {
+    return this.pos;
+  }
+
+  override _construct(cb: (err?: Error | null) => void): void {
+    const tryOpen = (path: string): Promise<FileHandle> => open(path, 'r');
+    tryOpen(this.fill.tmpPath)
+      .catch((err: NodeJS.ErrnoException) => {
+        // Renamed into place between our creation and this open: read the final file.
+        if (err.code === 'ENOENT' && this.fill.state === 'committed') return tryOpen(this.fill.finalPath);
+        throw this.fill.error ?? err;
+      })
+      .then((h) => {
+        this.handle = h;
+        cb();
+      }, cb);
+  }
+
+  override _read(): void {
+    this.pump();
+  }
+
+  private pump(): void {
+    if (this.destroyed || this.waiting || !this.handle) return;
+    const fill = this.fill;
+    if (fill.state === 'failed') {
+      this.destroy(fill.error ?? new Error('fill failed'));
+      return;
+    }
+    const limit = this.end !== undefined ? this.end + 1 : fill.state === 'filling' ? Infinity : fill.received;
+    if (this.pos >= limit) {
+      this.push(null);
+      return;
+    }
+    const available = Math.min(fill.deliverable, limit) - this.pos;
+    if (available > 0) {
+      // Still in the fill's memory (not on disk yet, or retained for readers like this one): no copy, no syscall.
+      const mem = fill.fromMemory(this.pos, Math.min(available, READ_CHUNK));
+      if (mem) {
+        this.pos += mem.length;
+        this.bytesRead += mem.length;
+        this.push(mem);
+        return;
+      }
+    }
+    if (available > 0 && this.pos < fill.written) {
+      const n = Math.min(available, READ_CHUNK, fill.written - this.pos);
+      const buf = Buffer.allocUnsafe(n);
+      const at = this.pos;
+      this.pos += n;
+      this.handle.read(buf, 0, n, at).then(
+        ({ bytesRead }) => {
+          if (bytesRead !== n) return this.destroy(new Error(`short read of ${fill.tmpPath}`));
+          this.bytesRead += n;
+          this.push(buf);
+        },
+        (err: Error) => this.destroy(err),
+      );
+      return;
+    }
+    if (fill.state !== 'filling' && available <= 0) {
+      // Fewer bytes than the range asked for: the blob is shorter than announced.
+      this.destroy(new Error('blob ended before the requested range'));
+    } else {
+      this.waiting = true;
+      fill.once('progress', this.onProgress);
+    }
+  }
+
+  override _destroy(err: Error | null, cb: (err?: Error | null) => void): void {
+    this.fill.off('progress', this.onProgress);
+    this.fill.untrack(this);
+    const h = this.handle;
+    this.handle = undefined;
+    if (h) h.close().then(() => cb(err), () => cb(err));
+    else cb(err);
+  }
+}

@@ -1,0 +1,173 @@
+/**
+ * Lifecycle (src/cache/lifecycle.ts) on a real Db and BlobStore in a temp dir, with a test clock:
+ * pins keep blobs from eviction until released, a change during a pass runs the pass again,
+ * access times and maxAge decide expiry, and a storage error turns caching off for a while.
+ */
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import test, { type TestContext } from 'node:test';
+import { Lifecycle, type PassResult } from '../src/cache/lifecycle.js';
+import { buildConfig } from '../src/core/config.js';
+import { BlobStore } from '../src/storage/blob-store.js';
+import { Db } from '../src/storage/db.js';
+import { Metrics } from '../src/telemetry/metrics.js';
+import { metric, testClock, type TestClock } from './helpers/proxy.js';
+import { sha256 } from './helpers/seed.js';
+import { tempDir, until } from './helpers/tools.js';
+
+interface World {
+  lifecycle: Lifecycle;
+  db: Db;
+  store: BlobStore;
+  clock: TestClock;
+  metrics: Metrics;
+  warnings: string[];
+  /** A blob file of `size` bytes written into place and reported added through `upstream`, one second after the last. */
+  add(size: number, upstream?: string): string;
+  /** Digests with an index row. */
+  indexed(): string[];
+}
+
+async function world(t: TestContext, storage: Record<string, unknown>, upstreams: Array<Record<string, unknown>> = [{ name: 'docker.io' }]): Promise<World> {
+  const root = tempDir(t, 'lifecycle');
+  const config = buildConfig({ storage: { root, ...storage }, upstreams: upstreams.map((u) => ({ url: 'http://127.0.0.1:9', ...u })) }, {});
+  const store = new BlobStore(root);
+  await store.init();
+  const db = new Db(join(root, 'index.db'));
+  const clock = testClock();
+  const metrics = new Metrics();
+  const warnings: string[] = [];
+  const log = { info: () => undefined, warn: (_obj: object, msg: string) => void warnings.push(msg) };
+  const lifecycle = new Lifecycle(config, db, store, metrics, log, clock);
+  t.after(async () => {
+    await lifecycle.close();
+    db.close();
+  });
+  const add = (size: number, upstream = 'docker.io'): string => {
+    const data = randomBytes(size);
+    const digest = sha256(data);
+    mkdirSync(dirname(store.path(digest)), { recursive: true });
+    writeFileSync(store.path(digest), data);
+    clock.advance(1000);
+    lifecycle.added(digest, size, upstream);
+    return digest;
+  };
+  const indexed = (): string[] => db.allBlobs().map((r) => r.digest).sort();
+  return { lifecycle, db, store, clock, metrics, warnings, add, indexed };
+}
+
+function result(r: Partial<PassResult>): PassResult {
+  return { blobs: 0, bytes: 0, manifests: 0, tags: 0, used: 0, danglingRows: 0, ...r };
+}
+
+test('a pinned blob is skipped by eviction and evicted once released', async (t) => {
+  // maxSize 1000: eviction starts above 900 bytes and stops at 500.
+  const w = await world(t, { maxSize: 1000, highWatermark: 90, lowWatermark: 50 });
+  // The oldest blob is being read (pinned), so the pass takes the newer ones instead.
+  const old = w.add(600);
+  const releaseOld = w.lifecycle.pin(old);
+  const again = w.lifecycle.pin(old); // a second reader of the same blob
+  const b = w.add(200);
+  const c = w.add(200); // 1000 bytes: over the high watermark, a pass starts
+  assert.deepEqual(await w.lifecycle.pass('size'), result({ blobs: 2, bytes: 400, used: 600 }));
+  assert.deepEqual(w.indexed(), [old]);
+  assert.ok(existsSync(w.store.path(old)), 'the pinned blob is kept');
+  for (const d of [b, c]) assert.equal(existsSync(w.store.path(d)), false, 'the unpinned blobs went instead');
+
+  // gc evicts down to the low watermark (600 > 500), but not while any pin is held.
+  assert.deepEqual(await w.lifecycle.pass('gc'), result({ used: 600 }));
+  releaseOld();
+  releaseOld(); // idempotent: the other reader's pin still holds
+  assert.deepEqual(await w.lifecycle.pass('gc'), result({ used: 600 }));
+  assert.ok(existsSync(w.store.path(old)));
+  again();
+  assert.deepEqual(await w.lifecycle.pass('gc'), result({ blobs: 1, bytes: 600, used: 0 }));
+  assert.deepEqual(w.indexed(), []);
+  assert.equal(existsSync(w.store.path(old)), false);
+  assert.equal(w.lifecycle.usedBytes, 0);
+  const text = await w.metrics.registry.metrics();
+  assert.equal(metric(text, 'ocicache_evictions_total', { reason: 'size' }), 2);
+  assert.equal(metric(text, 'ocicache_evictions_total', { reason: 'gc' }), 1);
+  assert.equal(metric(text, 'ocicache_disk_used_bytes'), 0);
+});
+
+test('releasing the last pin on a blob that kept usage over the high watermark starts a pass by itself', async (t) => {
+  const w = await world(t, { maxSize: 1000, highWatermark: 90, lowWatermark: 50 });
+  const big = sha256('big');
+  const release = w.lifecycle.pin(big); // pinned by its fill before it is added, as the cache does
+  mkdirSync(dirname(w.store.path(big)), { recursive: true });
+  writeFileSync(w.store.path(big), 'big');
+  w.lifecycle.added(big, 950, 'docker.io'); // the size the index records is what counts
+  assert.deepEqual(await w.lifecycle.pass('size'), result({ used: 950 }), 'nothing to take: the only blob is pinned');
+  release();
+  await until('the pass after the release', () => w.indexed().length === 0);
+  assert.equal(existsSync(w.store.path(big)), false);
+  assert.equal(w.lifecycle.usedBytes, 0);
+});
+
+test('a blob added during a pass runs the pass again after it', async (t) => {
+  const w = await world(t, { maxSize: 1000, highWatermark: 90, lowWatermark: 50 });
+  const [a, b, c] = [w.add(300), w.add(300), w.add(300)]; // 900: not above the high mark
+  assert.deepEqual(await w.lifecycle.pass('size'), result({ used: 900 }));
+  const d = w.add(200); // 1100: a pass starts and is now waiting on its first unlink
+  const first = w.lifecycle.pass('size'); // the running pass, not a new one
+  const e = w.add(500); // during the pass
+  // The pass frees what it set out to free (600 bytes: a and b) and stops at 1000 - still above 900.
+  assert.deepEqual(await first, result({ blobs: 2, bytes: 600, used: 1000 }));
+  // The rerun takes the next least recently used, c and d, down to 500.
+  await until('the rerun', () => w.lifecycle.usedBytes === 500);
+  assert.deepEqual(w.indexed(), [e]);
+  for (const x of [a, b, c, d]) assert.equal(existsSync(w.store.path(x)), false);
+  assert.equal(metric(await w.metrics.registry.metrics(), 'ocicache_evictions_total', { reason: 'size' }), 4);
+});
+
+test('least recently used goes first: a use moves a blob to the back of the line', async (t) => {
+  const w = await world(t, { maxSize: 1000, highWatermark: 90, lowWatermark: 50 });
+  const [a, b, c] = [w.add(300), w.add(300), w.add(300)];
+  w.clock.advance(1000);
+  w.lifecycle.touch(a, 300, 'docker.io'); // in memory until the pass flushes it
+  const d = w.add(200);
+  assert.deepEqual(await w.lifecycle.pass('size'), result({ blobs: 2, bytes: 600, used: 500 }));
+  assert.deepEqual(w.indexed(), [a, d].sort());
+  for (const x of [b, c]) assert.equal(existsSync(w.store.path(x)), false);
+});
+
+test('expiry by age: each upstream keeps a blob for its own maxAge since it last used it', async (t) => {
+  const w = await world(t, {}, [{ name: 'docker.io', maxAge: '1h' }, { name: 'ghcr.io', maxAge: '2h' }, { name: 'quay.io' }]);
+  const hub = w.add(10, 'docker.io');
+  const ghcr = w.add(10, 'ghcr.io');
+  const quay = w.add(10, 'quay.io');
+  const both = w.add(10, 'docker.io');
+  w.lifecycle.touch(both, 10, 'ghcr.io');
+  const cases = [
+    { advance: 3_600_000 - 5000, gone: [] },
+    // docker.io's hour has passed for hub and for both, but ghcr.io still wants both.
+    { advance: 11_000, gone: [hub] },
+    { advance: 3_600_000, gone: [hub, ghcr, both] },
+    { advance: 365 * 86_400_000, gone: [hub, ghcr, both] }, // quay.io has no maxAge
+  ];
+  for (const c of cases) {
+    w.clock.advance(c.advance);
+    await w.lifecycle.pass('age');
+    assert.deepEqual(w.indexed(), [hub, ghcr, quay, both].filter((d) => !c.gone.includes(d)).sort(), `after ${c.advance} ms more`);
+    for (const d of c.gone) assert.equal(existsSync(w.store.path(d)), false);
+  }
+  assert.equal(metric(await w.metrics.registry.metrics(), 'ocicache_evictions_total', { reason: 'age' }), 3);
+});
+
+test('after a storage error caching stays off for 30 s by the clock, then resumes', async (t) => {
+  const w = await world(t, { minFree: '1KiB' });
+  assert.equal(await w.lifecycle.canCache(100), true);
+  w.lifecycle.storageFailed(Object.assign(new Error('no space left on device'), { code: 'ENOSPC' }));
+  assert.equal(await w.lifecycle.canCache(100), false);
+  w.clock.advance(29_999);
+  assert.equal(await w.lifecycle.canCache(100), false);
+  w.clock.advance(1);
+  assert.equal(await w.lifecycle.canCache(100), true);
+  assert.deepEqual(w.warnings, ['storage full or unwritable: serving blobs without caching them']);
+  const text = await w.metrics.registry.metrics();
+  assert.equal(metric(text, 'ocicache_storage_errors_total', { code: 'ENOSPC' }), 1);
+  assert.equal(metric(text, 'ocicache_storage_writable'), 1);
+});
