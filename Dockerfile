@@ -7,8 +7,9 @@ ARG BASE=docker.io/library/node:24-bookworm-slim
 
 # ---- build: compile better-sqlite3 and the TypeScript, then drop the dev dependencies ----
 FROM ${BASE} AS build
-# Where node-gyp finds Node's headers when it cannot download them (e.g. /usr); unset by default.
-ARG npm_config_nodedir
+# Without network access to nodejs.org, node-gyp needs Node's headers on the base image: set
+# ENV npm_config_nodedir there (the tests' base sets /usr). No ARG for it here: an ARG given a
+# value on the command line makes buildah's layer cache miss every later step.
 RUN if ! command -v make >/dev/null || ! command -v g++ >/dev/null || ! command -v python3 >/dev/null; then \
       apt-get update && apt-get install -y --no-install-recommends python3 make g++ && rm -rf /var/lib/apt/lists/*; \
     fi
