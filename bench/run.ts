@@ -9,7 +9,8 @@
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { connect } from 'node:net';
 import { cpus, tmpdir, totalmem } from 'node:os';
 import { dirname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -29,8 +30,10 @@ const NODE_FLAGS = nodeFlags();
 const quick = process.argv.includes('--quick');
 const MiB = 1024 * 1024;
 const P = quick
-  ? { layerMiB: 32, duration: '3s', round: '1500ms', rounds: 2, blobsPerStream: 8, reps: 2, tags: 100_000, wanMiBps: 32 }
-  : { layerMiB: 256, duration: '10s', round: '4s', rounds: 5, blobsPerStream: 2, reps: 3, tags: 1_000_000, wanMiBps: 32 };
+  ? { layerMiB: 32, duration: '3s', round: '1500ms', rounds: 2, blobsPerStream: 8, reps: 2, tags: 100_000, wanMiBps: 32, stuckMiB: 8 }
+  : { layerMiB: 256, duration: '10s', round: '4s', rounds: 5, blobsPerStream: 2, reps: 3, tags: 1_000_000, wanMiBps: 32, stuckMiB: 16 };
+/** Figure 7: clients that read nothing, each on a blob of its own (P.stuckMiB each). */
+const STUCK_CLIENTS = 64;
 
 const cleanups: Array<() => unknown> = [];
 /** What the test helpers need of a test: their clean-ups run at the end, and a skip (a missing program) fails the run. */
@@ -435,6 +438,10 @@ async function main(): Promise<void> {
   const lookup = await loadgen(['-urlfile', urlFile, '-c', '1', '-d', P.duration, '-H', accept]);
   await kill(scaled.child);
 
+  // 7: memory with clients that read nothing: each asks for a cold blob of its own, takes the
+  // response head and stops reading. Every fill still completes; ocicache's peak RSS meanwhile.
+  const stuckRss = await stuckClients();
+
   const results = {
     quick,
     machine: { cpus: cpus().length, cpu: cpus()[0]?.model, memGiB: Math.round(totalmem() / 1024 ** 3), node: process.version, date: new Date().toISOString() },
@@ -478,6 +485,7 @@ async function main(): Promise<void> {
     },
     rssMiB: { herd: Math.round(rssHerd), warmBlobs: Math.round(rssWarm), warmBlobsThenManifests: Math.round(rssThrough2) },
     index: { tags: P.tags, lookupP99us: lookup.p99us, lookupP50us: lookup.p50us, startMs: scaled.startMs },
+    stuck: { clients: STUCK_CLIENTS, blobMiB: P.stuckMiB, peakRssMiB: Math.round(stuckRss) },
   };
   const outDir = join(ROOT, 'bench', 'results');
   mkdirSync(outDir, { recursive: true });
@@ -485,6 +493,35 @@ async function main(): Promise<void> {
   process.stdout.write(table(results));
   if (herdGets !== 1) fail(`figure 4: 32 concurrent cold requests made ${herdGets} upstream GETs, expected exactly 1`);
   if (wanHerdGets !== 1) fail(`figure 4 (upstream at ${P.wanMiBps} MiB/s): 32 concurrent cold requests made ${wanHerdGets} upstream GETs, expected exactly 1`);
+}
+
+/** Figure 7: STUCK_CLIENTS raw connections, each on its own cold blob served by nginx, that read only the response head. */
+async function stuckClients(): Promise<number> {
+  const files: Record<string, { data: Buffer; type: string; digest: string }> = {};
+  for (let i = 0; i < STUCK_CLIENTS; i++) {
+    const data = randomBytes(P.stuckMiB * MiB);
+    files[`/v2/library/stuck/blobs/${sha256(data)}`] = { data, type: 'application/octet-stream', digest: sha256(data) };
+  }
+  const origin = await startNginx(files);
+  const oc = await startOcicache(origin);
+  await settle();
+  resetPeak(oc.child.pid!);
+  const port = Number(new URL(oc.url).port);
+  const sockets = Object.keys(files).map((path) => {
+    const socket = connect(port, '127.0.0.1', () => socket.write(`GET ${path} HTTP/1.1\r\nHost: bench\r\n\r\n`));
+    socket.once('data', () => socket.pause());
+    socket.on('error', () => undefined);
+    return socket;
+  });
+  const cached = (): number => readdirSync(join(oc.root, 'blobs'), { recursive: true, withFileTypes: true }).filter((e) => e.isFile()).length;
+  for (const end = Date.now() + 300_000; cached() < STUCK_CLIENTS; await sleep(200)) {
+    if (Date.now() > end) fail(`figure 7: ${cached()} of ${STUCK_CLIENTS} blobs cached after 300 s`);
+  }
+  const peak = peakRss(oc.child.pid!);
+  for (const s of sockets) s.destroy();
+  await kill(oc.child);
+  log(`figure 7: ${STUCK_CLIENTS} clients that read nothing: peak RSS ${peak.toFixed(0)} MiB`);
+  return peak;
 }
 
 function table(r: any): string {
@@ -511,6 +548,7 @@ function table(r: any): string {
     [`4: 32 concurrent cold, upstream at ${r.wan.mibps} MiB/s`, `${r.wan.herd.upstreamGets} upstream GET, ${r.wan.herd.seconds} s`, `${f3(r.wan.herd.vsOneCold)}× one cold request`, 'exactly 1 GET; ≤ 1.2×', mark(r.wan.herd.upstreamGets === 1 && r.wan.herd.vsOneCold <= 1.2)],
     ['5: peak RSS', `${r.rssMiB.herd} MiB during 4, ${r.rssMiB.warmBlobs} MiB during 1 (${r.rssMiB.warmBlobsThenManifests} MiB through 1 and 2)`, '', '≤ 150 MiB', mark(Math.max(r.rssMiB.herd, r.rssMiB.warmBlobs) <= 150)],
     ['6: index at scale', `${r.index.tags} tags: lookup p99 ${(r.index.lookupP99us / 1000).toFixed(2)} ms (p50 ${(r.index.lookupP50us / 1000).toFixed(2)} ms), start-up ${r.index.startMs} ms`, '', 'p99 < 1 ms; start-up < 2 s', mark(r.index.lookupP99us < 1000 && r.index.startMs < 2000)],
+    ['7: clients that read nothing', `${r.stuck.clients} clients on ${r.stuck.clients} cold ${r.stuck.blobMiB} MiB blobs: peak RSS ${r.stuck.peakRssMiB} MiB`, '', '≤ 200 MiB', mark(r.stuck.peakRssMiB <= 200)],
   ];
   const head = `\n${r.quick ? 'Quick run' : 'Full run'}: ${r.params.layerMiB} MiB layer; ${r.machine.cpus} × ${r.machine.cpu}, ${r.machine.memGiB} GiB, Node ${r.machine.node}, ${r.machine.date}\n\n`;
   return `${head}Measured: each server's median. Ratio: the median of the ratios within each round (figures 1-3).\n\n| figure | measured | ratio | target | |\n|---|---|---|---|---|\n${rows.map((row) => `| ${row.join(' | ')} |`).join('\n')}\n`;

@@ -12,6 +12,7 @@ import { ConfigError, loadConfig, type Config } from './core/config.js';
 import { formatBytes } from './core/units.js';
 import { prefetch, type PrefetchEvent } from './cache/prefetch.js';
 import { openCache, type Services } from './cache/services.js';
+import { CacheInUse } from './storage/lock.js';
 import { problems, verify } from './cache/verify.js';
 import { version } from './version.js';
 
@@ -31,8 +32,9 @@ const USAGE = `usage: ocicache <command> [--config FILE] [options]
 
   --config FILE         config file (default: $OCICACHE_CONFIG, else config/default.yaml)
 
-gc, verify and prefetch without --server open the cache directory themselves: run them while the
-server is stopped, or use the server's admin API (POST /admin/gc, /admin/prefetch).
+gc, verify and prefetch without --server open the cache directory themselves, and refuse while a
+server (or another command) has it open: use the server's admin API (POST /admin/gc,
+/admin/prefetch, prefetch --server) instead.
 `;
 
 
@@ -134,7 +136,7 @@ async function serve(configFile: string | undefined): Promise<void> {
     'ocicache ready',
   );
   let stopping = false;
-  // Logs go to stdout asynchronously (app.ts): write out what is buffered before exiting.
+  // Logs go to stdout asynchronously (telemetry/log-stream.ts): write out what is buffered before exiting.
   const exit = (code: number): void => {
     (app.log as unknown as { flush(cb: () => void): void }).flush(() => process.exit(code));
   };
@@ -214,6 +216,10 @@ main(process.argv.slice(2)).catch((err: unknown) => {
   if (err instanceof ConfigError || err instanceof UsageError || (err as { code?: string }).code?.startsWith('ERR_PARSE_ARGS')) {
     process.stderr.write(`${(err as Error).message}\n`);
     process.exit(2);
+  }
+  if (err instanceof CacheInUse) {
+    process.stderr.write(`ocicache: ${err.message}\n`);
+    process.exit(1);
   }
   process.stderr.write(`${(err as Error).stack ?? String(err)}\n`);
   process.exit(1);

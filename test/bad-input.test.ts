@@ -3,6 +3,7 @@
  * it reaches the upstream.
  */
 import assert from 'node:assert/strict';
+import { connect } from 'node:net';
 import test from 'node:test';
 import { getGlobalDispatcher, request } from 'undici';
 import { startFakeUpstream } from './helpers/fake-upstream.js';
@@ -46,6 +47,8 @@ test('bad requests get exact OCI errors and never touch the upstream', async (t)
     { what: 'manifest push', method: 'PUT', path: '/v2/library/alpine/manifests/latest?ns=docker.io', status: 405, code: 'UNSUPPORTED' },
     { what: 'manifest delete', method: 'DELETE', path: `/v2/library/alpine/manifests/sha256:${HEX}?ns=docker.io`, status: 405, code: 'UNSUPPORTED' },
     { what: 'blob patch', method: 'PATCH', path: '/v2/library/alpine/blobs/uploads/x', status: 405, code: 'UNSUPPORTED' },
+    { what: 'TRACE', method: 'TRACE', path: '/v2/', status: 405, code: 'UNSUPPORTED', message: 'TRACE is not supported: this registry is a read-only cache' },
+    { what: 'PROPFIND', method: 'PROPFIND', path: '/v2/library/alpine/manifests/latest?ns=docker.io', status: 405, code: 'UNSUPPORTED', message: 'PROPFIND is not supported: this registry is a read-only cache' },
   ];
   for (const c of cases) {
     // The raw path, as sent: a URL parser would resolve the `..` before it left the client.
@@ -75,6 +78,30 @@ test('bad requests get exact OCI errors and never touch the upstream', async (t)
   assert.equal((await head.body.text()).length, 0);
   assert.deepEqual(logged().at(-1), ['HEAD', '/v2/library/alpine/manifests/-bad?ns=docker.io', 400, 0]);
   assert.equal(fake.requests.length, 0, 'no bad request reached the upstream');
+});
+
+test('requests Node refuses before any route get the envelope and the connection is closed', async (t) => {
+  const proxy = await startProxy(t, { upstreams: [{ name: 'docker.io', url: 'http://127.0.0.1:9' }] });
+  const cases = [
+    { what: 'a method Node does not know', head: 'BREW /v2/ HTTP/1.1\r\nHost: x\r\n', status: '405 Method Not Allowed', allow: true, body: { errors: [{ code: 'UNSUPPORTED', message: 'unknown method: this registry is a read-only cache' }] } },
+    { what: 'headers over 16 KiB', head: `GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Big: ${'a'.repeat(17 * 1024)}\r\n`, status: '431 Request Header Fields Too Large', allow: false, body: { errors: [{ code: 'UNSUPPORTED', message: 'request headers are too large' }] } },
+    { what: 'a header line without a colon', head: 'GET /v2/ HTTP/1.1\r\nHost: x\r\nno colon here\r\n', status: '400 Bad Request', allow: false, body: { errors: [{ code: 'UNSUPPORTED', message: 'malformed HTTP request' }] } },
+  ];
+  for (const c of cases) {
+    await t.test(c.what, async () => {
+      const socket = connect(Number(new URL(proxy.url).port), '127.0.0.1');
+      socket.end(`${c.head}\r\n`);
+      let raw = '';
+      for await (const chunk of socket) raw += (chunk as Buffer).toString();
+      const [head, body] = raw.split('\r\n\r\n') as [string, string];
+      const lines = head.split('\r\n');
+      assert.equal(lines[0], `HTTP/1.1 ${c.status}`);
+      assert.ok(lines.includes('Content-Type: application/json'), head);
+      assert.ok(lines.includes('Docker-Distribution-Api-Version: registry/2.0'), head);
+      assert.equal(lines.includes('Allow: GET, HEAD'), c.allow, head);
+      assert.deepEqual(JSON.parse(body), c.body);
+    });
+  }
 });
 
 test('the request log has every answer but what probes, scrapers and the status page poll, unless it fails', async (t) => {

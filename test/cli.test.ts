@@ -73,7 +73,7 @@ test('a bad config stops start-up with a message that names the key', async (t) 
   writeFileSync(file, 'upstreams:\n  - name: docker.io\n    url: https://registry-1.docker.io\ncache:\n  tagTTL: 5m\n');
   const p = start(['serve', '--config', file], {});
   assert.equal(await p.exit, 2);
-  assert.equal(p.err().trim(), 'config: cache.tagTTL: unknown key (known: tagTtl, manifestMemory)');
+  assert.equal(p.err().trim(), 'config: cache.tagTTL: unknown key (known: tagTtl, manifestMemory, fillMemory, notFoundTtl)');
 });
 
 test("the README's systemd unit passes systemd-analyze verify", async (t) => {

@@ -136,7 +136,7 @@ test('an unreachable upstream answers 503 UNAVAILABLE', async (t) => {
   assert.deepEqual(jsonBody(r), { errors: [{ code: 'UNAVAILABLE', message: 'upstream down.example is unreachable' }] });
 });
 
-test('an oversized manifest is refused with MANIFEST_INVALID', async (t) => {
+test('an oversized manifest is refused with MANIFEST_INVALID, as a 502: the upstream is at fault, not the client', async (t) => {
   const { fake, proxy } = await startProxyWithFake(t);
   const huge = Buffer.alloc(4 * 1048 * 1048 + 1, 0x20);
   const serve: import('./helpers/fake-upstream.js').Handler = (req, res) => {
@@ -146,7 +146,7 @@ test('an oversized manifest is refused with MANIFEST_INVALID', async (t) => {
   fake.route('/v2/big/manifest/manifests/latest', serve);
   fake.route(`/v2/big/manifest/manifests/${sha256(huge)}`, serve);
   const r = await fetchBody(`${proxy.url}/v2/big/manifest/manifests/latest?ns=fake.example`);
-  assert.equal(r.status, 400);
+  assert.equal(r.status, 502);
   assert.equal(ociError(r).code, 'MANIFEST_INVALID');
 });
 

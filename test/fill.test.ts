@@ -260,3 +260,24 @@ test('a wrong, short or long body fails the fill and every reader, and leaves no
     });
   }
 });
+
+test('readers that stop reading do not make fills keep memory: all fills share one budget, and the stuck readers read from disk', async (t) => {
+  const store = new BlobStore(tempDir(t, 'fill'), 1024 * 1024);
+  await store.init();
+  const downloads = [randomBytes(8 * 1024 * 1024), randomBytes(8 * 1024 * 1024)];
+  const fills = await Promise.all(downloads.map((d) => store.createFill(sha256(d), d.length)));
+  for (const fill of fills) t.after(() => fill.fail(new Error('test over')));
+  // Each reader takes what fits its buffer, then its client reads nothing more.
+  const readers = fills.map((fill) => fill.reader());
+  for (const r of readers) t.after(() => void r.destroy());
+  await Promise.all(fills.map((fill, i) => write(fill, split(downloads[i]!, 64 * 1024))));
+  assert.ok(store.retainedBytes <= 1024 * 1024, `${store.retainedBytes} bytes kept for readers that read nothing`);
+  await Promise.all(fills.map((fill) => fill.commit()));
+  const bodies = await Promise.all(readers.map(async (r) => {
+    const chunks: Buffer[] = [];
+    for await (const c of r) chunks.push(c as Buffer);
+    return Buffer.concat(chunks);
+  }));
+  bodies.forEach((body, i) => assert.ok(body.equals(downloads[i]!), `reader ${i} got every byte, in order`));
+  assert.equal(store.retainedBytes, 0, 'nothing is kept once the readers are done');
+});

@@ -1,6 +1,7 @@
 /**
  * The upstream Gate (src/upstream/gate.ts) with a test clock: the circuit breaker, a 429's
- * Retry-After, offline mode, the concurrency queue and the request-rate pacing. No upstream and
+ * Retry-After (for one repository or the whole upstream, capped by maxRetryAfter), offline mode,
+ * the concurrency queue and the request-rate pacing. No upstream and
  * no sleeping: time moves when the test says so (the clock; Node's mock timers for the queue
  * timeout and pacing, which wait with setTimeout).
  */
@@ -27,10 +28,10 @@ async function sample(metrics: Metrics, name: string, labels: Record<string, str
   return metric(await metrics.registry.metrics(), name, { upstream: 'fake.example', ...labels });
 }
 
-/** The error acquire() refuses with, as code, status, message and headers. */
-async function refusal(g: Gate): Promise<{ code: string; status: number; message: string; headers: Record<string, string> }> {
+/** The error acquire() (for `repository`) refuses with, as code, status, message and headers. */
+async function refusal(g: Gate, repository?: string): Promise<{ code: string; status: number; message: string; headers: Record<string, string> }> {
   try {
-    const permit = await g.acquire();
+    const permit = await g.acquire(repository);
     permit.release();
   } catch (err) {
     assert.ok(err instanceof OciError, String(err));
@@ -39,9 +40,9 @@ async function refusal(g: Gate): Promise<{ code: string; status: number; message
   assert.fail('acquire() was not refused');
 }
 
-/** One request through the gate with the given outcome. */
-async function call(g: Gate, outcome: 'ok' | 'failed'): Promise<void> {
-  const permit = await g.acquire();
+/** One request (for `repository`) through the gate with the given outcome. */
+async function call(g: Gate, outcome: 'ok' | 'failed' | 'cancelled', repository?: string): Promise<void> {
+  const permit = await g.acquire(repository);
   permit.done(outcome);
   permit.release();
 }
@@ -125,7 +126,7 @@ test('breaker: breakerFailures 0 never opens', async () => {
   assert.equal(g.state, 'closed');
 });
 
-test("a 429's Retry-After keeps the upstream quiet for that long (seconds or an HTTP date), bounded", async (t) => {
+test("an upstream-wide 429's Retry-After keeps the upstream quiet for that long (seconds or an HTTP date), at most maxRetryAfter", async (t) => {
   const date = (ms: number): string => new Date(START + ms).toUTCString();
   const cases = [
     { what: 'seconds', header: '5', seconds: 5 },
@@ -133,8 +134,8 @@ test("a 429's Retry-After keeps the upstream quiet for that long (seconds or an 
     { what: 'an HTTP date', header: date(7000), seconds: 7 },
     { what: 'no header: the default', header: undefined, seconds: 30 },
     { what: 'unparseable: the default', header: 'soon', seconds: 30 },
-    { what: 'days: capped at an hour', header: '999999', seconds: 3600 },
-    { what: 'a date far ahead: capped at an hour', header: date(86_400_000), seconds: 3600 },
+    { what: 'days: capped at maxRetryAfter (60s by default)', header: '999999', seconds: 60 },
+    { what: 'a date far ahead: capped at maxRetryAfter', header: date(86_400_000), seconds: 60 },
     { what: 'zero', header: '0', seconds: 0 },
     { what: 'a date in the past', header: date(-60_000), seconds: 0 },
   ];
@@ -172,6 +173,99 @@ test('a shorter Retry-After does not cut a longer one short', async () => {
   assert.equal((await refusal(g)).code, 'TOOMANYREQUESTS');
   clock.advance(1);
   await call(g, 'ok');
+});
+
+test("a repository's 429 keeps that repository quiet, not the others and not the upstream", async () => {
+  const { gate: g, clock, metrics } = gate();
+  assert.equal(g.rateLimited('30', 'team/app'), 30, 'the seconds requests for it now wait');
+  assert.equal(g.retryAfterSeconds, 0, 'the upstream is not blocked (the status page says so)');
+  assert.equal(g.retryAfterFor('team/app'), 30);
+  assert.equal(g.retryAfterFor('team/other'), 0);
+  assert.deepEqual(await refusal(g, 'team/app'), {
+    code: 'TOOMANYREQUESTS',
+    status: 429,
+    message: 'upstream fake.example asked to wait 30s for team/app (Retry-After)',
+    headers: { 'retry-after': '30' },
+  });
+  await call(g, 'ok', 'team/other');
+  await call(g, 'ok');
+  clock.advance(29_999);
+  assert.deepEqual((await refusal(g, 'team/app')).headers, { 'retry-after': '1' });
+  clock.advance(1);
+  await call(g, 'ok', 'team/app');
+  assert.equal(await sample(metrics, 'ocicache_upstream_rate_limited_total'), 1);
+  assert.equal(await sample(metrics, 'ocicache_upstream_refused_total', { reason: 'retry_after' }), 2);
+});
+
+test('an upstream-wide 429 refuses every repository with the upstream-wide message; the longer of both waits counts', async () => {
+  const { gate: g, clock } = gate();
+  g.rateLimited('10', 'team/app');
+  assert.equal(g.rateLimited('20'), 20);
+  for (const repository of ['team/app', 'team/other', undefined]) {
+    assert.deepEqual(await refusal(g, repository), {
+      code: 'TOOMANYREQUESTS',
+      status: 429,
+      message: 'upstream fake.example asked to wait 20s (Retry-After)',
+      headers: { 'retry-after': '20' },
+    }, String(repository));
+  }
+  assert.equal(g.retryAfterFor('team/app'), 20);
+  clock.advance(20_000);
+  await call(g, 'ok', 'team/app');
+  // The repository's own wait is no longer than the upstream's: both are over.
+  g.rateLimited('40', 'team/app');
+  g.rateLimited('5');
+  assert.equal(g.retryAfterFor('team/app'), 40, "the repository's longer wait stands");
+  assert.equal(g.retryAfterFor('team/other'), 5);
+});
+
+test('maxRetryAfter caps how long a 429 blocks, for a repository and for the upstream; 0 blocks nothing', async (t) => {
+  const cases = [
+    { maxRetryAfter: '1h', header: '999999', seconds: 3600 },
+    { maxRetryAfter: '5s', header: '30', seconds: 5 },
+    { maxRetryAfter: '5s', header: undefined, seconds: 5 },
+    { maxRetryAfter: '2m', header: '30', seconds: 30 },
+    { maxRetryAfter: '0s', header: '30', seconds: 0 },
+  ];
+  for (const c of cases) {
+    for (const repository of ['team/app', undefined]) {
+      await t.test(`maxRetryAfter ${c.maxRetryAfter}, Retry-After ${c.header}, ${repository ?? 'upstream-wide'}`, async () => {
+        const { gate: g, clock } = gate({ maxRetryAfter: c.maxRetryAfter });
+        assert.equal(g.rateLimited(c.header, repository), c.seconds);
+        assert.equal(g.retryAfterFor('team/app'), c.seconds);
+        if (c.seconds > 0) {
+          assert.equal((await refusal(g, 'team/app')).headers['retry-after'], String(c.seconds));
+          clock.advance(c.seconds * 1000);
+        }
+        await call(g, 'ok', 'team/app');
+      });
+    }
+  }
+});
+
+test('maxRetryAfter: set in upstreamDefaults, overridden per upstream, validated with the key named', () => {
+  const build = (defaults: Record<string, unknown>, upstream: Record<string, unknown> = {}) =>
+    buildConfig({ storage: { root: '/nonexistent' }, upstreamDefaults: defaults, upstreams: [{ name: 'a.example', url: 'http://127.0.0.1:9', ...upstream }, { name: 'b.example', url: 'http://127.0.0.1:9' }] }, {});
+  assert.deepEqual(build({}).upstreams.map((u) => u.maxRetryAfter), [60_000, 60_000], 'default 60s');
+  assert.deepEqual(build({ maxRetryAfter: '10m' }, { maxRetryAfter: '0s' }).upstreams.map((u) => u.maxRetryAfter), [0, 600_000]);
+  assert.throws(() => build({ maxRetryAfter: 'soon' }), { message: 'config: upstreamDefaults.maxRetryAfter: expected a duration such as 30s, 5m or 24h, got "soon"' });
+  assert.throws(() => build({}, { maxRetryAfter: -1 }), { message: 'config: upstreams[0].maxRetryAfter: expected a duration such as 30s, 5m or 24h, got -1' });
+});
+
+test("a permit reported 'cancelled' neither counts for the breaker nor holds a half-open breaker's probe", async () => {
+  const { gate: g, clock } = gate({ breakerFailures: 2, breakerCooldown: '10s' });
+  await call(g, 'failed');
+  await call(g, 'cancelled');
+  assert.equal(g.state, 'closed');
+  await call(g, 'failed');
+  assert.equal(g.state, 'open', 'the cancelled request neither reset nor added to the count');
+  clock.advance(10_000);
+  await call(g, 'cancelled');
+  assert.equal(g.state, 'half-open');
+  const probe = await g.acquire(); // not refused: the cancelled probe let go
+  probe.done('ok');
+  probe.release();
+  assert.equal(g.state, 'closed');
 });
 
 test('offline, globally or for the upstream, refuses everything', async (t) => {

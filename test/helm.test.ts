@@ -50,6 +50,8 @@ admin:
 serviceMonitor: {enabled: true}
 dashboard: {enabled: true}
 config:
+  cache: {notFoundTtl: 1m}
+  upstreamDefaults: {maxRetryAfter: 2m}
   upstreams:
     - name: docker.io
       url: https://registry-1.docker.io
@@ -58,6 +60,7 @@ config:
       url: https://ghcr.io
       auth: {username: bot, passwordSecretKey: ghcr-password}
       maxAge: 30d
+      maxRetryAfter: 10s
 `;
 
 test('helm chart: lint --strict, template, Kubernetes schemas, rendered config, both shapes', async (t) => {
@@ -107,6 +110,7 @@ test('helm chart: lint --strict, template, Kubernetes schemas, rendered config, 
         const ghcr = parse(configText).upstreams[1];
         assert.deepEqual(ghcr.auth, { username: 'bot', passwordFile: '/etc/ocicache/secrets/ghcr-password' });
         assert.deepEqual(parse(configText).admin, { tokenFile: '/etc/ocicache/admin/token' });
+        assert.deepEqual([config.cache.notFoundTtl, ...config.upstreams.map((u) => u.maxRetryAfter)], [60_000, 120_000, 10_000]);
         assert.ok(kinds.includes('Secret') && kinds.includes('ServiceMonitor'));
         const dash = docs.find((d) => d.metadata.name === 'cache-ocicache-dashboard')!;
         assert.equal(JSON.parse(dash.data!['ocicache.json']!).uid, 'ocicache');

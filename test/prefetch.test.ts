@@ -56,6 +56,8 @@ test('ocicache prefetch fetches an index and only the chosen platforms, from arg
     assert.equal(res.headers['x-cache'], 'HIT');
   }
   assert.deepEqual(registry.accessLog.slice(seen), []);
+  // One process per cache directory: the one-shot command runs once the server is stopped.
+  await proxy.app.close();
 
   const bad = await runCli(['prefetch', '--config', config, 'nosuch.example/x:1', 'team/app:missing']);
   assert.equal(bad.code, 1);

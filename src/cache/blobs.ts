@@ -180,16 +180,19 @@ export class Blobs {
     const upstream = target.upstream.name;
     const signal = AbortSignal.any([this.fillAbort.signal, AbortSignal.timeout(this.config.timeouts.fill)]);
     const res = await this.upstream.getBlob(target, digest, signal);
+    const room = await this.lifecycle.guard.reserve(res.size);
     let fill: Fill;
     try {
-      if (!(await this.lifecycle.canCache(res.size))) throw new StorageUnavailable();
+      if (!room) throw new StorageUnavailable();
       fill = await this.store.createFill(digest, res.size);
     } catch (err) {
-      res.body.destroy();
-      if (isStorageError(err)) this.lifecycle.storageFailed(err as Error);
+      room?.release();
+      discard(res.body);
+      if (isStorageError(err)) this.lifecycle.guard.failed(err as Error);
       if (err instanceof StorageUnavailable || isStorageError(err)) throw new StorageUnavailable();
       throw err;
     }
+    room.written = () => fill.written;
     this.metrics.fillsInFlight.inc();
     const release = this.lifecycle.pin(digest);
     const done = this.download(target, fill, res, signal)
@@ -200,13 +203,14 @@ export class Blobs {
           this.metrics.upstreamBytes.inc({ upstream }, size);
         },
         async (err: Error) => {
-          if (isStorageError(err)) this.lifecycle.storageFailed(err);
+          if (isStorageError(err)) this.lifecycle.guard.failed(err);
           this.metrics.fillFailures.inc({ upstream, reason: err instanceof OciError ? 'invalid' : isStorageError(err) ? 'storage' : 'transport' });
           this.log.warn({ upstream, digest, bytes: fill.received, err: err.message }, 'blob fill failed; nothing cached');
           await fill.fail(err);
         },
       )
       .finally(() => {
+        room.release();
         release();
         this.metrics.fillsInFlight.dec();
         this.fills.delete(key);
@@ -230,7 +234,7 @@ export class Blobs {
         if (!res) {
           res = await this.upstream.getBlob(target, fill.digest, signal, fill.received);
           if (res.size !== undefined && res.size !== fill.size) {
-            res.body.destroy();
+            discard(res.body);
             throw new OciError('UNKNOWN', `upstream ${upstream.name} changed the size of ${fill.digest} from ${fill.size} to ${res.size}`, { status: 502 });
           }
           this.metrics.blobResumes.inc({ upstream: upstream.name, how: res.start === fill.received ? 'range' : 'restart' });
@@ -243,7 +247,7 @@ export class Blobs {
         if (fill.size === undefined || fill.received === fill.size) return;
         throw new BodyEndedEarly(`upstream body ended after ${fill.received} of ${fill.size} bytes`);
       } catch (err) {
-        res?.body.destroy();
+        if (res) discard(res.body);
         res = undefined;
         // Every byte arrived and only the connection's end failed: the digest check decides.
         if (fill.size !== undefined && fill.received === fill.size) return;
@@ -266,6 +270,12 @@ function resumable(err: unknown, signal: AbortSignal): boolean {
   if (err instanceof OciError) return err.code === 'UNAVAILABLE' || err.code === 'TOOMANYREQUESTS';
   // Anything else came from the transport (undici, the socket): the transfer broke.
   return true;
+}
+
+/** Drops an upstream body unread. undici errors a body destroyed before its end, and here nobody else listens. */
+function discard(body: Readable): void {
+  body.on('error', () => undefined);
+  body.destroy();
 }
 
 /** Drops the first `n` bytes of a stream (a 200 answer to a resume repeats what the fill already has). */

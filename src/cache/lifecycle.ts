@@ -1,19 +1,22 @@
 /**
  * Bounded disk: tracks blob use without a SQLite write per request, keeps the blobs on disk under
- * storage.maxSize with high/low watermarks, expires blobs by age per upstream, and decides when
- * storage can take a new blob at all (disk full: stream through, don't cache).
+ * storage.maxSize with high/low watermarks, and expires blobs by age per upstream. Index writes go
+ * through the StorageGuard: on a full disk they wait in memory instead of failing a request.
  *
  * Eviction is least-recently-used and reference-aware: Db.dropBlob removes the manifests that point
  * to a blob in the same transaction as the blob's row, before the file is unlinked. A blob that a
  * client is reading or a fill is writing is pinned and skipped; a reader that opened a file before
  * it was unlinked still reads it to the end.
  */
+import { rm, stat } from 'node:fs/promises';
 import type { Clock } from '../core/clock.js';
 import type { Config } from '../core/config.js';
+import { isDigest, splitDigest } from '../core/digest.js';
 import type { Logger } from '../core/logger.js';
-import type { BlobStore } from '../storage/blob-store.js';
-import type { BlobAccess, BlobRow, Db } from '../storage/db.js';
+import { digestOfFile, type BlobStore } from '../storage/blob-store.js';
+import type { BlobAccess, BlobRow, Db, Dropped } from '../storage/db.js';
 import type { Metrics } from '../telemetry/metrics.js';
+import { StorageGuard } from './storage-guard.js';
 
 export type EvictionReason = 'size' | 'age' | 'gc';
 
@@ -32,8 +35,6 @@ export interface PassResult {
 const FLUSH_MS = 5_000;
 /** How often expiry by age runs (when any upstream has a maxAge). */
 const EXPIRY_MS = 10 * 60_000;
-/** How long caching stays off after a storage error before it is tried again. */
-const RETRY_STORAGE_MS = 30_000;
 
 export class Lifecycle {
   private pending = new Map<string, BlobAccess>();
@@ -41,29 +42,47 @@ export class Lifecycle {
   private used = 0;
   private running: Promise<PassResult> | undefined;
   private timers: NodeJS.Timeout[] = [];
-  /** Until when caching is off after a storage write error (0: not blocked). */
-  private storageDownUntil = 0;
   private lastSoon = 0;
   private rerun = false;
   private soonTimer: NodeJS.Timeout | undefined;
-  /** Caching is off (low space or a write error); logged once per episode. */
-  private down = false;
+  /** Whether storage can take more; every index write of the cache goes through it. */
+  readonly guard: StorageGuard;
+  /** Blobs in place whose index row a storage error held back: written by the next flush. */
+  private closed = false;
+  private readonly unindexed = new Map<string, { size: number; upstream: string; at: number }>();
 
   constructor(
     private readonly config: Pick<Config, 'storage' | 'upstreams'>,
     private readonly db: Db,
-    private readonly blobs: BlobStore,
+    private readonly store: BlobStore,
     private readonly metrics: Metrics,
     private readonly log: Logger,
     private readonly now: Clock,
   ) {
+    // Low on space: a size pass may make room.
+    this.guard = new StorageGuard(config, store, metrics, log, now, () => {
+      if (config.storage.maxSize !== undefined) void this.pass('size').catch(() => undefined);
+    });
     this.used = db.usage().bytes;
     this.report();
   }
 
-  /** Starts the background flush and expiry timers; the server calls this, one-shot commands don't. */
+  /**
+   * Starts the background flush and expiry timers, holds the index's reserve, and adopts orphaned
+   * blob files in the background; the server calls this, one-shot commands don't.
+   */
   start(): void {
-    this.timers.push(setInterval(() => this.flush(), FLUSH_MS).unref());
+    void this.guard.holdReserve();
+    void this.adoptOrphans().catch((err: Error) => this.log.warn({ err: err.message }, 'adopting blob files without an index row failed'));
+    this.timers.push(
+      setInterval(() => {
+        try {
+          this.flush();
+        } catch (err) {
+          this.log.warn({ err: (err as Error).message }, 'writing access times failed');
+        }
+      }, FLUSH_MS).unref(),
+    );
     if (this.config.upstreams.some((u) => u.maxAge !== undefined)) {
       this.timers.push(setInterval(() => void this.pass('age').catch((err: Error) => this.log.warn({ err: err.message }, 'expiry pass failed')), EXPIRY_MS).unref());
     }
@@ -82,13 +101,54 @@ export class Lifecycle {
     this.pending.set(`${digest}\n${upstream}`, { digest, size, upstream, at });
   }
 
-  /** A verified blob entered the cache. */
+  /** A verified blob entered the cache (its file is in place). */
   added(digest: string, size: number, upstream: string): void {
-    const known = this.db.hasBlob(digest);
-    this.db.putBlob(digest, size, upstream, this.now());
-    if (!known) this.used += size;
+    this.unindexed.set(digest, { size, upstream, at: this.now() });
+    this.indexAdded();
     this.report();
     this.schedule();
+  }
+
+  /** Index rows of blobs in place; what a storage error holds back stays queued (the file is served meanwhile). */
+  private indexAdded(): void {
+    for (const [digest, { size, upstream, at }] of this.unindexed) {
+      const known = this.db.hasBlob(digest);
+      if (!this.guard.write('blob row', () => this.db.putBlob(digest, size, upstream, at))) return;
+      this.unindexed.delete(digest);
+      if (!known) this.used += size;
+    }
+  }
+
+  /**
+   * Indexes verified blob files that have no row: a crash between a fill's rename and its index
+   * write leaves them, served but outside maxSize. Only a fill puts files under blobs/, so one that
+   * does not hash to its name was damaged since, and is deleted. Returns how many were adopted.
+   */
+  async adoptOrphans(): Promise<number> {
+    let adopted = 0;
+    // Looked up again right before each write: a fill or an eviction may have got there meanwhile.
+    const orphan = (digest: string): boolean => !this.db.hasBlob(digest) && !this.pins.has(digest) && !this.store.isRemoving(digest);
+    for await (const file of this.store.files()) {
+      if (this.closed) break;
+      if (!file.canonical || !isDigest(file.digest) || !orphan(file.digest)) continue;
+      const actual = await digestOfFile(file.path, splitDigest(file.digest).algorithm).catch(() => undefined);
+      const st = await stat(file.path).catch(() => undefined);
+      if (!actual || !st || !orphan(file.digest)) continue;
+      if (actual !== file.digest) {
+        this.log.warn({ digest: file.digest, actual }, 'deleted a blob file that does not hash to its name');
+        await rm(file.path, { force: true });
+        continue;
+      }
+      if (!this.guard.write('adopted blob', () => this.db.adoptBlob(file.digest, st.size, Math.round(st.mtimeMs)))) break;
+      this.used += st.size;
+      adopted++;
+    }
+    if (adopted > 0) {
+      this.log.info({ adopted }, 'indexed blob files that a crash left without an index row');
+      this.report();
+      this.schedule();
+    }
+    return adopted;
   }
 
   /** Keeps a blob from eviction until the returned function is called. */
@@ -116,55 +176,17 @@ export class Lifecycle {
     this.lastSoon = Date.now();
   }
 
-  /** Writes batched access times to SQLite in one transaction. */
+  /**
+   * Writes batched access times, and the rows of blobs not indexed yet, to SQLite. On a storage
+   * error they stay queued for the next flush.
+   */
   flush(): void {
+    if (this.unindexed.size > 0) this.indexAdded();
     if (this.pending.size === 0) return;
     const batch = this.pending;
     this.pending = new Map();
-    this.db.touchBlobs(batch.values());
-  }
-
-  /**
-   * Whether a new blob of `size` bytes should be written to disk. False while storage is failing
-   * or too full: the caller then streams the blob through without caching it.
-   */
-  async canCache(size: number | undefined): Promise<boolean> {
-    if (this.now() < this.storageDownUntil) return false;
-    let free: number;
-    try {
-      free = await this.blobs.freeBytes();
-    } catch (err) {
-      this.storageFailed(err as Error);
-      return false;
-    }
-    // Keep storage.minFree so SQLite's WAL and other fills in flight still have room. Checked on
-    // every fill (statfs is cheap), so caching resumes as soon as space returns.
-    if (free < (size ?? 0) + this.config.storage.minFree) {
-      this.degraded(Object.assign(new Error(`${free} bytes free on the cache filesystem, below storage.minFree plus the blob`), { code: 'ENOSPC' }));
-      if (this.config.storage.maxSize !== undefined) void this.pass('size').catch(() => undefined);
-      return false;
-    }
-    if (this.down) {
-      this.down = false;
-      this.storageDownUntil = 0;
-      this.metrics.storageWritable.set(1);
-      this.log.info({ free }, 'storage writable again: caching resumed');
-    }
-    return true;
-  }
-
-  /** A write failed with ENOSPC, EROFS and the like: stop caching for a while; pulls go on uncached. */
-  storageFailed(err: Error): void {
-    this.storageDownUntil = this.now() + RETRY_STORAGE_MS;
-    this.degraded(err);
-  }
-
-  private degraded(err: Error): void {
-    this.metrics.storageErrors.inc({ code: (err as NodeJS.ErrnoException).code ?? 'unknown' });
-    if (this.down) return;
-    this.down = true;
-    this.metrics.storageWritable.set(0);
-    this.log.warn({ err: err.message, code: (err as NodeJS.ErrnoException).code }, 'storage full or unwritable: serving blobs without caching them');
+    if (this.guard.write('access times', () => this.db.touchBlobs(batch.values()))) return;
+    for (const [key, access] of batch) if (!this.pending.has(key)) this.pending.set(key, access);
   }
 
   /** Starts a size pass when usage is above the high watermark (one at a time). */
@@ -219,7 +241,7 @@ export class Lifecycle {
         await this.evict(this.lruUntil(this.used - low), reason === 'gc' ? 'gc' : 'size', result);
       }
     }
-    if (reason === 'gc') result.danglingRows = this.db.pruneDangling();
+    if (reason === 'gc') this.guard.write('dangling rows', () => (result.danglingRows = this.db.pruneDangling()));
     result.used = this.used;
     if (result.blobs > 0) this.log.info({ reason, ...result }, 'evicted blobs');
     return result;
@@ -249,10 +271,11 @@ export class Lifecycle {
       if (this.pins.has(row.digest)) continue;
       // Rows first, in one transaction with the manifests that point to the blob; then the file.
       // A crash in between leaves a verified file without a row, which is adopted or swept later.
-      const dropped = this.db.dropBlob(row.digest);
+      let dropped: Dropped = { manifests: [], tags: 0 };
+      if (!this.guard.write('eviction', () => (dropped = this.db.dropBlob(row.digest)))) break;
       this.used -= row.size;
       try {
-        await this.blobs.remove(row.digest);
+        await this.store.remove(row.digest);
       } catch (err) {
         // The index no longer names it; `ocicache verify` adopts or deletes the file later.
         this.log.warn({ digest: row.digest, err: (err as Error).message }, 'could not delete an evicted blob file');
@@ -272,8 +295,9 @@ export class Lifecycle {
     this.metrics.diskLimit.set(this.config.storage.maxSize ?? 0);
   }
 
-  /** Flushes access times and stops the timers; waits for a running pass. */
+  /** Flushes access times and stops the timers and the adoption of orphans; waits for a running pass. */
   async close(): Promise<void> {
+    this.closed = true;
     for (const t of this.timers) clearInterval(t);
     this.timers = [];
     clearTimeout(this.soonTimer);

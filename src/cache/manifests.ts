@@ -14,6 +14,7 @@ import { accepts, childrenOf, mediaTypeOf } from '../core/media-types.js';
 import { SingleFlight } from '../core/single-flight.js';
 import type { Db, ManifestRecord, TagRecord } from '../storage/db.js';
 import type { UpstreamClient } from '../upstream/client.js';
+import type { StorageGuard } from './storage-guard.js';
 
 export interface ManifestResult {
   digest: string;
@@ -44,6 +45,8 @@ export class Manifests {
 
   constructor(
     private readonly db: Db,
+    /** Every index write goes through it: a full disk serves manifests uncached instead of failing. */
+    private readonly guard: StorageGuard,
     private readonly upstream: UpstreamClient,
     private readonly log: Logger,
     private readonly now: Clock,
@@ -94,36 +97,36 @@ export class Manifests {
 
   /** The manifest of a digest cached and known to be in this repository on this upstream. */
   private digestHit(target: Target, digest: string): ManifestRecord | undefined {
-    const cached = this.loadManifest(digest);
+    const cached = this.db.getManifest(digest);
     return cached && this.db.isSeenIn(target.upstream.name, target.name, digest) ? cached : undefined;
   }
 
   /** The manifest of a tag checked within the upstream's tagTtl. */
   private freshTag(target: Target, tag: string): ManifestRecord | undefined {
     const row = this.getTag(target, tag);
-    const manifest = row && this.loadManifest(row.digest);
+    const manifest = row && this.db.getManifest(row.digest);
     return manifest && this.now() - row.checkedAt < target.upstream.tagTtl ? manifest : undefined;
-  }
-
-  private loadManifest(digest: string): ManifestRecord | undefined {
-    return this.db.getManifest(digest);
   }
 
   private async manifestByDigest(target: Target, digest: string): Promise<TagResult> {
     const { upstream, name } = target;
-    const cached = this.loadManifest(digest);
+    const cached = this.db.getManifest(digest);
     if (cached) {
       // Cached for another repository or upstream: the digest proves the bytes, not that this
       // repository holds them. Ask before serving (HEAD is free on Docker Hub).
       await this.upstream.headManifest(target, digest);
-      this.db.markSeenIn(upstream.name, name, digest);
+      this.guard.write('manifest repository', () => this.db.markSeenIn(upstream.name, name, digest));
       return { manifest: cached, cache: 'revalidated' };
     }
-    return { manifest: await this.fetchManifest(target, digest, digest), cache: 'miss' };
+    return this.fetchManifest(target, digest, digest, 'miss');
   }
 
-  /** GETs a manifest, verifies its bytes against `expected` (or the upstream's digest header), and stores it. */
-  private async fetchManifest(target: Target, reference: string, expected: string | undefined, tag?: string, accept?: string): Promise<ManifestRecord> {
+  /**
+   * GETs a manifest, verifies its bytes against `expected` (or the upstream's digest header), and
+   * stores it; `cache` says how it was found. When the index cannot be written (storage full) the
+   * verified manifest is still served, as `passthrough`.
+   */
+  private async fetchManifest(target: Target, reference: string, expected: string | undefined, cache: CacheResult, tag?: string, accept?: string): Promise<TagResult> {
     const res = await this.upstream.getManifest(target, reference, accept);
     const claimed = expected ?? (res.digest && isDigest(res.digest) ? res.digest : undefined);
     const digest = digestOf(res.body, claimed === undefined ? 'sha256' : splitDigest(claimed).algorithm);
@@ -132,9 +135,11 @@ export class Manifests {
     }
     const manifest = { digest, mediaType: mediaTypeOf(res.body, res.contentType), body: res.body };
     const now = this.now();
-    this.db.putManifest(manifest, childrenOf(res.body), target.upstream.name, target.name, tag, now);
+    if (!this.guard.write('manifest', () => this.db.putManifest(manifest, childrenOf(res.body), target.upstream.name, target.name, tag, now))) {
+      return { manifest, cache: 'passthrough' };
+    }
     if (tag !== undefined) this.tagMemory.set(tagKey(target, tag), { digest, checkedAt: now });
-    return manifest;
+    return { manifest, cache };
   }
 
   /** A tag's row, from memory when recently used: a warm tag lookup never touches SQLite. */
@@ -148,16 +153,17 @@ export class Manifests {
     return row;
   }
 
+  /** Points a tag at a digest, checked now; without storage the tag simply stays due for revalidation. */
   private putTag(target: Target, tag: string, digest: string): void {
     const now = this.now();
-    this.db.putTag(target.upstream.name, target.name, tag, digest, now);
+    if (!this.guard.write('tag', () => this.db.putTag(target.upstream.name, target.name, tag, digest, now))) return;
     this.tagMemory.set(tagKey(target, tag), { digest, checkedAt: now });
   }
 
   private async manifestByTag(target: Target, tag: string): Promise<TagResult> {
     const { upstream } = target;
     const row = this.getTag(target, tag);
-    const manifest = row && this.loadManifest(row.digest);
+    const manifest = row && this.db.getManifest(row.digest);
     // Offline by choice: the cached tag is the answer, with no warning per request.
     if (manifest && this.upstream.gate(upstream.name).offline) return { manifest, cache: 'stale' };
     return this.tagFlights.do(tagKey(target, tag), () => this.revalidateTag(target, tag));
@@ -170,22 +176,22 @@ export class Manifests {
     try {
       const head = await this.upstream.headManifest(target, tag);
       const digest = head.digest && isDigest(head.digest) ? head.digest : undefined;
-      const known = digest && this.loadManifest(digest);
+      const known = digest && this.db.getManifest(digest);
       if (digest && known) {
         this.putTag(target, tag, digest);
         return { manifest: known, cache: row?.digest === digest ? 'revalidated' : 'miss' };
       }
       // By digest when the HEAD named one (Docker Hub counts either GET as a pull; this one is verifiable).
-      return { manifest: await this.fetchManifest(target, digest ?? tag, digest, tag), cache: 'miss' };
+      return await this.fetchManifest(target, digest ?? tag, digest, 'miss', tag);
     } catch (err) {
-      const stale = row && isUpstreamUnavailable(err) ? this.loadManifest(row.digest) : undefined;
+      const stale = row && isUpstreamUnavailable(err) ? this.db.getManifest(row.digest) : undefined;
       if (stale) {
         this.warnOnce(upstream.name, { upstream: upstream.name, name, reference: tag, digest: stale.digest, err: (err as Error).message }, 'upstream unavailable, serving stale tag');
         return { manifest: stale, cache: 'stale' };
       }
       if (row && err instanceof OciError && err.status === 404) {
-        this.db.deleteTag(upstream.name, name, tag);
         this.tagMemory.delete(tagKey(target, tag));
+        this.guard.write('tag', () => this.db.deleteTag(upstream.name, name, tag));
       }
       throw err;
     }
@@ -198,17 +204,20 @@ export class Manifests {
         return { digest: head.digest, mediaType: mediaTypeOf(Buffer.alloc(0), head.contentType), size: head.size, body: undefined, cache: 'passthrough' };
       }
     }
-    const m = await this.fetchManifest(target, reference, isDigest(reference) ? reference : undefined, undefined, accept);
-    return manifestResult(m, 'passthrough', wantBody);
+    const { manifest } = await this.fetchManifest(target, reference, isDigest(reference) ? reference : undefined, 'passthrough', undefined, accept);
+    return manifestResult(manifest, 'passthrough', wantBody);
   }
 
-  /** The upstream's tag list; from the tags this cache knows when the upstream is unreachable. */
-  async listTags(target: Target, n: number | undefined, last: string | undefined): Promise<TagList> {
+  /**
+   * The upstream's tag list; from the tags this cache knows when the upstream is unreachable.
+   * `signal`: the client left. A tag list is asked for one client alone, so it ends with it.
+   */
+  async listTags(target: Target, n: number | undefined, last: string | undefined, signal?: AbortSignal): Promise<TagList> {
     const query = new URLSearchParams();
     if (n !== undefined) query.set('n', String(n));
     if (last !== undefined) query.set('last', last);
     try {
-      const res = await this.upstream.listTags(target, query);
+      const res = await this.upstream.listTags(target, query, signal);
       let tags: unknown;
       try {
         tags = (JSON.parse(res.body.toString('utf8')) as { tags?: unknown }).tags ?? [];
@@ -230,10 +239,16 @@ export class Manifests {
     }
   }
 
-  async getReferrers(target: Target, digest: string, artifactType: string | undefined): Promise<{ body: Buffer; contentType: string; filtersApplied: string | undefined }> {
+  /** Always asked of the upstream, for one client alone: `signal` (the client left) ends it. */
+  async getReferrers(
+    target: Target,
+    digest: string,
+    artifactType: string | undefined,
+    signal?: AbortSignal,
+  ): Promise<{ body: Buffer; contentType: string; filtersApplied: string | undefined }> {
     const query = new URLSearchParams();
     if (artifactType !== undefined) query.set('artifactType', artifactType);
-    const res = await this.upstream.getReferrers(target, digest, query);
+    const res = await this.upstream.getReferrers(target, digest, query, signal);
     return { body: res.body, contentType: res.contentType ?? 'application/vnd.oci.image.index.v1+json', filtersApplied: res.filtersApplied };
   }
 }

@@ -11,6 +11,7 @@ import type { Config } from '../core/config.js';
 import type { Logger } from '../core/logger.js';
 import { BlobStore } from '../storage/blob-store.js';
 import { Db } from '../storage/db.js';
+import { CacheLock } from '../storage/lock.js';
 import { Metrics } from '../telemetry/metrics.js';
 import { UpstreamClient } from '../upstream/client.js';
 import { Blobs } from './blobs.js';
@@ -44,14 +45,23 @@ export interface OpenOptions {
 export async function openCache(config: Config, log: Logger, options: OpenOptions): Promise<Services> {
   const clock = options.clock ?? systemClock;
   const metrics = new Metrics();
-  const store = new BlobStore(config.storage.root);
-  const removed = await store.init(options.sweep);
-  if (removed > 0) log.info({ removed }, 'removed temp files left by an earlier run');
-  const db = new Db(join(config.storage.root, 'index.db'), { manifestMemory: config.cache.manifestMemory });
+  const store = new BlobStore(config.storage.root, config.cache.fillMemory);
+  await store.createLayout();
+  // Before anything is swept or opened: a second process on a live directory is refused here.
+  const lock = CacheLock.acquire(config.storage.root);
+  let db: Db;
+  try {
+    const removed = await store.init(options.sweep);
+    if (removed > 0) log.info({ removed }, 'removed temp files left by an earlier run');
+    db = new Db(join(config.storage.root, 'index.db'), { manifestMemory: config.cache.manifestMemory });
+  } catch (err) {
+    lock.release();
+    throw err;
+  }
   const upstream = new UpstreamClient(config, metrics, clock);
   const lifecycle = new Lifecycle(config, db, store, metrics, log, clock);
   const blobs = new Blobs(config, store, upstream, lifecycle, metrics, log);
-  const manifests = new Manifests(db, upstream, log, clock);
+  const manifests = new Manifests(db, lifecycle.guard, upstream, log, clock);
   return {
     config,
     metrics,
@@ -67,6 +77,7 @@ export async function openCache(config: Config, log: Logger, options: OpenOption
       await lifecycle.close();
       await upstream.close();
       db.close();
+      lock.release();
     },
   };
 }

@@ -2,13 +2,11 @@
  * `ocicache verify`: re-hashes every blob file and manifest row, reconciles the index with the
  * files, and removes what is wrong. After it, every file under blobs/ hashes to its name, every
  * blob row has its file, every manifest row hashes to its digest, and no tag points at nothing.
- * Meant for a stopped cache (or a quiet one: it takes no lock).
+ * Runs on a stopped cache: openCache's lock refuses it while a server has the directory open.
  */
-import { createHash } from 'node:crypto';
-import { createReadStream } from 'node:fs';
 import { rm, stat } from 'node:fs/promises';
-import { pipeline } from 'node:stream/promises';
-import { digestOf, isDigest, splitDigest, type Algorithm } from '../core/digest.js';
+import { digestOf, isDigest, splitDigest } from '../core/digest.js';
+import { digestOfFile } from '../storage/blob-store.js';
 import type { Services } from './services.js';
 
 export interface VerifyReport {
@@ -29,12 +27,6 @@ export interface VerifyReport {
   droppedTags: number;
   /** index rows pointing at nothing (tags, repos, refs, access times): deleted */
   danglingRows: number;
-}
-
-async function hashFile(path: string, algorithm: Algorithm): Promise<string> {
-  const hash = createHash(algorithm);
-  await pipeline(createReadStream(path, { highWaterMark: 1024 * 1024 }), hash);
-  return `${algorithm}:${hash.digest('hex')}`;
 }
 
 export function problems(r: VerifyReport): number {
@@ -59,7 +51,7 @@ export async function verify(s: Pick<Services, 'db' | 'store'>): Promise<VerifyR
       continue;
     }
     r.blobsChecked++;
-    const actual = await hashFile(file.path, splitDigest(file.digest).algorithm);
+    const actual = await digestOfFile(file.path, splitDigest(file.digest).algorithm);
     if (actual !== file.digest) {
       r.corruptBlobs.push(file.digest);
       drop(file.digest);

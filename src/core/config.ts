@@ -39,14 +39,29 @@ export interface UpstreamConfig {
   breakerCooldown: number;
   /** Times a broken blob download is resumed with Range before the fill fails. */
   blobRetries: number;
+  /** The longest a 429 keeps requests away, whatever its Retry-After says; 0: a 429 blocks nothing. */
+  maxRetryAfter: number;
 }
 
 /** The per-upstream knobs that `upstreamDefaults` sets for all and each upstream may override. */
-const POLICY_KEYS = ['offline', 'maxAge', 'maxConcurrent', 'maxRequestsPerSecond', 'breakerFailures', 'breakerCooldown', 'blobRetries'] as const;
+const POLICY_KEYS = ['offline', 'maxAge', 'maxConcurrent', 'maxRequestsPerSecond', 'breakerFailures', 'breakerCooldown', 'blobRetries', 'maxRetryAfter'] as const;
 type Policy = Pick<UpstreamConfig, (typeof POLICY_KEYS)[number]>;
 
 export interface Config {
-  server: { host: string; port: number; shutdownTimeout: number; trustProxy: boolean };
+  server: {
+    host: string;
+    port: number;
+    shutdownTimeout: number;
+    trustProxy: boolean;
+    /** A client must send its request line and headers within this; then the whole request within requestTimeout. */
+    headersTimeout: number;
+    requestTimeout: number;
+    /** A connection on which nothing moves (a client that reads nothing, or sends nothing) is closed after this. */
+    idleTimeout: number;
+    /** Open connections at most, in all and from one client address; 0: no limit. */
+    maxConnections: number;
+    maxConnectionsPerAddress: number;
+  };
   log: { level: string };
   storage: {
     root: string;
@@ -58,7 +73,9 @@ export interface Config {
     /** Free space to leave on the filesystem: below it new blobs stream through uncached. */
     minFree: number;
   };
-  cache: { tagTtl: number; manifestMemory: number };
+  /** notFoundTtl: how long an upstream 404 for a manifest or blob is remembered; 0: not at all. */
+  /** fillMemory: bytes of downloads in progress kept in memory for clients a little behind, across all fills. */
+  cache: { tagTtl: number; manifestMemory: number; fillMemory: number; notFoundTtl: number };
   /** Serve only from the cache, for every upstream. */
   offline: boolean;
   /** Bearer token for /admin/*; undefined disables the admin API. */
@@ -149,6 +166,7 @@ function policy(o: Obj, path: string, base: Policy): Policy {
     breakerFailures: int(o, 'breakerFailures', path, base.breakerFailures),
     breakerCooldown: has('breakerCooldown') ? duration(o.breakerCooldown, `${path}.breakerCooldown`) : base.breakerCooldown,
     blobRetries: int(o, 'blobRetries', path, base.blobRetries),
+    maxRetryAfter: has('maxRetryAfter') ? duration(o.maxRetryAfter, `${path}.maxRetryAfter`) : base.maxRetryAfter,
   };
 }
 
@@ -254,7 +272,7 @@ export function buildConfig(doc: unknown, env: NodeJS.ProcessEnv = process.env, 
     'server', 'log', 'storage', 'cache', 'timeouts', 'offline', 'upstreamDefaults', 'admin', 'defaultUpstream', 'upstreams',
   ]);
   applyEnv(root, env);
-  const server = section(root, 'server', 'server', ['host', 'port', 'shutdownTimeout', 'trustProxy']);
+  const server = section(root, 'server', 'server', ['host', 'port', 'shutdownTimeout', 'trustProxy', 'headersTimeout', 'requestTimeout', 'idleTimeout', 'maxConnections', 'maxConnectionsPerAddress']);
   const log = section(root, 'log', 'log', ['level']);
   const storage = section(root, 'storage', 'storage', ['root', 'maxSize', 'highWatermark', 'lowWatermark', 'minFree']);
   const admin = section(root, 'admin', 'admin', ['token', 'tokenEnv', 'tokenFile']);
@@ -266,13 +284,17 @@ export function buildConfig(doc: unknown, env: NodeJS.ProcessEnv = process.env, 
     breakerFailures: 5,
     breakerCooldown: 30_000,
     blobRetries: 5,
+    maxRetryAfter: 60_000,
   });
   const highWatermark = percent(storage, 'highWatermark', 'storage', 90);
   const lowWatermark = percent(storage, 'lowWatermark', 'storage', 80);
   if (lowWatermark >= highWatermark) throw new ConfigError('storage.lowWatermark', 'must be below storage.highWatermark');
-  const cache = section(root, 'cache', 'cache', ['tagTtl', 'manifestMemory']);
+  const cache = section(root, 'cache', 'cache', ['tagTtl', 'manifestMemory', 'fillMemory', 'notFoundTtl']);
   const timeouts = section(root, 'timeouts', 'timeouts', ['connect', 'manifest', 'blobIdle', 'fill']);
 
+  const headersTimeout = duration(server.headersTimeout ?? '10s', 'server.headersTimeout');
+  const requestTimeout = duration(server.requestTimeout ?? '30s', 'server.requestTimeout');
+  if (headersTimeout === 0 || requestTimeout < headersTimeout) throw new ConfigError('server.requestTimeout', 'must be at least server.headersTimeout, and neither may be 0');
   const port = server.port ?? 5000;
   if (typeof port !== 'number' || !Number.isInteger(port) || port < 0 || port > 65535) {
     throw new ConfigError('server.port', `must be a port number 0-65535, got ${JSON.stringify(server.port)}`);
@@ -304,6 +326,11 @@ export function buildConfig(doc: unknown, env: NodeJS.ProcessEnv = process.env, 
       port,
       shutdownTimeout: duration(server.shutdownTimeout ?? '30s', 'server.shutdownTimeout'),
       trustProxy: bool(server, 'trustProxy', 'server', false),
+      headersTimeout,
+      requestTimeout,
+      idleTimeout: duration(server.idleTimeout ?? '2m', 'server.idleTimeout'),
+      maxConnections: int(server, 'maxConnections', 'server', 4096),
+      maxConnectionsPerAddress: int(server, 'maxConnectionsPerAddress', 'server', 256),
     },
     log: { level },
     storage: {
@@ -313,7 +340,12 @@ export function buildConfig(doc: unknown, env: NodeJS.ProcessEnv = process.env, 
       lowWatermark,
       minFree: size(storage.minFree ?? '256MiB', 'storage.minFree'),
     },
-    cache: { tagTtl, manifestMemory: size(cache.manifestMemory ?? '64MiB', 'cache.manifestMemory') },
+    cache: {
+      tagTtl,
+      manifestMemory: size(cache.manifestMemory ?? '64MiB', 'cache.manifestMemory'),
+      fillMemory: size(cache.fillMemory ?? '64MiB', 'cache.fillMemory'),
+      notFoundTtl: duration(cache.notFoundTtl ?? '30s', 'cache.notFoundTtl'),
+    },
     offline: bool({ offline: root.offline }, 'offline', '', false),
     admin: { token: Object.keys(admin).length === 0 || !needs.adminToken ? undefined : readSecret(admin, 'admin', env, 'token') },
     timeouts: {

@@ -1,4 +1,4 @@
-/** The slice of pino the modules below the routes log with (Fastify's logger is one). */
+/** The slice of pino the modules below http/ log with, so they depend on no logging library. */
 export interface Logger {
   info(obj: object, msg: string): void;
   warn(obj: object, msg: string): void;

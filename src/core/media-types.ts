@@ -1,5 +1,5 @@
 /**
- * Manifest media types, Accept negotiation, and digest checks over exact bytes.
+ * Manifest media types, Accept negotiation, and what a manifest points to.
  * Manifests are passed through byte for byte: the digest is over the bytes, so any
  * re-serialisation would break Docker-Content-Digest (docs/upstreams.md, "Manifests are bytes,
  * not JSON").

@@ -65,7 +65,7 @@ export class Accounting {
     private readonly stats: Stats,
     /** Writes the request log line (or drops it when the level is above info). */
     private readonly logRequest: (line: RequestLine) => void,
-    /** For requests whose context says nothing worth a line: the aborted-response warning. */
+    /** Writes the warning for a response cut short. */
     private readonly warn: (obj: object, msg: string) => void,
   ) {}
 

@@ -3,7 +3,6 @@
  * path, the accounting, the one error handler, the operational endpoints, the admin API and the
  * status page. The only file that knows every module; each decision lives in the module it names.
  */
-import { createServer } from 'node:http';
 import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance } from 'fastify';
 import { pino, type Logger } from 'pino';
 import { openCache, type Services } from '../cache/services.js';
@@ -14,9 +13,10 @@ import { LogStream, type RequestLine } from '../telemetry/log-stream.js';
 import { version } from '../version.js';
 import { Accounting, sentBytes } from './accounting.js';
 import { registerAdmin } from './admin.js';
-import { onError } from './error-handler.js';
+import { onClientError, onError, onNotFound } from './error-handler.js';
 import { registerProbes } from './probes.js';
 import { registerRoutes } from './routes.js';
+import { createHttpServer } from './server.js';
 import { registerStatus, Stats } from './status.js';
 import { warmManifests } from './warm-path.js';
 
@@ -29,7 +29,7 @@ declare module 'fastify' {
 }
 
 export interface AppOptions {
-  /** pino options or false; defaults to JSON logs at config.log.level on our batched stdout writer */
+  /** pino options (with `stream`), true or false; defaults to JSON logs at config.log.level on our batched stdout writer */
   logger?: boolean | Record<string, unknown>;
   /** The time, for tests that move it forward (default: the system's). */
   clock?: Clock;
@@ -59,40 +59,37 @@ export async function buildApp(config: Config, options: AppOptions = {}): Promis
   let closing = false;
   const warm = warmManifests({ ...services, accounting, open: () => !closing, error: (obj, msg) => log.error(obj, msg) });
 
-  const app = Fastify({
-    serverFactory: (handler) => {
-      const server = createServer((req, res) => {
-        if (!warm(req, res)) handler(req, res);
-      });
-      // Blob downloads may legitimately take long; idle connections are still reaped by keepAliveTimeout.
-      // (Fastify applies its own timeout options only to servers it creates.)
-      server.requestTimeout = 0;
-      server.setTimeout(0);
-      server.keepAliveTimeout = 75_000;
-      return server;
-    },
-    genReqId: accounting.nextReqId,
-    loggerInstance: log as FastifyBaseLogger,
-    // One log line per request, written by the accounting with the cache fields; no child logger
-    // per request either: those lines carry reqId themselves.
-    logController: new LogController({ disableRequestLogging: true }),
-    childLoggerFactory: (logger) => logger,
-    exposeHeadRoutes: false,
-    return503OnClosing: true,
-    trustProxy: config.server.trustProxy,
-    bodyLimit: 1024 * 1024,
-    // Idle keep-alive sockets must not hold shutdown for keepAliveTimeout; in-flight requests are
-    // drained first by drain() (see cli.ts), so by close() only idle or stuck sockets remain.
-    forceCloseConnections: true,
-    routerOptions: { ignoreTrailingSlash: true },
-    // A path Fastify cannot decode (bad percent-encoding, e.g. /v2/%zz/manifests/x) is answered
-    // before routing, past every hook: here it gets the spec's envelope and is counted and logged.
-    frameworkErrors: (err, req, reply) => {
-      const start = performance.now();
-      accounting.track(reply.raw, () => accounting.finished({ reqId: req.id, method: req.method, url: req.url, status: reply.statusCode, ctx: null, ms: performance.now() - start, bytes: sentBytes(req, reply) }));
-      onError(err, req, reply);
-    },
-  });
+  let app: FastifyInstance;
+  try {
+    app = Fastify({
+      serverFactory: (handler) => createHttpServer(config.server, warm, handler),
+      genReqId: accounting.nextReqId,
+      loggerInstance: log as FastifyBaseLogger,
+      // One log line per request, written by the accounting with the cache fields; no child logger
+      // per request either: those lines carry reqId themselves.
+      logController: new LogController({ disableRequestLogging: true }),
+      childLoggerFactory: (logger) => logger,
+      exposeHeadRoutes: false,
+      return503OnClosing: true,
+      trustProxy: config.server.trustProxy,
+      bodyLimit: 1024 * 1024,
+      // Idle keep-alive sockets must not hold shutdown for keepAliveTimeout; in-flight requests are
+      // drained first by drain() (see cli.ts), so by close() only idle or stuck sockets remain.
+      forceCloseConnections: true,
+      routerOptions: { ignoreTrailingSlash: true },
+      clientErrorHandler: onClientError,
+      // A path Fastify cannot decode (bad percent-encoding, e.g. /v2/%zz/manifests/x) is answered
+      // before routing, past every hook: here it gets the spec's envelope and is counted and logged.
+      frameworkErrors: (err, req, reply) => {
+        const start = performance.now();
+        accounting.track(reply.raw, () => accounting.finished({ reqId: req.id, method: req.method, url: req.url, status: reply.statusCode, ctx: null, ms: performance.now() - start, bytes: sentBytes(req, reply) }));
+        onError(err, req, reply);
+      },
+    });
+  } catch (err) {
+    await services.close(0);
+    throw err;
+  }
   services.lifecycle.start();
   app.decorate('services', services);
 
@@ -100,6 +97,7 @@ export async function buildApp(config: Config, options: AppOptions = {}): Promis
   app.removeAllContentTypeParsers();
   app.addContentTypeParser('*', (_req, _payload, done) => done(null, undefined));
   app.setErrorHandler(onError);
+  app.setNotFoundHandler(onNotFound);
 
   // Callback-style hooks: no promise per request on the hot path.
   app.addHook('onRequest', (req, reply, done) => {

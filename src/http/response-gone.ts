@@ -20,3 +20,16 @@ export function onResponseGone(res: ServerResponse, fn: () => void): () => void 
   socket.once('close', gone);
   return unwatch;
 }
+
+/**
+ * A signal that aborts when the client leaves before `res` has finished, for upstream requests
+ * made for this client alone (tag lists, referrers): they end with it. `done()` stops watching;
+ * call it once the upstream's answer is in.
+ */
+export function clientGone(res: ServerResponse): { signal: AbortSignal; done: () => void } {
+  const controller = new AbortController();
+  const done = onResponseGone(res, () => {
+    if (!res.writableFinished) controller.abort(new Error('the client went away'));
+  });
+  return { signal: controller.signal, done };
+}

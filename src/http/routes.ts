@@ -15,6 +15,7 @@ import { OciError } from '../core/errors.js';
 import type { RequestContext } from './accounting.js';
 import { sendFileRange } from './file-response.js';
 import { answerManifest } from './manifest-answer.js';
+import { clientGone } from './response-gone.js';
 
 export interface RouteDeps {
   manifests: Manifests;
@@ -139,7 +140,8 @@ export function registerRoutes(app: FastifyInstance, deps: RouteDeps): void {
   async function sendTags(req: FastifyRequest, reply: FastifyReply, p: Extract<ParsedPath, { target: unknown }>, query: URLSearchParams, head: boolean): Promise<FastifyReply> {
     const n = optionalInt(query, 'n');
     const last = query.get('last') ?? undefined;
-    const list = await manifests.listTags(p.target, n, last);
+    const gone = clientGone(reply.raw);
+    const list = await manifests.listTags(p.target, n, last, gone.signal).finally(gone.done);
     const body = JSON.stringify({ name: p.clientName, tags: list.tags });
     const lastTag = list.tags[list.tags.length - 1];
     if (list.hasNext && lastTag !== undefined) {
@@ -158,7 +160,8 @@ export function registerRoutes(app: FastifyInstance, deps: RouteDeps): void {
   }
 
   async function sendReferrers(req: FastifyRequest, reply: FastifyReply, p: Extract<ParsedPath, { target: unknown }>, query: URLSearchParams, head: boolean): Promise<FastifyReply> {
-    const r = await manifests.getReferrers(p.target, p.reference, query.get('artifactType') ?? undefined);
+    const gone = clientGone(reply.raw);
+    const r = await manifests.getReferrers(p.target, p.reference, query.get('artifactType') ?? undefined, gone.signal).finally(gone.done);
     // Never cached: referrers are always asked of the upstream (manifests.getReferrers).
     listed(req, reply, 'passthrough', r.body, head);
     reply.headers({ 'content-type': r.contentType, 'content-length': String(r.body.length) });

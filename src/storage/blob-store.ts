@@ -5,38 +5,70 @@
  *   tmp/<random>                         fills in progress (fill.ts); whatever is here at start-up
  *                                        was left by a crash and is deleted
  *   index.db                             the SQLite index (db.ts)
+ *   lock                                 held by the process that has the cache open (lock.ts)
+ *   index.reserve                        zeros kept so the index can still be written when
+ *                                        something else fills the filesystem (cache/storage-guard.ts)
  *
  * A file appears under blobs/ only by a fill's rename after its digest was verified, so a name
  * there is a promise about the bytes.
  */
-import { randomBytes } from 'node:crypto';
-import { mkdir, open, readdir, rm, stat, statfs, unlink, type FileHandle } from 'node:fs/promises';
+import { createHash, randomBytes } from 'node:crypto';
+import { createReadStream, rmSync } from 'node:fs';
+import { mkdir, open, readdir, rm, stat, statfs, unlink, writeFile, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
-import { splitDigest } from '../core/digest.js';
-import { Fill } from './fill.js';
+import { pipeline } from 'node:stream/promises';
+import { splitDigest, type Algorithm } from '../core/digest.js';
+import { Fill, RetainBudget } from './fill.js';
 
-/** Storage errors that mean "cannot cache now" (full, read-only, failing disk) rather than a bug. */
+/** File-system errors that mean "cannot cache now" (full, read-only, failing disk) rather than a bug. */
 const STORAGE_ERRORS = new Set(['ENOSPC', 'EDQUOT', 'EROFS', 'EACCES', 'EPERM', 'EIO']);
+/** SQLite's result codes for the same; better-sqlite3 reports extended codes (SQLITE_IOERR_WRITE, ...). */
+const SQLITE_STORAGE_ERRORS = /^SQLITE_(FULL|IOERR|READONLY|CANTOPEN)/;
 
+/** Whether `err` says the disk or the index cannot be written now: full, read-only or failing. */
 export function isStorageError(err: unknown): boolean {
-  return STORAGE_ERRORS.has((err as NodeJS.ErrnoException | undefined)?.code ?? '');
+  const code = (err as NodeJS.ErrnoException | undefined)?.code ?? '';
+  return STORAGE_ERRORS.has(code) || SQLITE_STORAGE_ERRORS.test(code);
+}
+
+/** The digest of a file's content. */
+export async function digestOfFile(path: string, algorithm: Algorithm): Promise<string> {
+  const hash = createHash(algorithm);
+  await pipeline(createReadStream(path, { highWaterMark: 1024 * 1024 }), hash);
+  return `${algorithm}:${hash.digest('hex')}`;
 }
 
 export class BlobStore {
   readonly blobsDir: string;
   readonly tmpDir: string;
+  private readonly reservePath: string;
+  private readonly retained: RetainBudget;
   /** Unlinks in progress: a fill of the same digest must not rename into place before one ends. */
   private readonly removing = new Map<string, Promise<void>>();
 
-  constructor(readonly root: string) {
+  /**
+   * `fillMemory`: bytes of downloads in progress that all fills together keep in memory for
+   * clients a little behind (fill.ts); clients further behind read the temp file.
+   */
+  constructor(
+    readonly root: string,
+    fillMemory = 64 * 1024 * 1024,
+  ) {
+    this.retained = new RetainBudget(fillMemory);
     this.blobsDir = join(root, 'blobs');
     this.tmpDir = join(root, 'tmp');
+    this.reservePath = join(root, 'index.reserve');
+  }
+
+  /** Creates the directories of the layout. */
+  async createLayout(): Promise<void> {
+    await mkdir(this.blobsDir, { recursive: true });
+    await mkdir(this.tmpDir, { recursive: true });
   }
 
   /** Creates the layout and (with `sweep`) removes temp files a crash left behind. */
   async init(sweep = true): Promise<number> {
-    await mkdir(this.blobsDir, { recursive: true });
-    await mkdir(this.tmpDir, { recursive: true });
+    await this.createLayout();
     if (!sweep) return 0;
     const leftovers = await readdir(this.tmpDir);
     await Promise.all(leftovers.map((f) => rm(join(this.tmpDir, f), { force: true, recursive: true })));
@@ -78,7 +110,7 @@ export class BlobStore {
   async createFill(digest: string, size: number | undefined): Promise<Fill> {
     const tmpPath = join(this.tmpDir, `${digest.replace(':', '-')}.${randomBytes(6).toString('hex')}`);
     const handle = await open(tmpPath, 'w+', 0o644);
-    return new Fill(digest, size, tmpPath, this.path(digest), handle, () => this.removing.get(digest));
+    return new Fill(digest, size, tmpPath, this.path(digest), handle, () => this.removing.get(digest), this.retained);
   }
 
   /**
@@ -94,6 +126,31 @@ export class BlobStore {
     });
     this.removing.set(digest, tracked);
     return tracked;
+  }
+
+  /** Writes the index's reserve file (`bytes` of zeros); a partial one is removed. */
+  async writeReserve(bytes: number): Promise<void> {
+    try {
+      await writeFile(this.reservePath, Buffer.alloc(bytes));
+    } catch (err) {
+      await rm(this.reservePath, { force: true });
+      throw err;
+    }
+  }
+
+  /** Deletes the reserve file, synchronously: it makes room for an index write about to be retried. */
+  dropReserve(): void {
+    rmSync(this.reservePath, { force: true });
+  }
+
+  /** Bytes of downloads on disk that fills still keep in memory for readers behind them. */
+  get retainedBytes(): number {
+    return this.retained.used;
+  }
+
+  /** Whether the file of `digest` is being deleted right now. */
+  isRemoving(digest: string): boolean {
+    return this.removing.has(digest);
   }
 
   /** Bytes free for this (non-root) process on the cache's filesystem. */

@@ -73,7 +73,7 @@ export interface Dropped {
 }
 
 export interface DbOptions {
-  /** Bytes of manifests kept in memory in front of SQLite; 0: none (one-shot commands). */
+  /** Bytes of manifests kept in memory in front of SQLite; 0: none. */
   manifestMemory?: number;
 }
 

@@ -20,9 +20,17 @@ const WRITE_WINDOW = 4 * 1024 * 1024;
 /**
  * Bytes already on disk a fill keeps in memory for readers a little behind the network, so such
  * a reader takes them from memory instead of reading the temp file back (a copy, a buffer and a
- * thread-pool round trip per chunk).
+ * thread-pool round trip per chunk). All fills together keep at most their RetainBudget: a reader
+ * further behind, or one that stopped reading, reads the temp file instead, so memory never
+ * follows the slowest client.
  */
 const RETAIN_WINDOW = 16 * 1024 * 1024;
+
+/** The bytes of received chunks that all fills together keep for readers behind the download. */
+export class RetainBudget {
+  used = 0;
+  constructor(readonly limit: number) {}
+}
 
 /** filling → verified (digest and size checked: the last byte may go out) → committed (renamed into place), or failed. */
 type FillState = 'filling' | 'verified' | 'committed' | 'failed';
@@ -39,6 +47,8 @@ export class Fill extends EventEmitter {
   /** Offset of each chunk in `chunks`, for lookups by position. */
   private offsets: number[] = [];
   private memStart = 0;
+  /** What this fill has counted in the shared budget. */
+  private counted = 0;
   /** Index in `chunks` of the first chunk not yet handed to the writer loop. */
   private unwritten = 0;
   private pendingBytes = 0;
@@ -59,6 +69,7 @@ export class Fill extends EventEmitter {
     readonly finalPath: string,
     private handle: FileHandle | undefined,
     private readonly removal: () => Promise<void> | undefined = () => undefined,
+    private readonly budget = new RetainBudget(RETAIN_WINDOW),
   ) {
     super();
     this.setMaxListeners(0);
@@ -162,23 +173,36 @@ export class Fill extends EventEmitter {
     return b.subarray(from, from + Math.min(max, b.length - from));
   }
 
-  /** Drops retained chunks that are on disk and either every reader has passed or exceed RETAIN_WINDOW. */
+  /**
+   * Drops retained chunks that are on disk and that every reader has passed, or that exceed
+   * RETAIN_WINDOW or the budget shared by all fills.
+   */
   trim(): void {
     let slowest = Infinity;
     for (const r of this.readers) slowest = Math.min(slowest, r.position);
     let drop = 0;
     let retained = this.written - this.memStart;
+    const others = this.budget.used - this.counted;
     while (drop < this.unwritten) {
       const end = this.offsets[drop]! + this.chunks[drop]!.length;
-      if (end > slowest && retained <= RETAIN_WINDOW) break;
+      if (end > slowest && retained <= RETAIN_WINDOW && others + retained <= this.budget.limit) break;
       retained -= this.chunks[drop]!.length;
       drop++;
     }
-    if (drop === 0) return;
-    this.chunks.splice(0, drop);
-    this.offsets.splice(0, drop);
-    this.unwritten -= drop;
-    this.memStart = this.offsets[0] ?? this.written;
+    if (drop > 0) {
+      this.chunks.splice(0, drop);
+      this.offsets.splice(0, drop);
+      this.unwritten -= drop;
+      this.memStart = this.offsets[0] ?? this.written;
+    }
+    this.count();
+  }
+
+  /** Brings this fill's share of the budget up to date: on-disk bytes still in memory. */
+  private count(): void {
+    const retained = Math.max(0, this.written - this.memStart);
+    this.budget.used += retained - this.counted;
+    this.counted = retained;
   }
 
   /** Readers register so trim() knows how far behind the slowest is. */
@@ -217,6 +241,7 @@ export class Fill extends EventEmitter {
     this.offsets = [];
     this.unwritten = 0;
     this.memStart = this.received;
+    this.count();
     this.pendingBytes = 0;
     this.writeError ??= err;
     this.releaseWindow();

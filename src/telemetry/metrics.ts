@@ -40,9 +40,9 @@ export class Metrics {
 
   readonly upstreamOffline = this.gauge('ocicache_upstream_offline', '1 when the upstream is in offline mode (served from the cache only).', ['upstream']);
 
-  readonly rateLimited = this.counter('ocicache_upstream_rate_limited_total', '429 answers from upstreams.', ['upstream']);
+  readonly rateLimited = this.counter('ocicache_upstream_rate_limited_total', '429 answers from upstreams (each blocks its repository, or the whole upstream, for its Retry-After).', ['upstream']);
 
-  readonly upstreamRefused = this.counter('ocicache_upstream_refused_total', 'Requests answered without calling the upstream, by why (offline, breaker, retry_after, queue_timeout).', ['upstream', 'reason']);
+  readonly upstreamRefused = this.counter('ocicache_upstream_refused_total', 'Requests answered without calling the upstream, by why (offline, breaker, retry_after, queue_timeout, not_found_cached).', ['upstream', 'reason']);
 
   readonly ratelimitLimit = this.gauge('ocicache_upstream_ratelimit_limit', "The upstream's ratelimit-limit header (Docker Hub: pulls per window).", ['upstream']);
 

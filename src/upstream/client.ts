@@ -1,9 +1,9 @@
 /**
  * Speaks the distribution API to upstream registries over one undici Agent that follows
- * redirects. Handles anonymous and credentialed bearer tokens and Basic auth, maps every upstream
- * failure to an OciError, and always consumes or destroys response bodies it does not hand on.
+ * redirects. Every request passes the upstream's gate; 401s are answered with tokens or Basic auth
+ * (tokens.ts); recent 404s are answered from memory (not-found.ts). Maps every upstream failure to
+ * an OciError (responses.ts), and always consumes or destroys response bodies it does not hand on.
  */
-import { LRUCache } from 'lru-cache';
 import { Agent, interceptors, type Dispatcher } from 'undici';
 import { systemClock, type Clock } from '../core/clock.js';
 import type { Config, UpstreamConfig } from '../core/config.js';
@@ -11,13 +11,13 @@ import { OciError, type ErrorCode } from '../core/errors.js';
 import { FULL_ACCEPT, MAX_MANIFEST_BYTES } from '../core/media-types.js';
 import type { Metrics } from '../telemetry/metrics.js';
 import type { Target } from '../core/api-path.js';
-import { SingleFlight } from '../core/single-flight.js';
 import { Gate } from './gate.js';
+import { NotFoundMemory } from './not-found.js';
+import { contentLength, header, readLimited, statusError, tooLarge, transportError, untilAborted, type Body } from './responses.js';
+import { Authorizer } from './tokens.js';
 import { parseWwwAuthenticate, type Challenge } from './www-authenticate.js';
 
 export type RequestKind = 'manifest' | 'blob' | 'tags' | 'referrers' | 'token';
-type Body = Dispatcher.ResponseData['body'];
-type Headers = Dispatcher.ResponseData['headers'];
 
 export interface ManifestResponse {
   body: Buffer;
@@ -40,61 +40,46 @@ export interface BlobResponse {
   start: number;
 }
 
-/** Token endpoints say "expires_in"; without it a token lives 60 s (distribution token spec). */
-const DEFAULT_TOKEN_SECONDS = 60;
+/**
+ * What bounds one exchange with the upstream. `signal()` aborts it: the total deadline of a small
+ * exchange, made when its first request goes out (waiting for the gate's slot or pace is the
+ * gate's own limit), or a fill's own deadline. `client` is the part of it that fires when the
+ * client left (only for requests no other client shares): such an end is no fault of the upstream's.
+ */
+interface Bounds {
+  repository: string;
+  signal(): AbortSignal | undefined;
+  client?: AbortSignal;
+}
+
+/** How a small exchange's answer is checked: the code of its 404, and the key it is remembered by (NotFoundMemory). */
+interface Expect {
+  notFound: ErrorCode;
+  remember?: string;
+}
+
 const MAX_SMALL_BODY = MAX_MANIFEST_BYTES;
-
-function header(headers: Headers, name: string): string | undefined {
-  const v = headers[name];
-  return Array.isArray(v) ? v[0] : v;
-}
-
-function contentLength(headers: Headers): number | undefined {
-  const v = header(headers, 'content-length');
-  return v !== undefined && /^\d+$/.test(v) ? Number(v) : undefined;
-}
-
-/** Reads a small body whole, refusing anything above `limit` without buffering it. */
-async function readLimited(body: Body, limit: number, what: string): Promise<Buffer> {
-  const chunks: Buffer[] = [];
-  let total = 0;
-  for await (const chunk of body) {
-    total += (chunk as Buffer).length;
-    if (total > limit) {
-      body.destroy();
-      throw new OciError('MANIFEST_INVALID', `${what} exceeds ${limit} bytes`, { detail: { limit } });
-    }
-    chunks.push(chunk as Buffer);
-  }
-  return Buffer.concat(chunks, total);
-}
-
-/** Hosts share a trust boundary when equal, or when their last two DNS labels are (registry-1.docker.io, auth.docker.io). */
-function sameSite(a: string, b: string): boolean {
-  if (a === b) return true;
-  if (/^[\d.]+$|:/.test(a) || /^[\d.]+$|:/.test(b)) return false;
-  const site = (h: string): string => h.split('.').slice(-2).join('.');
-  return site(a) === site(b);
-}
+const MAX_ERROR_BODY = 64 * 1024;
 
 export class UpstreamClient {
   private readonly dispatcher: Dispatcher;
   private readonly agent: Agent;
-  /** Authorization header values by (upstream, scope), kept until the token expires. */
-  private readonly authCache = new LRUCache<string, string>({ max: 10_000, ttlAutopurge: false });
-  private readonly tokenFlights = new SingleFlight<string | undefined>();
+  private readonly auth: Authorizer;
   private readonly gates = new Map<string, Gate>();
+  private readonly notFound: NotFoundMemory;
 
   constructor(
-    private readonly config: Pick<Config, 'timeouts' | 'upstreams' | 'offline'>,
+    private readonly config: Pick<Config, 'timeouts' | 'upstreams' | 'offline' | 'cache'>,
     private readonly metrics: Metrics,
     now: Clock = systemClock,
   ) {
+    this.notFound = new NotFoundMemory(config.cache.notFoundTtl, now, metrics);
     for (const u of config.upstreams) this.gates.set(u.name, new Gate(u, config.offline, config.timeouts.manifest, metrics, now));
     this.agent = new Agent({ connect: { timeout: config.timeouts.connect }, keepAliveTimeout: 30_000, connections: 64 });
     // Cross-origin hops (a blob's 307 to a CDN or S3) lose Authorization in undici's redirect
     // handler (lib/handler/redirect-handler.js shouldRemoveHeader); S3 refuses requests carrying both.
     this.dispatcher = this.agent.compose(interceptors.redirect({ maxRedirections: 5 }));
+    this.auth = new Authorizer(this.dispatcher, config.timeouts.manifest, metrics, (name) => this.gate(name));
   }
 
   async close(): Promise<void> {
@@ -106,39 +91,51 @@ export class UpstreamClient {
     return this.gates.get(upstream)!;
   }
 
+  /*
+   * Every exchange but a blob download (manifests, tag lists, referrers, HEADs) is bounded in
+   * total by timeouts.manifest from its first request on: headers and body, both tries of a 401
+   * and the wait for a token. An upstream trickling a body cannot hold a connection and a gate
+   * slot for longer; the deadline is a failure for the breaker. Tag lists and referrers, asked
+   * for one client, also end when `signal` (that client leaving) fires; manifests are shared
+   * between clients by single-flight (cache/manifests.ts), so only the deadline ends them.
+   */
+
   async getManifest(target: Target, reference: string, accept = FULL_ACCEPT): Promise<ManifestResponse> {
-    const res = await this.send(target, 'manifest', 'GET', `manifests/${reference}`, { accept });
-    await this.expectOk(res, target.upstream, 'manifest', 'MANIFEST_UNKNOWN');
-    const announced = contentLength(res.headers);
-    if (announced !== undefined && announced > MAX_MANIFEST_BYTES) {
-      res.body.destroy();
-      throw new OciError('MANIFEST_INVALID', `manifest of ${announced} bytes exceeds ${MAX_MANIFEST_BYTES} bytes`, { detail: { size: announced, limit: MAX_MANIFEST_BYTES } });
-    }
-    const body = await readLimited(res.body, MAX_MANIFEST_BYTES, 'manifest');
-    return { body, contentType: header(res.headers, 'content-type'), digest: header(res.headers, 'docker-content-digest') };
+    const expect = { notFound: 'MANIFEST_UNKNOWN' as const, remember: this.notFound.key(target, `manifest ${accept}`, reference) };
+    return this.small(target, 'manifest', 'GET', `manifests/${reference}`, { accept }, undefined, expect, undefined, async (res) => {
+      const announced = contentLength(res.headers);
+      if (announced !== undefined && announced > MAX_MANIFEST_BYTES) {
+        res.body.on('error', () => undefined).destroy();
+        throw tooLarge(target.upstream, 'manifest', MAX_MANIFEST_BYTES, 'MANIFEST_INVALID', announced);
+      }
+      const body = await readLimited(target.upstream, res.body, MAX_MANIFEST_BYTES, 'manifest', 'MANIFEST_INVALID');
+      return { body, contentType: header(res.headers, 'content-type'), digest: header(res.headers, 'docker-content-digest') };
+    });
   }
 
   async headManifest(target: Target, reference: string, accept = FULL_ACCEPT): Promise<HeadResponse> {
-    const res = await this.send(target, 'manifest', 'HEAD', `manifests/${reference}`, { accept });
-    await this.expectOk(res, target.upstream, 'manifest', 'MANIFEST_UNKNOWN');
-    await res.body.dump();
-    return { contentType: header(res.headers, 'content-type'), digest: header(res.headers, 'docker-content-digest'), size: contentLength(res.headers) };
+    const expect = { notFound: 'MANIFEST_UNKNOWN' as const, remember: this.notFound.key(target, `manifest ${accept}`, reference) };
+    return this.small(target, 'manifest', 'HEAD', `manifests/${reference}`, { accept }, undefined, expect, undefined, headResponse);
   }
 
   async headBlob(target: Target, digest: string): Promise<HeadResponse> {
-    const res = await this.send(target, 'blob', 'HEAD', `blobs/${digest}`, {});
-    await this.expectOk(res, target.upstream, 'blob', 'BLOB_UNKNOWN');
-    await res.body.dump();
-    return { contentType: header(res.headers, 'content-type'), digest: header(res.headers, 'docker-content-digest'), size: contentLength(res.headers) };
+    const expect = { notFound: 'BLOB_UNKNOWN' as const, remember: this.notFound.key(target, 'blob', digest) };
+    return this.small(target, 'blob', 'HEAD', `blobs/${digest}`, {}, undefined, expect, undefined, headResponse);
   }
 
   /**
    * Starts a blob download, from byte `from` when resuming (RFC 9110 §14.2). `signal` is the
-   * fill's own deadline, never a client's.
+   * fill's own deadline, never a client's. The gate hears how it went at the headers: a body that
+   * breaks later is the fill's to resume (cache/blobs.ts).
    */
   async getBlob(target: Target, digest: string, signal: AbortSignal, from = 0): Promise<BlobResponse> {
-    const res = await this.send(target, 'blob', 'GET', `blobs/${digest}`, from > 0 ? { range: `bytes=${from}-` } : {}, undefined, signal);
-    await this.expectOk(res, target.upstream, 'blob', 'BLOB_UNKNOWN');
+    const expect = { notFound: 'BLOB_UNKNOWN' as const, remember: this.notFound.key(target, 'blob', digest) };
+    this.notFound.check(target.upstream.name, expect.remember);
+    const bounds = { repository: target.name, signal: () => signal };
+    const res = await this.send(target, 'blob', 'GET', `blobs/${digest}`, from > 0 ? { range: `bytes=${from}-` } : {}, undefined, bounds, async (r) => {
+      await this.expectOk(r, target, 'blob', expect);
+      return r;
+    });
     if (res.statusCode === 206) {
       const m = /^bytes (\d+)-(\d+)\/(\d+|\*)$/.exec(header(res.headers, 'content-range') ?? '');
       if (!m || Number(m[1]) !== from) {
@@ -150,205 +147,212 @@ export class UpstreamClient {
     return { body: res.body, size: contentLength(res.headers), start: 0 };
   }
 
-  async listTags(target: Target, query: URLSearchParams): Promise<{ body: Buffer; hasNext: boolean }> {
-    const res = await this.send(target, 'tags', 'GET', 'tags/list', { accept: 'application/json' }, query);
-    await this.expectOk(res, target.upstream, 'tags', 'NAME_UNKNOWN');
-    const body = await readLimited(res.body, MAX_SMALL_BODY, 'tag list');
-    return { body, hasNext: /rel="?next"?/.test(header(res.headers, 'link') ?? '') };
+  /** `signal`: the client left; the request is its alone, so it ends with it. */
+  async listTags(target: Target, query: URLSearchParams, signal?: AbortSignal): Promise<{ body: Buffer; hasNext: boolean }> {
+    return this.small(target, 'tags', 'GET', 'tags/list', { accept: 'application/json' }, query, { notFound: 'NAME_UNKNOWN' }, signal, async (res) => {
+      const body = await readLimited(target.upstream, res.body, MAX_SMALL_BODY, 'tag list');
+      return { body, hasNext: /rel="?next"?/.test(header(res.headers, 'link') ?? '') };
+    });
   }
 
-  /** Referrers pass through as they are; a 404 stays a 404 so clients use the tag schema fallback. */
-  async getReferrers(target: Target, digest: string, query: URLSearchParams): Promise<{ body: Buffer; contentType: string | undefined; filtersApplied: string | undefined }> {
-    const res = await this.send(target, 'referrers', 'GET', `referrers/${digest}`, { accept: 'application/vnd.oci.image.index.v1+json' }, query);
-    await this.expectOk(res, target.upstream, 'referrers', 'MANIFEST_UNKNOWN');
-    const body = await readLimited(res.body, MAX_MANIFEST_BYTES, 'referrers index');
-    return { body, contentType: header(res.headers, 'content-type'), filtersApplied: header(res.headers, 'oci-filters-applied') };
+  /** Referrers pass through as they are; a 404 stays a 404 so clients use the tag schema fallback. `signal`: as for listTags. */
+  async getReferrers(
+    target: Target,
+    digest: string,
+    query: URLSearchParams,
+    signal?: AbortSignal,
+  ): Promise<{ body: Buffer; contentType: string | undefined; filtersApplied: string | undefined }> {
+    const accept = { accept: 'application/vnd.oci.image.index.v1+json' };
+    return this.small(target, 'referrers', 'GET', `referrers/${digest}`, accept, query, { notFound: 'MANIFEST_UNKNOWN' }, signal, async (res) => {
+      // A referrers answer is an image index: refused as a manifest would be.
+      const body = await readLimited(target.upstream, res.body, MAX_MANIFEST_BYTES, 'referrers index', 'MANIFEST_INVALID');
+      return { body, contentType: header(res.headers, 'content-type'), filtersApplied: header(res.headers, 'oci-filters-applied') };
+    });
   }
 
-  /** One request, with a cached Authorization; on 401, authorize from the challenge and retry once. */
-  private async send(
+  /**
+   * One exchange that is not a blob download: checked against the 404s remembered, sent (send),
+   * its status checked (expectOk) and its body read (`read`), all within timeouts.manifest and,
+   * with `client`, until the client leaves.
+   */
+  private async small<T>(
     target: Target,
     kind: RequestKind,
     method: 'GET' | 'HEAD',
     suffix: string,
     headers: Record<string, string>,
-    query?: URLSearchParams,
-    signal?: AbortSignal,
-  ): Promise<Dispatcher.ResponseData> {
+    query: URLSearchParams | undefined,
+    expect: Expect,
+    client: AbortSignal | undefined,
+    read: (res: Dispatcher.ResponseData) => Promise<T>,
+  ): Promise<T> {
+    if (expect.remember !== undefined) this.notFound.check(target.upstream.name, expect.remember);
+    let signal: AbortSignal | undefined;
+    const start = (): AbortSignal => {
+      const deadline = AbortSignal.timeout(this.config.timeouts.manifest);
+      return client ? AbortSignal.any([deadline, client]) : deadline;
+    };
+    const bounds: Bounds = { repository: target.name, signal: () => (signal ??= start()), client };
+    return this.send(target, kind, method, suffix, headers, query, bounds, async (res) => {
+      await this.expectOk(res, target, kind, expect);
+      return read(res);
+    });
+  }
+
+  /**
+   * One request, with a cached Authorization; on 401, authorize from the challenge and retry once.
+   * `read` runs on the final answer under the gate's permit (see dispatch).
+   */
+  private async send<T>(
+    target: Target,
+    kind: RequestKind,
+    method: 'GET' | 'HEAD',
+    suffix: string,
+    headers: Record<string, string>,
+    query: URLSearchParams | undefined,
+    bounds: Bounds,
+    read: (res: Dispatcher.ResponseData) => Promise<T>,
+  ): Promise<T> {
     const { upstream, name } = target;
     const url = new URL(upstream.url);
     url.pathname = `${url.pathname.replace(/\/+$/, '')}/v2/${name}/${suffix}`;
     url.search = query?.toString() ?? '';
     const scope = `repository:${name}:pull`;
-    const cacheKey = `${upstream.name}\n${scope}`;
-    let res = await this.dispatch(upstream, kind, url, method, headers, this.authCache.get(cacheKey), signal);
-    if (res.statusCode !== 401) return res;
-    const challenges = parseWwwAuthenticate(res.headers['www-authenticate']);
-    await res.body.dump();
-    const authorization = await this.tokenFlights.do(cacheKey, () => this.authorize(upstream, challenges, scope, cacheKey));
+    type First = { value: T } | { challenges: Challenge[] };
+    const first = await this.dispatch(upstream, kind, url, method, headers, this.auth.cached(upstream, scope), bounds, async (res): Promise<First> => {
+      if (res.statusCode !== 401) return { value: await read(res) };
+      await res.body.dump();
+      return { challenges: parseWwwAuthenticate(res.headers['www-authenticate']) };
+    });
+    if (!('challenges' in first)) return first.value;
+    // The token fetch is shared by every request for this scope and has its own deadline; each
+    // waiter still gives up at its own.
+    const token = this.auth.authorize(upstream, first.challenges, scope);
+    const signal = bounds.signal();
+    let authorization: string | undefined;
+    try {
+      authorization = signal ? await untilAborted(token, signal) : await token;
+    } catch (err) {
+      throw transportError(upstream, err, bounds.client?.aborted);
+    }
     if (authorization === undefined) throw new OciError('DENIED', `upstream ${upstream.name} requires authentication`);
-    res = await this.dispatch(upstream, kind, url, method, headers, authorization, signal);
-    return res;
+    return this.dispatch(upstream, kind, url, method, headers, authorization, bounds, read);
   }
 
-  private async dispatch(
+  /**
+   * One request through the gate. The permit is reported once `read` is done with the answer: for
+   * a small exchange that is after its whole body, so a body that breaks or times out counts as a
+   * failure for the breaker; a blob's `read` returns at the headers and hands the body on. The
+   * concurrency slot is held until the body is closed, whoever reads it.
+   */
+  private async dispatch<T>(
     upstream: UpstreamConfig,
     kind: RequestKind,
     url: URL,
     method: 'GET' | 'HEAD',
     headers: Record<string, string>,
     authorization: string | undefined,
-    signal: AbortSignal | undefined,
-  ): Promise<Dispatcher.ResponseData> {
-    const isBlob = kind === 'blob';
+    bounds: Bounds,
+    read: (res: Dispatcher.ResponseData) => Promise<T>,
+  ): Promise<T> {
     const gate = this.gates.get(upstream.name)!;
-    const permit = await gate.acquire();
+    const permit = await gate.acquire(bounds.repository);
+    const signal = bounds.signal();
+    const client = bounds.client;
+    if (signal?.aborted) {
+      // The deadline passed or the client left before this request went out: the upstream is not to blame.
+      permit.done('cancelled');
+      permit.release();
+      throw transportError(upstream, signal.reason, client?.aborted);
+    }
+    let res: Dispatcher.ResponseData;
     try {
-      const res = await this.dispatcher.request({
+      res = await this.dispatcher.request({
         origin: url.origin,
         path: url.pathname + url.search,
         method,
         headers: { 'user-agent': 'ocicache', ...headers, ...(authorization ? { authorization } : {}) },
         signal,
         headersTimeout: this.config.timeouts.manifest,
-        bodyTimeout: isBlob ? this.config.timeouts.blobIdle : this.config.timeouts.manifest,
+        bodyTimeout: kind === 'blob' ? this.config.timeouts.blobIdle : this.config.timeouts.manifest,
       });
-      this.metrics.upstreamRequests.inc({ upstream: upstream.name, kind, status: String(res.statusCode) });
-      permit.done(res.statusCode >= 500 ? 'failed' : 'ok');
-      // The slot is held until the body is finished: a blob download counts as one request in flight.
-      res.body.once('close', permit.release);
-      if (res.body.destroyed) permit.release();
-      this.recordRateLimit(gate, res);
-      return res;
     } catch (err) {
-      permit.done('failed');
+      permit.done(client?.aborted ? 'cancelled' : 'failed');
       permit.release();
       this.metrics.upstreamRequests.inc({ upstream: upstream.name, kind, status: 'error' });
-      throw transportError(upstream, err);
+      throw transportError(upstream, err, client?.aborted);
+    }
+    this.metrics.upstreamRequests.inc({ upstream: upstream.name, kind, status: String(res.statusCode) });
+    res.body.once('close', permit.release);
+    if (res.body.destroyed) permit.release();
+    this.recordRateLimit(gate, res, bounds.repository);
+    const answered = res.statusCode >= 500 ? 'failed' : 'ok';
+    try {
+      const value = await read(res);
+      permit.done(answered);
+      return value;
+    } catch (err) {
+      // An OciError judged the answer (its status, an oversize body): the upstream did answer.
+      // Anything else broke the transfer: a reset, an abort, the deadline.
+      permit.done(err instanceof OciError ? answered : client?.aborted ? 'cancelled' : 'failed');
+      res.body.on('error', () => undefined).destroy();
+      throw transportError(upstream, err, client?.aborted);
     }
   }
 
-  /** 429 → honour Retry-After; Docker Hub's ratelimit-* headers ("100;w=21600") → gauges. */
-  private recordRateLimit(gate: Gate, res: Dispatcher.ResponseData): void {
+  /**
+   * 429 → honour Retry-After, for the repository asked about unless the answer says the whole
+   * upstream is limited: Docker Hub's account-wide pull limit reports `ratelimit-remaining: 0`
+   * (docs/upstreams.md, "Rate limits"). Docker Hub's ratelimit-* headers ("100;w=21600") → gauges.
+   */
+  private recordRateLimit(gate: Gate, res: Dispatcher.ResponseData, repository: string): void {
     const name = gate.upstream.name;
-    if (res.statusCode === 429) gate.rateLimited(header(res.headers, 'retry-after'));
     const limit = /^\s*(\d+)/.exec(header(res.headers, 'ratelimit-limit') ?? '');
     const remaining = /^\s*(\d+)/.exec(header(res.headers, 'ratelimit-remaining') ?? '');
+    if (res.statusCode === 429) gate.rateLimited(header(res.headers, 'retry-after'), remaining && Number(remaining[1]) === 0 ? undefined : repository);
     if (limit) this.metrics.ratelimitLimit.set({ upstream: name }, Number(limit[1]));
     if (remaining) this.metrics.ratelimitRemaining.set({ upstream: name }, Number(remaining[1]));
   }
 
-  /** Returns the Authorization value to use, or undefined when the challenge can't be answered. */
-  private async authorize(upstream: UpstreamConfig, challenges: Challenge[], scope: string, cacheKey: string): Promise<string | undefined> {
-    const bearer = challenges.find((c) => c.scheme === 'bearer');
-    const basic = challenges.find((c) => c.scheme === 'basic');
-    const credentials = upstream.auth ? `Basic ${Buffer.from(`${upstream.auth.username}:${upstream.auth.password}`).toString('base64')}` : undefined;
-    if (bearer?.params.realm) {
-      const token = await this.fetchToken(upstream, bearer, scope, credentials);
-      this.authCache.set(cacheKey, `Bearer ${token.value}`, { ttl: token.ttl });
-      return `Bearer ${token.value}`;
+  /**
+   * Throws the OciError for a non-2xx answer, its body read or dumped. A 404 is remembered under
+   * `expect.remember` (NotFoundMemory), a 2xx forgets it.
+   */
+  private async expectOk(res: Dispatcher.ResponseData, target: Target, kind: RequestKind, expect: Expect): Promise<void> {
+    if (res.statusCode >= 200 && res.statusCode < 300) {
+      if (expect.remember !== undefined) this.notFound.forget(expect.remember);
+      return;
     }
-    if (basic && credentials) {
-      this.authCache.set(cacheKey, credentials, { ttl: 3_600_000 });
-      return credentials;
-    }
-    return undefined;
-  }
-
-  private async fetchToken(upstream: UpstreamConfig, challenge: Challenge, scope: string, credentials: string | undefined): Promise<{ value: string; ttl: number }> {
-    let realm: URL;
-    try {
-      realm = new URL(challenge.params.realm!);
-    } catch {
-      throw new OciError('DENIED', `upstream ${upstream.name} sent an invalid token realm`);
-    }
-    // The realm is chosen by the upstream: dial it, and send it credentials, only inside the
-    // upstream's trust boundary (distribution registry/proxy/proxyauth.go realmAllowed).
-    const allowed =
-      upstream.tokenRealms.includes(realm.origin) ||
-      (sameSite(realm.hostname, upstream.url.hostname) && (realm.protocol === 'https:' || realm.hostname === upstream.url.hostname));
-    if (!allowed || (realm.protocol !== 'https:' && realm.protocol !== 'http:')) {
-      throw new OciError('DENIED', `token realm ${realm.origin} is outside upstream ${upstream.name}; list it in upstreams[].tokenRealms to trust it`);
-    }
-    const service = challenge.params.service;
-    if (service !== undefined) realm.searchParams.set('service', service);
-    const scopes = new Set((challenge.params.scope ?? '').split(' ').filter(Boolean));
-    scopes.add(scope);
-    for (const s of [...scopes].sort()) realm.searchParams.append('scope', s);
-    let res: Dispatcher.ResponseData;
-    try {
-      res = await this.dispatcher.request({
-        origin: realm.origin,
-        path: realm.pathname + realm.search,
-        method: 'GET',
-        headers: { 'user-agent': 'ocicache', ...(credentials ? { authorization: credentials } : {}) },
-        headersTimeout: this.config.timeouts.manifest,
-        bodyTimeout: this.config.timeouts.manifest,
-      });
-    } catch (err) {
-      this.metrics.upstreamRequests.inc({ upstream: upstream.name, kind: 'token', status: 'error' });
-      throw transportError(upstream, err);
-    }
-    this.metrics.upstreamRequests.inc({ upstream: upstream.name, kind: 'token', status: String(res.statusCode) });
-    if (res.statusCode !== 200) {
-      await res.body.dump();
-      if (res.statusCode === 401 || res.statusCode === 403) throw new OciError('DENIED', `token server refused access to ${upstream.name}`);
-      throw statusError(upstream, 'token', res.statusCode, res.headers, 'UNKNOWN');
-    }
-    let json: { token?: unknown; access_token?: unknown; expires_in?: unknown };
-    try {
-      json = JSON.parse((await readLimited(res.body, 1024 * 1024, 'token response')).toString('utf8')) as typeof json;
-    } catch {
-      throw new OciError('UNKNOWN', `token server for ${upstream.name} sent an invalid answer`, { status: 502 });
-    }
-    const value = typeof json.access_token === 'string' && json.access_token ? json.access_token : json.token;
-    if (typeof value !== 'string' || value === '') throw new OciError('UNKNOWN', `token server for ${upstream.name} sent no token`, { status: 502 });
-    const seconds = typeof json.expires_in === 'number' && json.expires_in > 0 ? json.expires_in : DEFAULT_TOKEN_SECONDS;
-    // Renew a little before expiry so an in-flight request never carries a dead token.
-    return { value, ttl: Math.max(1000, (seconds - Math.min(30, seconds / 4)) * 1000) };
-  }
-
-  private async expectOk(res: Dispatcher.ResponseData, upstream: UpstreamConfig, kind: RequestKind, notFound: ErrorCode): Promise<void> {
-    if (res.statusCode >= 200 && res.statusCode < 300) return;
     let code: string | undefined;
     let message: string | undefined;
     if (res.statusCode === 404) {
       // Keep the upstream's own *_UNKNOWN code when it sent a proper OCI envelope.
+      let text: Buffer | undefined;
       try {
-        const json = JSON.parse((await readLimited(res.body, 64 * 1024, 'error body')).toString('utf8')) as { errors?: Array<{ code?: string; message?: string }> };
+        text = await readLimited(target.upstream, res.body, MAX_ERROR_BODY, 'error body');
+      } catch (err) {
+        if (!(err instanceof OciError)) throw err; // a broken transfer; too long is merely no envelope
+      }
+      try {
+        const json = JSON.parse(text?.toString('utf8') ?? '') as { errors?: Array<{ code?: string; message?: string }> };
         code = json.errors?.[0]?.code;
         message = json.errors?.[0]?.message;
       } catch {
         /* not JSON: use the default code */
       }
     } else {
-      await res.body.dump().catch(() => undefined);
+      await res.body.dump();
     }
-    const keep = code === 'NAME_UNKNOWN' || code === 'MANIFEST_UNKNOWN' || code === 'BLOB_UNKNOWN' ? (code as ErrorCode) : notFound;
-    throw statusError(upstream, kind, res.statusCode, res.headers, keep, message);
+    const keep = code === 'NAME_UNKNOWN' || code === 'MANIFEST_UNKNOWN' || code === 'BLOB_UNKNOWN' ? (code as ErrorCode) : expect.notFound;
+    const retryAfter = res.statusCode === 429 ? this.gate(target.upstream.name).retryAfterFor(target.name) : 0;
+    const err = statusError(target.upstream, kind, res.statusCode, keep, message, retryAfter);
+    if (res.statusCode === 404 && expect.remember !== undefined) this.notFound.remember(expect.remember, err);
+    throw err;
   }
 }
 
-function statusError(upstream: UpstreamConfig | undefined, kind: string, status: number, headers: Headers, notFound: ErrorCode, message?: string): OciError {
-  const from = upstream ? ` ${upstream.name}` : '';
-  if (status === 404) return new OciError(notFound, message);
-  if (status === 401 || status === 403) return new OciError('DENIED', `upstream${from} refused access (${status})`);
-  if (status === 429) {
-    const retryAfter = header(headers, 'retry-after');
-    return new OciError('TOOMANYREQUESTS', `upstream${from} is rate limiting`, { headers: retryAfter ? { 'retry-after': retryAfter } : {} });
-  }
-  if (status >= 500) return new OciError('UNAVAILABLE', `upstream${from} failed with ${status} for ${kind}`, { status: 502 });
-  return new OciError('UNKNOWN', `upstream${from} answered ${status} for ${kind}`, { status: 502 });
-}
-
-const TIMEOUT_CODES = new Set(['UND_ERR_CONNECT_TIMEOUT', 'UND_ERR_HEADERS_TIMEOUT', 'UND_ERR_BODY_TIMEOUT', 'ETIMEDOUT', 'ABORT_ERR', 'TimeoutError']);
-
-function transportError(upstream: UpstreamConfig, err: unknown): OciError {
-  if (err instanceof OciError) return err;
-  const e = err as { code?: string; name?: string; message?: string };
-  const timedOut = TIMEOUT_CODES.has(e.code ?? '') || TIMEOUT_CODES.has(e.name ?? '');
-  return new OciError('UNAVAILABLE', `upstream ${upstream.name} ${timedOut ? 'timed out' : 'is unreachable'}`, {
-    status: timedOut ? 504 : 503,
-    cause: err,
-  });
+/** A HEAD's answer: its headers are the descriptor. */
+async function headResponse(res: Dispatcher.ResponseData): Promise<HeadResponse> {
+  await res.body.dump();
+  return { contentType: header(res.headers, 'content-type'), digest: header(res.headers, 'docker-content-digest'), size: contentLength(res.headers) };
 }

@@ -1,11 +1,13 @@
 /**
  * What stands between the cache and one upstream: offline mode, a circuit breaker, the upstream's
- * own Retry-After, and limits on concurrent requests and request rate. Every request to the
- * upstream takes a permit here first; a refusal is an OciError cache/manifests.ts treats as
- * "upstream unavailable", so cached tags are still served. A cache must absorb a fleet's pulls, not
+ * own Retry-After (for one repository, or for the whole upstream), and limits on concurrent
+ * requests and request rate. Every request to the upstream takes a permit here first; a refusal
+ * is an OciError cache/manifests.ts treats as "upstream unavailable", so cached tags are still
+ * served. A cache must absorb a fleet's pulls, not
  * multiply them, and must go quiet after a 429 (docs/upstreams.md, "Thundering herds" and "Rate
  * limits: 429, Retry-After and `ratelimit-*`").
  */
+import { LRUCache } from 'lru-cache';
 import type { Clock } from '../core/clock.js';
 import type { UpstreamConfig } from '../core/config.js';
 import { OciError } from '../core/errors.js';
@@ -14,8 +16,11 @@ import type { Metrics } from '../telemetry/metrics.js';
 export type BreakerState = 'closed' | 'open' | 'half-open';
 const STATE_VALUE: Record<BreakerState, number> = { closed: 0, open: 1, 'half-open': 2 };
 
-/** Without a usable Retry-After, a 429 keeps the upstream quiet this long. */
+/** Without a usable Retry-After, a 429 keeps the upstream quiet this long (at most maxRetryAfter). */
 export const DEFAULT_RETRY_AFTER_MS = 30_000;
+
+/** Repositories with a pending Retry-After remembered at once; the least recently limited go first. */
+const MAX_LIMITED_REPOSITORIES = 10_000;
 
 interface Waiter {
   resolve: () => void;
@@ -24,8 +29,13 @@ interface Waiter {
 }
 
 export interface Permit {
-  /** Report how the request went: 'ok' for any HTTP answer below 500, 'failed' for transport errors and 5xx. */
-  done(outcome: 'ok' | 'failed'): void;
+  /**
+   * Report how the request went, once: 'ok' for any HTTP answer below 500, 'failed' for transport
+   * errors (also while reading a body) and 5xx, 'cancelled' when it ended for a reason that says
+   * nothing about the upstream (the client left, the deadline passed before it was sent): the
+   * breaker neither counts it nor waits for it, and a half-open breaker lets the next request probe.
+   */
+  done(outcome: 'ok' | 'failed' | 'cancelled'): void;
   /** Frees the concurrency slot (when the response body is finished). Idempotent. */
   release(): void;
 }
@@ -35,7 +45,10 @@ export class Gate {
   private failures = 0;
   private openUntil = 0;
   private probing = false;
+  /** Retry-After of a 429 that holds for the whole upstream. */
   private blockedUntil = 0;
+  /** Retry-After of 429s that held for one repository, by repository name. */
+  private readonly repositoryBlockedUntil = new LRUCache<string, number>({ max: MAX_LIMITED_REPOSITORIES });
   private active = 0;
   private readonly queue: Waiter[] = [];
   /** GCRA: the theoretical arrival time of the next request. */
@@ -56,9 +69,18 @@ export class Gate {
     return this.globalOffline || this.upstream.offline;
   }
 
-  /** Seconds until a 429's Retry-After passes; 0 when not blocked. */
+  /** Seconds until an upstream-wide 429's Retry-After passes; 0 when not blocked (the status page's "rate limited"). */
   get retryAfterSeconds(): number {
-    return Math.max(0, Math.ceil((this.blockedUntil - this.now()) / 1000));
+    return this.secondsUntil(this.blockedUntil);
+  }
+
+  /** Seconds until requests for `repository` may go out again: the longer of the upstream's and the repository's wait. */
+  retryAfterFor(repository: string): number {
+    return Math.max(this.retryAfterSeconds, this.secondsUntil(this.repositoryBlockedUntil.get(repository) ?? 0));
+  }
+
+  private secondsUntil(until: number): number {
+    return Math.max(0, Math.ceil((until - this.now()) / 1000));
   }
 
   private refuse(reason: string, err: OciError): never {
@@ -66,12 +88,18 @@ export class Gate {
     throw err;
   }
 
-  async acquire(): Promise<Permit> {
+  /** A permit for one request, for `repository` when it is about one (Retry-After may hold for it alone). */
+  async acquire(repository?: string): Promise<Permit> {
     const name = this.upstream.name;
     if (this.offline) this.refuse('offline', new OciError('UNAVAILABLE', `upstream ${name} is offline: serving from the cache only`));
     const wait = this.retryAfterSeconds;
     if (wait > 0) {
       this.refuse('retry_after', new OciError('TOOMANYREQUESTS', `upstream ${name} asked to wait ${wait}s (Retry-After)`, { headers: { 'retry-after': String(wait) } }));
+    }
+    const repositoryWait = repository === undefined ? 0 : this.retryAfterFor(repository);
+    if (repositoryWait > 0) {
+      const headers = { 'retry-after': String(repositoryWait) };
+      this.refuse('retry_after', new OciError('TOOMANYREQUESTS', `upstream ${name} asked to wait ${repositoryWait}s for ${repository} (Retry-After)`, { headers }));
     }
     let probe = false;
     if (this.state === 'open') {
@@ -101,7 +129,7 @@ export class Gate {
         reported = true;
         if (probe) this.probing = false;
         if (outcome === 'ok') this.succeeded();
-        else this.failed();
+        else if (outcome === 'failed') this.failed();
       },
       release: () => {
         if (released) return;
@@ -112,16 +140,26 @@ export class Gate {
     };
   }
 
-  /** A 429: no calls to this upstream until Retry-After (seconds or an HTTP date) has passed. */
-  rateLimited(retryAfter: string | undefined): void {
+  /**
+   * A 429: no calls for `repository`, or to the whole upstream without one, until Retry-After
+   * (seconds or an HTTP date) has passed. Bounded by maxRetryAfter: one answer, hostile or broken,
+   * must not switch off a repository or an upstream for long (docs/upstreams.md, "Rate limits").
+   * Returns the seconds requests now wait (0 when maxRetryAfter is 0).
+   */
+  rateLimited(retryAfter: string | undefined, repository?: string): number {
     let ms = DEFAULT_RETRY_AFTER_MS;
     if (retryAfter !== undefined) {
       if (/^\d+$/.test(retryAfter.trim())) ms = Number(retryAfter.trim()) * 1000;
       else if (!Number.isNaN(Date.parse(retryAfter))) ms = Date.parse(retryAfter) - this.now();
     }
-    // Bounded: a hostile or broken header must not switch an upstream off for days.
-    this.blockedUntil = Math.max(this.blockedUntil, this.now() + Math.min(Math.max(ms, 0), 3_600_000));
+    const until = this.now() + Math.min(Math.max(ms, 0), this.upstream.maxRetryAfter);
     this.metrics.rateLimited.inc({ upstream: this.upstream.name });
+    if (repository === undefined) {
+      this.blockedUntil = Math.max(this.blockedUntil, until);
+      return this.retryAfterSeconds;
+    }
+    this.repositoryBlockedUntil.set(repository, Math.max(this.repositoryBlockedUntil.get(repository) ?? 0, until));
+    return this.retryAfterFor(repository);
   }
 
   private succeeded(): void {

@@ -25,6 +25,8 @@ export interface ProxyOptions {
   defaultUpstream?: string;
   cache?: Record<string, unknown>;
   storage?: Record<string, unknown>;
+  /** server.* keys over the test defaults (loopback, a port the kernel picks, 2 s shutdown) */
+  server?: Record<string, unknown>;
   admin?: Record<string, unknown>;
   timeouts?: Record<string, unknown>;
   root?: string;
@@ -50,7 +52,7 @@ export async function startProxy(t: Scope, options: ProxyOptions): Promise<Proxy
   const root = options.root ?? mkdtempSync(join(tmpdir(), 'ocicache-cache-'));
   const config = buildConfig(
     {
-      server: { host: '127.0.0.1', port: 0, shutdownTimeout: '2s' },
+      server: { host: '127.0.0.1', port: 0, shutdownTimeout: '2s', ...options.server },
       log: { level: 'silent' },
       storage: { root, ...options.storage },
       admin: options.admin,

@@ -1,0 +1,101 @@
+/**
+ * Reading upstream answers: headers, small bodies within a limit, and the one mapping of upstream
+ * statuses and transport failures to OciError, for the registry client and its token fetches.
+ */
+import type { Dispatcher } from 'undici';
+import type { UpstreamConfig } from '../core/config.js';
+import { OciError, type ErrorCode } from '../core/errors.js';
+
+export type Body = Dispatcher.ResponseData['body'];
+export type Headers = Dispatcher.ResponseData['headers'];
+
+export function header(headers: Headers, name: string): string | undefined {
+  const v = headers[name];
+  return Array.isArray(v) ? v[0] : v;
+}
+
+export function contentLength(headers: Headers): number | undefined {
+  const v = header(headers, 'content-length');
+  return v !== undefined && /^\d+$/.test(v) ? Number(v) : undefined;
+}
+
+/**
+ * An upstream body above what the cache accepts: the upstream's fault, never the client's, so 502.
+ * `code` says what was refused: MANIFEST_INVALID for a manifest or a referrers index (an image
+ * index), so the client learns what was wrong; UNKNOWN for anything else. MANIFEST_INVALID is
+ * deliberately not "upstream unavailable" (core/errors.ts isUpstreamUnavailable): a tag that moved
+ * to a manifest the cache refuses answers this error, not its old digest as STALE.
+ */
+export function tooLarge(upstream: UpstreamConfig, what: string, limit: number, code: ErrorCode, size?: number): OciError {
+  return new OciError(code, `upstream ${upstream.name} sent a ${what} larger than ${limit} bytes`, { status: 502, detail: size === undefined ? { limit } : { size, limit } });
+}
+
+/**
+ * Reads a small body whole, refusing anything above `limit` without buffering it (tooLarge). A
+ * transport failure while reading (reset, abort, deadline) is thrown as it came: the caller maps
+ * it with transportError and reports it to the breaker.
+ */
+export async function readLimited(upstream: UpstreamConfig, body: Body, limit: number, what: string, code: ErrorCode = 'UNKNOWN'): Promise<Buffer> {
+  const chunks: Buffer[] = [];
+  let total = 0;
+  for await (const chunk of body) {
+    total += (chunk as Buffer).length;
+    if (total > limit) {
+      body.on('error', () => undefined).destroy();
+      throw tooLarge(upstream, what, limit, code);
+    }
+    chunks.push(chunk as Buffer);
+  }
+  return Buffer.concat(chunks, total);
+}
+
+/**
+ * An upstream's error status as the OciError a client gets. `retryAfter`: the seconds the gate now
+ * keeps requests away after a 429 (what the client is told to wait), 0 for none.
+ */
+export function statusError(upstream: UpstreamConfig, kind: string, status: number, notFound: ErrorCode, message?: string, retryAfter = 0): OciError {
+  if (status === 404) return new OciError(notFound, message);
+  if (status === 401 || status === 403) return new OciError('DENIED', `upstream ${upstream.name} refused access (${status})`);
+  if (status === 429) {
+    return new OciError('TOOMANYREQUESTS', `upstream ${upstream.name} is rate limiting`, { headers: retryAfter > 0 ? { 'retry-after': String(retryAfter) } : {} });
+  }
+  if (status >= 500) return new OciError('UNAVAILABLE', `upstream ${upstream.name} failed with ${status} for ${kind}`, { status: 502 });
+  return new OciError('UNKNOWN', `upstream ${upstream.name} answered ${status} for ${kind}`, { status: 502 });
+}
+
+const TIMEOUT_CODES = new Set(['UND_ERR_CONNECT_TIMEOUT', 'UND_ERR_HEADERS_TIMEOUT', 'UND_ERR_BODY_TIMEOUT', 'ETIMEDOUT', 'ABORT_ERR', 'TimeoutError']);
+
+/**
+ * Any failure to get an answer, before the headers or while reading the body: UNAVAILABLE, 504 when
+ * it timed out, else 503. `clientGone`: the request was cancelled because its client left; said so,
+ * as nobody is waiting for the answer but the log.
+ */
+export function transportError(upstream: UpstreamConfig, err: unknown, clientGone = false): OciError {
+  if (err instanceof OciError) return err;
+  if (clientGone) return new OciError('UNAVAILABLE', `request to upstream ${upstream.name} cancelled: the client went away`, { cause: err });
+  const e = err as { code?: string; name?: string };
+  const timedOut = TIMEOUT_CODES.has(e.code ?? '') || TIMEOUT_CODES.has(e.name ?? '');
+  return new OciError('UNAVAILABLE', `upstream ${upstream.name} ${timedOut ? 'timed out' : 'is unreachable'}`, {
+    status: timedOut ? 504 : 503,
+    cause: err,
+  });
+}
+
+/** `p`, or the signal's reason as soon as it aborts: a caller's deadline bounds its wait for a shared flight. */
+export function untilAborted<T>(p: Promise<T>, signal: AbortSignal): Promise<T> {
+  if (signal.aborted) return Promise.reject(signal.reason as Error);
+  return new Promise<T>((resolve, reject) => {
+    const abort = (): void => reject(signal.reason as Error);
+    signal.addEventListener('abort', abort, { once: true });
+    p.then(
+      (v) => {
+        signal.removeEventListener('abort', abort);
+        resolve(v);
+      },
+      (err: unknown) => {
+        signal.removeEventListener('abort', abort);
+        reject(err as Error);
+      },
+    );
+  });
+}

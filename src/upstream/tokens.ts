@@ -1,0 +1,135 @@
+/**
+ * Authorizing requests to upstreams: Basic credentials, or a bearer token fetched from the realm
+ * a 401's challenge names (distribution token authentication), kept per (upstream, scope) until
+ * it expires. One token fetch per scope at a time, shared by every request waiting for it, so it
+ * has its own deadline (timeouts.manifest) rather than any one request's.
+ */
+import { LRUCache } from 'lru-cache';
+import type { Dispatcher } from 'undici';
+import type { UpstreamConfig } from '../core/config.js';
+import { OciError } from '../core/errors.js';
+import { SingleFlight } from '../core/single-flight.js';
+import type { Metrics } from '../telemetry/metrics.js';
+import type { Gate } from './gate.js';
+import { header, readLimited, statusError, transportError } from './responses.js';
+import type { Challenge } from './www-authenticate.js';
+
+/** Token endpoints say "expires_in"; without it a token lives 60 s (distribution token spec). */
+const DEFAULT_TOKEN_SECONDS = 60;
+const MAX_TOKEN_BODY = 1024 * 1024;
+
+export class Authorizer {
+  /** Authorization header values by (upstream, scope), kept until the token expires. */
+  private readonly cache = new LRUCache<string, string>({ max: 10_000, ttlAutopurge: false });
+  private readonly flights = new SingleFlight<string | undefined>();
+
+  constructor(
+    private readonly dispatcher: Dispatcher,
+    /** timeouts.manifest: the whole token exchange, headers and body. */
+    private readonly timeout: number,
+    private readonly metrics: Metrics,
+    private readonly gate: (upstream: string) => Gate,
+  ) {}
+
+  /** The Authorization value known for (upstream, scope), if any. */
+  cached(upstream: UpstreamConfig, scope: string): string | undefined {
+    return this.cache.get(key(upstream, scope));
+  }
+
+  /** The Authorization value answering a 401's challenges, or undefined when they can't be answered. */
+  authorize(upstream: UpstreamConfig, challenges: Challenge[], scope: string): Promise<string | undefined> {
+    const cacheKey = key(upstream, scope);
+    return this.flights.do(cacheKey, () => this.answer(upstream, challenges, scope, cacheKey));
+  }
+
+  private async answer(upstream: UpstreamConfig, challenges: Challenge[], scope: string, cacheKey: string): Promise<string | undefined> {
+    const bearer = challenges.find((c) => c.scheme === 'bearer');
+    const basic = challenges.find((c) => c.scheme === 'basic');
+    const credentials = upstream.auth ? `Basic ${Buffer.from(`${upstream.auth.username}:${upstream.auth.password}`).toString('base64')}` : undefined;
+    if (bearer?.params.realm) {
+      const token = await this.fetchToken(upstream, bearer, scope, credentials);
+      this.cache.set(cacheKey, `Bearer ${token.value}`, { ttl: token.ttl });
+      return `Bearer ${token.value}`;
+    }
+    if (basic && credentials) {
+      this.cache.set(cacheKey, credentials, { ttl: 3_600_000 });
+      return credentials;
+    }
+    return undefined;
+  }
+
+  private async fetchToken(upstream: UpstreamConfig, challenge: Challenge, scope: string, credentials: string | undefined): Promise<{ value: string; ttl: number }> {
+    let realm: URL;
+    try {
+      realm = new URL(challenge.params.realm!);
+    } catch {
+      throw new OciError('DENIED', `upstream ${upstream.name} sent an invalid token realm`);
+    }
+    // The realm is chosen by the upstream: dial it, and send it credentials, only inside the
+    // upstream's trust boundary (distribution registry/proxy/proxyauth.go realmAllowed).
+    const allowed =
+      upstream.tokenRealms.includes(realm.origin) ||
+      (sameSite(realm.hostname, upstream.url.hostname) && (realm.protocol === 'https:' || realm.hostname === upstream.url.hostname));
+    if (!allowed || (realm.protocol !== 'https:' && realm.protocol !== 'http:')) {
+      throw new OciError('DENIED', `token realm ${realm.origin} is outside upstream ${upstream.name}; list it in upstreams[].tokenRealms to trust it`);
+    }
+    const service = challenge.params.service;
+    if (service !== undefined) realm.searchParams.set('service', service);
+    const scopes = new Set((challenge.params.scope ?? '').split(' ').filter(Boolean));
+    scopes.add(scope);
+    for (const s of [...scopes].sort()) realm.searchParams.append('scope', s);
+    let res: Dispatcher.ResponseData;
+    let text: Buffer;
+    try {
+      // Shared by every waiter for the scope: its own total deadline, no client's.
+      res = await this.dispatcher.request({
+        origin: realm.origin,
+        path: realm.pathname + realm.search,
+        method: 'GET',
+        headers: { 'user-agent': 'ocicache', ...(credentials ? { authorization: credentials } : {}) },
+        signal: AbortSignal.timeout(this.timeout),
+        headersTimeout: this.timeout,
+        bodyTimeout: this.timeout,
+      });
+    } catch (err) {
+      this.metrics.upstreamRequests.inc({ upstream: upstream.name, kind: 'token', status: 'error' });
+      throw transportError(upstream, err);
+    }
+    this.metrics.upstreamRequests.inc({ upstream: upstream.name, kind: 'token', status: String(res.statusCode) });
+    try {
+      if (res.statusCode !== 200) {
+        await res.body.dump();
+        if (res.statusCode === 401 || res.statusCode === 403) throw new OciError('DENIED', `token server refused access to ${upstream.name}`);
+        // A token server serves every repository: its 429 holds for the whole upstream.
+        const wait = res.statusCode === 429 ? this.gate(upstream.name).rateLimited(header(res.headers, 'retry-after')) : 0;
+        throw statusError(upstream, 'token', res.statusCode, 'UNKNOWN', undefined, wait);
+      }
+      text = await readLimited(upstream, res.body, MAX_TOKEN_BODY, 'token response');
+    } catch (err) {
+      throw transportError(upstream, err);
+    }
+    let json: { token?: unknown; access_token?: unknown; expires_in?: unknown };
+    try {
+      json = JSON.parse(text.toString('utf8')) as typeof json;
+    } catch {
+      throw new OciError('UNKNOWN', `token server for ${upstream.name} sent an invalid answer`, { status: 502 });
+    }
+    const value = typeof json.access_token === 'string' && json.access_token ? json.access_token : json.token;
+    if (typeof value !== 'string' || value === '') throw new OciError('UNKNOWN', `token server for ${upstream.name} sent no token`, { status: 502 });
+    const seconds = typeof json.expires_in === 'number' && json.expires_in > 0 ? json.expires_in : DEFAULT_TOKEN_SECONDS;
+    // Renew a little before expiry so an in-flight request never carries a dead token.
+    return { value, ttl: Math.max(1000, (seconds - Math.min(30, seconds / 4)) * 1000) };
+  }
+}
+
+function key(upstream: UpstreamConfig, scope: string): string {
+  return `${upstream.name}\n${scope}`;
+}
+
+/** Hosts share a trust boundary when equal, or when their last two DNS labels are (registry-1.docker.io, auth.docker.io). */
+function sameSite(a: string, b: string): boolean {
+  if (a === b) return true;
+  if (/^[\d.]+$|:/.test(a) || /^[\d.]+$|:/.test(b)) return false;
+  const site = (h: string): string => h.split('.').slice(-2).join('.');
+  return site(a) === site(b);
+}
