@@ -50,7 +50,9 @@ admin:
 serviceMonitor: {enabled: true}
 dashboard: {enabled: true}
 config:
-  cache: {notFoundTtl: 1m}
+  server: {maxConnectionsPerAddress: 0, idleTimeout: 5m}
+  cache: {notFoundTtl: 1m, fillMemory: 32MiB}
+  storage: {maxBlobSize: 8GiB}
   upstreamDefaults: {maxRetryAfter: 2m}
   upstreams:
     - name: docker.io
@@ -111,6 +113,9 @@ test('helm chart: lint --strict, template, Kubernetes schemas, rendered config, 
         assert.deepEqual(ghcr.auth, { username: 'bot', passwordFile: '/etc/ocicache/secrets/ghcr-password' });
         assert.deepEqual(parse(configText).admin, { tokenFile: '/etc/ocicache/admin/token' });
         assert.deepEqual([config.cache.notFoundTtl, ...config.upstreams.map((u) => u.maxRetryAfter)], [60_000, 120_000, 10_000]);
+        // Client limits pass through; where the server listens stays the chart's.
+        assert.deepEqual([config.server.host, config.server.port, config.server.maxConnectionsPerAddress, config.server.idleTimeout], ['0.0.0.0', 5000, 0, 300_000]);
+        assert.deepEqual([config.cache.fillMemory, config.storage.maxBlobSize], [32 * 1024 ** 2, 8 * 1024 ** 3]);
         assert.ok(kinds.includes('Secret') && kinds.includes('ServiceMonitor'));
         const dash = docs.find((d) => d.metadata.name === 'cache-ocicache-dashboard')!;
         assert.equal(JSON.parse(dash.data!['ocicache.json']!).uid, 'ocicache');

@@ -31,8 +31,11 @@ export interface BlobResult {
   cache: CacheResult;
 }
 
-/** Thrown to every waiter of a fill that could not start because storage is full: each streams through instead. */
+/** Thrown to every waiter of a fill that could not start (storage full, or a blob above storage.maxBlobSize): each streams through instead. */
 class StorageUnavailable extends Error {}
+
+/** How often a download under way checks that the filesystem still has storage.minFree free. */
+const ROOM_CHECK_MS = 1000;
 
 /** The upstream's body ended before the size it announced: the transfer broke, so it may be resumed. */
 class BodyEndedEarly extends Error {}
@@ -55,7 +58,7 @@ export class Blobs {
   private readonly fillAbort = new AbortController();
 
   constructor(
-    private readonly config: Pick<Config, 'timeouts'>,
+    private readonly config: Pick<Config, 'timeouts' | 'storage'>,
     private readonly store: BlobStore,
     private readonly upstream: UpstreamClient,
     private readonly lifecycle: Lifecycle,
@@ -180,11 +183,12 @@ export class Blobs {
     const upstream = target.upstream.name;
     const signal = AbortSignal.any([this.fillAbort.signal, AbortSignal.timeout(this.config.timeouts.fill)]);
     const res = await this.upstream.getBlob(target, digest, signal);
-    const room = await this.lifecycle.guard.reserve(res.size);
+    const tooLarge = res.size !== undefined && res.size > this.config.storage.maxBlobSize;
+    const room = tooLarge ? undefined : await this.lifecycle.guard.reserve(res.size);
     let fill: Fill;
     try {
       if (!room) throw new StorageUnavailable();
-      fill = await this.store.createFill(digest, res.size);
+      fill = await this.store.createFill(digest, res.size, this.config.storage.maxBlobSize);
     } catch (err) {
       room?.release();
       discard(res.body);
@@ -193,6 +197,13 @@ export class Blobs {
       throw err;
     }
     room.written = () => fill.written;
+    // Something else may fill the filesystem meanwhile, or a download of unknown size may grow:
+    // stop before the disk is full rather than at ENOSPC, when the index could no longer be written.
+    const roomCheck = setInterval(() => {
+      void this.lifecycle.guard.enoughRoom().then((ok) => {
+        if (!ok) void fill.fail(Object.assign(new Error(`less than storage.minFree free on the cache filesystem: download of ${digest} stopped`), { code: 'ENOSPC' }));
+      });
+    }, ROOM_CHECK_MS).unref();
     this.metrics.fillsInFlight.inc();
     const release = this.lifecycle.pin(digest);
     const done = this.download(target, fill, res, signal)
@@ -210,6 +221,7 @@ export class Blobs {
         },
       )
       .finally(() => {
+        clearInterval(roomCheck);
         room.release();
         release();
         this.metrics.fillsInFlight.dec();

@@ -100,6 +100,16 @@ export class StorageGuard {
     return entry.room;
   }
 
+  /** Whether the filesystem still has storage.minFree free; downloads under way check it as they grow. */
+  async enoughRoom(): Promise<boolean> {
+    try {
+      return (await this.store.freeBytes()) >= this.config.storage.minFree;
+    } catch {
+      // statfs failing says nothing about the fill's own writes: those fail on their own.
+      return true;
+    }
+  }
+
   private outstanding(): number {
     let bytes = 0;
     for (const { size, room } of this.rooms) bytes += Math.max(0, size - room.written());

@@ -70,8 +70,10 @@ export interface Config {
     /** Eviction starts above highWatermark percent of maxSize and stops at lowWatermark percent (as in the YAML). */
     highWatermark: number;
     lowWatermark: number;
-    /** Free space to leave on the filesystem: below it new blobs stream through uncached. */
+    /** Free space to leave on the filesystem: below it new blobs stream through uncached, and downloads under way stop. */
     minFree: number;
+    /** Larger blobs stream through uncached; a download without a size is cut off here. */
+    maxBlobSize: number;
   };
   /** notFoundTtl: how long an upstream 404 for a manifest or blob is remembered; 0: not at all. */
   /** fillMemory: bytes of downloads in progress kept in memory for clients a little behind, across all fills. */
@@ -274,7 +276,7 @@ export function buildConfig(doc: unknown, env: NodeJS.ProcessEnv = process.env, 
   applyEnv(root, env);
   const server = section(root, 'server', 'server', ['host', 'port', 'shutdownTimeout', 'trustProxy', 'headersTimeout', 'requestTimeout', 'idleTimeout', 'maxConnections', 'maxConnectionsPerAddress']);
   const log = section(root, 'log', 'log', ['level']);
-  const storage = section(root, 'storage', 'storage', ['root', 'maxSize', 'highWatermark', 'lowWatermark', 'minFree']);
+  const storage = section(root, 'storage', 'storage', ['root', 'maxSize', 'highWatermark', 'lowWatermark', 'minFree', 'maxBlobSize']);
   const admin = section(root, 'admin', 'admin', ['token', 'tokenEnv', 'tokenFile']);
   const defaultPolicy = policy(section(root, 'upstreamDefaults', 'upstreamDefaults', [...POLICY_KEYS]), 'upstreamDefaults', {
     offline: false,
@@ -339,11 +341,12 @@ export function buildConfig(doc: unknown, env: NodeJS.ProcessEnv = process.env, 
       highWatermark,
       lowWatermark,
       minFree: size(storage.minFree ?? '256MiB', 'storage.minFree'),
+      maxBlobSize: size(storage.maxBlobSize ?? '32GiB', 'storage.maxBlobSize'),
     },
     cache: {
       tagTtl,
       manifestMemory: size(cache.manifestMemory ?? '64MiB', 'cache.manifestMemory'),
-      fillMemory: size(cache.fillMemory ?? '64MiB', 'cache.fillMemory'),
+      fillMemory: size(cache.fillMemory ?? '16MiB', 'cache.fillMemory'),
       notFoundTtl: duration(cache.notFoundTtl ?? '30s', 'cache.notFoundTtl'),
     },
     offline: bool({ offline: root.offline }, 'offline', '', false),

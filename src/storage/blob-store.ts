@@ -18,7 +18,8 @@ import { mkdir, open, readdir, rm, stat, statfs, unlink, writeFile, type FileHan
 import { join } from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import { splitDigest, type Algorithm } from '../core/digest.js';
-import { Fill, RetainBudget } from './fill.js';
+import { FillMemory } from './fill-memory.js';
+import { Fill } from './fill.js';
 
 /** File-system errors that mean "cannot cache now" (full, read-only, failing disk) rather than a bug. */
 const STORAGE_ERRORS = new Set(['ENOSPC', 'EDQUOT', 'EROFS', 'EACCES', 'EPERM', 'EIO']);
@@ -42,19 +43,19 @@ export class BlobStore {
   readonly blobsDir: string;
   readonly tmpDir: string;
   private readonly reservePath: string;
-  private readonly retained: RetainBudget;
+  private readonly fillMemory: FillMemory;
   /** Unlinks in progress: a fill of the same digest must not rename into place before one ends. */
   private readonly removing = new Map<string, Promise<void>>();
 
   /**
-   * `fillMemory`: bytes of downloads in progress that all fills together keep in memory for
-   * clients a little behind (fill.ts); clients further behind read the temp file.
+   * `fillMemory`: memory all fills share for clients a little behind and for their write
+   * windows (fill.ts FillMemory); clients further behind read the temp file.
    */
   constructor(
     readonly root: string,
-    fillMemory = 64 * 1024 * 1024,
+    fillMemory = 16 * 1024 * 1024,
   ) {
-    this.retained = new RetainBudget(fillMemory);
+    this.fillMemory = new FillMemory(fillMemory);
     this.blobsDir = join(root, 'blobs');
     this.tmpDir = join(root, 'tmp');
     this.reservePath = join(root, 'index.reserve');
@@ -107,10 +108,11 @@ export class BlobStore {
     }
   }
 
-  async createFill(digest: string, size: number | undefined): Promise<Fill> {
+  /** A fill of `digest` into a new temp file; `limit`: the most bytes it may take when `size` is unknown. */
+  async createFill(digest: string, size: number | undefined, limit?: number): Promise<Fill> {
     const tmpPath = join(this.tmpDir, `${digest.replace(':', '-')}.${randomBytes(6).toString('hex')}`);
     const handle = await open(tmpPath, 'w+', 0o644);
-    return new Fill(digest, size, tmpPath, this.path(digest), handle, () => this.removing.get(digest), this.retained);
+    return new Fill(digest, size, tmpPath, this.path(digest), handle, () => this.removing.get(digest), this.fillMemory, limit);
   }
 
   /**
@@ -145,7 +147,7 @@ export class BlobStore {
 
   /** Bytes of downloads on disk that fills still keep in memory for readers behind them. */
   get retainedBytes(): number {
-    return this.retained.used;
+    return this.fillMemory.retained;
   }
 
   /** Whether the file of `digest` is being deleted right now. */

@@ -13,24 +13,17 @@ import { mkdir, open, rename, rm, type FileHandle } from 'node:fs/promises';
 import { dirname } from 'node:path';
 import { Readable, Writable } from 'node:stream';
 import { DigestVerifier } from '../core/digest.js';
+import { OciError } from '../core/errors.js';
+import { FillMemory, MIN_WRITE_WINDOW } from './fill-memory.js';
 
 const READ_CHUNK = 256 * 1024;
-/** How far disk writes may lag behind the network per fill before the upstream is paused (memory bound). */
-const WRITE_WINDOW = 4 * 1024 * 1024;
 /**
  * Bytes already on disk a fill keeps in memory for readers a little behind the network, so such
  * a reader takes them from memory instead of reading the temp file back (a copy, a buffer and a
- * thread-pool round trip per chunk). All fills together keep at most their RetainBudget: a reader
- * further behind, or one that stopped reading, reads the temp file instead, so memory never
- * follows the slowest client.
+ * thread-pool round trip per chunk).
  */
 const RETAIN_WINDOW = 16 * 1024 * 1024;
 
-/** The bytes of received chunks that all fills together keep for readers behind the download. */
-export class RetainBudget {
-  used = 0;
-  constructor(readonly limit: number) {}
-}
 
 /** filling → verified (digest and size checked: the last byte may go out) → committed (renamed into place), or failed. */
 type FillState = 'filling' | 'verified' | 'committed' | 'failed';
@@ -47,7 +40,7 @@ export class Fill extends EventEmitter {
   /** Offset of each chunk in `chunks`, for lookups by position. */
   private offsets: number[] = [];
   private memStart = 0;
-  /** What this fill has counted in the shared budget. */
+  /** What this fill has counted in memory.retained. */
   private counted = 0;
   /** Index in `chunks` of the first chunk not yet handed to the writer loop. */
   private unwritten = 0;
@@ -69,11 +62,20 @@ export class Fill extends EventEmitter {
     readonly finalPath: string,
     private handle: FileHandle | undefined,
     private readonly removal: () => Promise<void> | undefined = () => undefined,
-    private readonly budget = new RetainBudget(RETAIN_WINDOW),
+    private readonly memory = new FillMemory(RETAIN_WINDOW),
+    /** Most bytes a fill of unknown size may receive (storage.maxBlobSize). */
+    private readonly limit = Number.MAX_SAFE_INTEGER,
   ) {
     super();
     this.setMaxListeners(0);
     this.verifier = new DigestVerifier(digest, size);
+    this.memory.fills++;
+  }
+
+  /** This fill writes no more: its write window goes back to the others. */
+  private finished(): void {
+    if (this.state === 'committed' || this.state === 'failed') return;
+    this.memory.fills--;
   }
 
   /** Bytes received and hashed, in order: on disk, or still in `chunks` past `written`. */
@@ -84,15 +86,18 @@ export class Fill extends EventEmitter {
   /**
    * The sink to pipe the upstream body into. Each chunk is hashed and handed to readers from
    * memory at once; a writer loop puts it on disk behind them. Readers are never held up by the
-   * disk unless it falls more than WRITE_WINDOW behind the network (then the upstream is paused).
+   * disk unless it falls more than the write window behind the network (then the upstream is paused).
    */
   sink(): Writable {
     return new Writable({
-      highWaterMark: 1024 * 1024,
+      highWaterMark: MIN_WRITE_WINDOW,
       write: (chunk: Buffer, _enc, cb) => {
         if (this.writeError) return cb(this.writeError);
         if (this.state !== 'filling') return cb(new Error('fill is closed'));
         const at = this.received;
+        if (this.size === undefined && at + chunk.length > this.limit) {
+          return cb(new OciError('UNKNOWN', `upstream sent more than storage.maxBlobSize (${this.limit} bytes) without announcing a size`, { status: 502 }));
+        }
         try {
           this.verifier.update(chunk);
         } catch (err) {
@@ -103,7 +108,7 @@ export class Fill extends EventEmitter {
         this.pendingBytes += chunk.length;
         this.emit('progress');
         this.pumpWrites();
-        if (this.pendingBytes < WRITE_WINDOW) return cb();
+        if (this.pendingBytes < this.memory.writeWindow) return cb();
         this.windowWaiters.push(cb);
       },
       final: (cb) => {
@@ -130,7 +135,7 @@ export class Fill extends EventEmitter {
           this.pendingBytes -= total;
           this.written += total;
           this.trim();
-          if (this.pendingBytes < WRITE_WINDOW) this.releaseWindow();
+          if (this.pendingBytes < this.memory.writeWindow) this.releaseWindow();
         }
       } catch (err) {
         this.writeError = err as Error;
@@ -175,17 +180,17 @@ export class Fill extends EventEmitter {
 
   /**
    * Drops retained chunks that are on disk and that every reader has passed, or that exceed
-   * RETAIN_WINDOW or the budget shared by all fills.
+   * RETAIN_WINDOW or the memory shared by all fills.
    */
   trim(): void {
     let slowest = Infinity;
     for (const r of this.readers) slowest = Math.min(slowest, r.position);
     let drop = 0;
     let retained = this.written - this.memStart;
-    const others = this.budget.used - this.counted;
+    const others = this.memory.retained - this.counted;
     while (drop < this.unwritten) {
       const end = this.offsets[drop]! + this.chunks[drop]!.length;
-      if (end > slowest && retained <= RETAIN_WINDOW && others + retained <= this.budget.limit) break;
+      if (end > slowest && retained <= RETAIN_WINDOW && others + retained <= this.memory.limit) break;
       retained -= this.chunks[drop]!.length;
       drop++;
     }
@@ -198,10 +203,10 @@ export class Fill extends EventEmitter {
     this.count();
   }
 
-  /** Brings this fill's share of the budget up to date: on-disk bytes still in memory. */
+  /** Brings this fill's share of the retained bytes up to date: on-disk bytes still in memory. */
   private count(): void {
     const retained = Math.max(0, this.written - this.memStart);
-    this.budget.used += retained - this.counted;
+    this.memory.retained += retained - this.counted;
     this.counted = retained;
   }
 
@@ -226,6 +231,7 @@ export class Fill extends EventEmitter {
     await mkdir(dirname(this.finalPath), { recursive: true });
     await this.removal()?.catch(() => undefined);
     await rename(this.tmpPath, this.finalPath);
+    this.finished();
     this.state = 'committed';
     this.emit('progress');
     return this.written;
@@ -234,6 +240,7 @@ export class Fill extends EventEmitter {
   /** Removes the temp file and fails every reader: a client must never see a complete-looking wrong body. */
   async fail(err: Error): Promise<void> {
     if (this.state === 'committed' || this.state === 'failed') return;
+    this.finished();
     this.state = 'failed';
     this.error = err;
     this.emit('progress');

@@ -29,7 +29,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{/* The config file: values.config with the container's fixed paths and secrets as files. */}}
 {{- define "ocicache.config" -}}
 {{- $c := deepCopy .Values.config -}}
-{{- $_ := set $c "server" (dict "host" "0.0.0.0" "port" 5000 "shutdownTimeout" "30s") -}}
+{{- $server := deepCopy ($c.server | default dict) -}}
+{{- $_ := set $c "server" (merge (dict "host" "0.0.0.0" "port" 5000 "shutdownTimeout" "30s") $server) -}}
 {{- $storage := $c.storage | default dict -}}
 {{- $_ := set $storage "root" "/data" -}}
 {{- $_ := set $c "storage" $storage -}}
