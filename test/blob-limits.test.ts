@@ -4,16 +4,14 @@
  * filesystem falls below storage.minFree, before the disk is full.
  */
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { existsSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { existsSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import test from 'node:test';
 import { startProxyWithFake } from './helpers/fake-upstream.js';
 import { blobFile, fetchBody, metric, metricsText } from './helpers/proxy.js';
 import { sha256 } from './helpers/seed.js';
-import { needRoot, until } from './helpers/tools.js';
+import { mountTmpfs, needRoot, until } from './helpers/tools.js';
 
 const MiB = 1024 * 1024;
 
@@ -64,13 +62,7 @@ test('a blob of unknown size is cut off at storage.maxBlobSize: the client sees 
 
 test('a download stops when the filesystem falls below storage.minFree, before it is full', async (t) => {
   if (!needRoot(t, 'mounting a small tmpfs')) return;
-  const root = mkdtempSync(join(tmpdir(), 'ocicache-minfree-'));
-  const mount = spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=32m', 'tmpfs', root], { encoding: 'utf8' });
-  assert.equal(mount.status, 0, `mount tmpfs: ${mount.stderr}`);
-  t.after(() => {
-    spawnSync('umount', ['-l', root]);
-    rmSync(root, { recursive: true, force: true });
-  });
+  const root = mountTmpfs(t, '32m');
   const { fake, proxy } = await startProxyWithFake(t, { blobRetries: 0 }, { root, storage: { minFree: '8MiB' } });
   const digest = sha256('grows until the disk is nearly full');
   const upstream = endless();

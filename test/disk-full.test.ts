@@ -4,17 +4,15 @@
  * without being stored, access times wait in memory, and everything is written once space returns.
  */
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { appendFileSync, existsSync, mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { appendFileSync, existsSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import test from 'node:test';
 import Database from 'better-sqlite3';
 import { startDistribution } from './helpers/distribution.js';
 import { blobFile, metric, metricsText, pullImage, startProxy, testClock, type Proxy } from './helpers/proxy.js';
 import { image, Pusher } from './helpers/seed.js';
-import { needRoot, until } from './helpers/tools.js';
+import { mountTmpfs, needRoot, until } from './helpers/tools.js';
 
 const MiB = 1024 * 1024;
 
@@ -50,13 +48,7 @@ test('disk at 100%: the process keeps serving, stores nothing, and catches up wh
   await push.pushImage('team/first', 'v1', first);
   await push.pushImage('team/second', 'v1', second);
 
-  const root = mkdtempSync(join(tmpdir(), 'ocicache-full-'));
-  const mount = spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=24m', 'tmpfs', root], { encoding: 'utf8' });
-  assert.equal(mount.status, 0, `mount tmpfs: ${mount.stderr}`);
-  t.after(() => {
-    spawnSync('umount', ['-l', root]);
-    rmSync(root, { recursive: true, force: true });
-  });
+  const root = mountTmpfs(t, '24m');
   const clock = testClock();
   const proxy = await startProxy(t, { root, clock, upstreams: [{ name: 'docker.io', url: registry.url, tagTtl: '1h' }], storage: { minFree: '1MiB' } });
   assert.deepEqual(await pull(proxy, 'team/first'), ['MISS', 'MISS', 'MISS']);

@@ -4,11 +4,9 @@
  * `ocicache verify` repairing a damaged cache, and a full disk that still serves pulls.
  */
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { get as httpGet, type IncomingMessage } from 'node:http';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import test, { type TestContext } from 'node:test';
 import Database from 'better-sqlite3';
@@ -17,7 +15,7 @@ import { runCli, writeConfig } from './helpers/cli.js';
 import { startDistribution, type Distribution } from './helpers/distribution.js';
 import { blobFile, metric, metricsText, pullImage, startProxy, testClock, type Proxy } from './helpers/proxy.js';
 import { image, Pusher, sha256, type Image } from './helpers/seed.js';
-import { needRoot, tempDir, until } from './helpers/tools.js';
+import { mountTmpfs, needRoot, tempDir, until } from './helpers/tools.js';
 
 const MiB = 1024 * 1024;
 
@@ -235,13 +233,7 @@ test('disk full: blobs stream through uncached with a warning and a metric; cach
   const img = image({ 'layer.bin': randomBytes(16 * MiB) });
   const registry = await seeded(t, { 'team/app:v1': img });
   if (!registry) return;
-  const root = mkdtempSync(join(tmpdir(), 'ocicache-tmpfs-'));
-  const mount = spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=40m', 'tmpfs', root], { encoding: 'utf8' });
-  assert.equal(mount.status, 0, `mount tmpfs: ${mount.stderr}`);
-  t.after(() => {
-    spawnSync('umount', ['-l', root]);
-    rmSync(root, { recursive: true, force: true });
-  });
+  const root = mountTmpfs(t, '40m');
   // Something else fills the filesystem: 12 MiB stay free, too few for a 16 MiB layer.
   const filler = join(root, 'other-data.bin');
   writeFileSync(filler, Buffer.alloc(28 * MiB));

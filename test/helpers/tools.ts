@@ -60,6 +60,18 @@ export function tempDir(t: Scope, prefix: string): string {
   return dir;
 }
 
+/** A fresh tmpfs of `size` (e.g. '24m') mounted on a new directory, unmounted and removed when the test ends (needs root). */
+export function mountTmpfs(t: Scope, size: string): string {
+  const dir = mkdtempSync(join(tmpdir(), 'ocicache-tmpfs-'));
+  const mount = spawnSync('mount', ['-t', 'tmpfs', '-o', `size=${size}`, 'tmpfs', dir], { encoding: 'utf8' });
+  assert.equal(mount.status, 0, `mount tmpfs: ${mount.stderr}`);
+  t.after(() => {
+    spawnSync('umount', ['-l', dir]);
+    rmSync(dir, { recursive: true, force: true });
+  });
+  return dir;
+}
+
 /** A loopback port that was free a moment ago (for programs that cannot be told to use port 0). */
 export async function freePort(): Promise<number> {
   const s = createServer();
