@@ -51,7 +51,7 @@ async function world(t: TestContext, storage: Record<string, unknown>, upstreams
     mkdirSync(dirname(store.path(digest)), { recursive: true });
     writeFileSync(store.path(digest), data);
     clock.advance(1000);
-    lifecycle.added(digest, size, upstream);
+    lifecycle.added(digest, size, upstream, 'team/app');
     return digest;
   };
   const indexed = (): string[] => db.allBlobs().map((r) => r.digest).sort();
@@ -99,7 +99,7 @@ test('releasing the last pin on a blob that kept usage over the high watermark s
   const release = w.lifecycle.pin(big); // pinned by its fill before it is added, as the cache does
   mkdirSync(dirname(w.store.path(big)), { recursive: true });
   writeFileSync(w.store.path(big), 'big');
-  w.lifecycle.added(big, 950, 'docker.io'); // the size the index records is what counts
+  w.lifecycle.added(big, 950, 'docker.io', 'team/app'); // the size the index records is what counts
   assert.deepEqual(await w.lifecycle.pass('size'), result({ used: 950 }), 'nothing to take: the only blob is pinned');
   release();
   await until('the pass after the release', () => w.indexed().length === 0);

@@ -235,7 +235,7 @@ test('db: batched access times only update; a use recorded after eviction brings
     const digest = `sha256:${'a'.repeat(64)}`;
     db.touchBlobs([{ digest, size: 10, upstream: 'docker.io', at: 1000 }]);
     assert.equal(db.hasBlob(digest), false);
-    db.putBlob(digest, 10, 'docker.io', 1000);
+    db.putBlob(digest, 10, 'docker.io', 'team/app', 1000);
     db.touchBlobs([{ digest, size: 10, upstream: 'ghcr.io', at: 2000 }]);
     assert.deepEqual(db.oldestBlobs(10), [{ digest, size: 10 }]);
     assert.deepEqual(db.expiredBlobs({ 'docker.io': 1500, 'ghcr.io': 1500 }, 0), [], 'ghcr.io used it at 2000');

@@ -16,6 +16,7 @@ import { OciError } from '../core/errors.js';
 import type { Logger } from '../core/logger.js';
 import { isStorageError, type BlobStore } from '../storage/blob-store.js';
 import { DigestGuard } from '../storage/digest-guard.js';
+import type { Db } from '../storage/db.js';
 import type { Fill } from '../storage/fill.js';
 import type { Metrics } from '../telemetry/metrics.js';
 import type { BlobResponse, UpstreamClient } from '../upstream/client.js';
@@ -53,31 +54,58 @@ function fillKey(target: Target, digest: string): string {
 }
 
 export class Blobs {
-  private readonly fills = new Map<string, Promise<Fill>>();
+  /** Fills by fillKey, with the repository whose request started each. */
+  private readonly fills = new Map<string, { name: string; fill: Promise<Fill> }>();
   private readonly fillsDone = new Set<Promise<void>>();
   private readonly fillAbort = new AbortController();
 
   constructor(
     private readonly config: Pick<Config, 'timeouts' | 'storage'>,
     private readonly store: BlobStore,
+    private readonly db: Db,
     private readonly upstream: UpstreamClient,
     private readonly lifecycle: Lifecycle,
     private readonly metrics: Metrics,
     private readonly log: Logger,
   ) {}
 
-  /** Size of a blob; a HEAD never downloads one. */
+  /** Size of a blob; a HEAD never downloads one, and tells nobody what is cached for another repository. */
   async head(target: Target, digest: string): Promise<BlobResult> {
     const size = await this.store.stat(digest);
-    if (size !== undefined) return { size, range: undefined, stream: undefined, cache: 'hit' };
+    if (size !== undefined) return { size, range: undefined, stream: undefined, cache: await this.confirm(target, digest) };
     const head = await this.upstream.headBlob(target, digest);
     return { size: head.size, range: undefined, stream: undefined, cache: 'miss' };
+  }
+
+  /**
+   * Whether this repository may be served the cached copy of `digest`: 'hit' when the index knows
+   * the repository holds it, 'revalidated' when its upstream has just confirmed it with one HEAD
+   * (remembered). A digest proves the bytes, not that the client's repository, or upstream, has
+   * them: without this, a private layer once cached would be served under any name. Throws the
+   * upstream's answer (BLOB_UNKNOWN, DENIED, ...) when it does not confirm.
+   */
+  private async confirm(target: Target, digest: string): Promise<'hit' | 'revalidated'> {
+    const { upstream, name } = target;
+    if (this.db.blobHeldBy(upstream.name, name, digest)) return 'hit';
+    await this.upstream.headBlob(target, digest);
+    this.lifecycle.guard.write('blob repository', () => this.db.markBlobIn(upstream.name, name, digest));
+    return 'revalidated';
   }
 
   /** A blob from disk, tailing the (shared) fill from upstream, or straight through when storage is full. */
   async get(target: Target, digest: string, rangeHeader: string | undefined): Promise<BlobResult> {
     const opened = await this.openPinned(digest);
-    if (opened) return this.fromFile(target, digest, opened, rangeHeader);
+    if (opened) {
+      let cache: CacheResult;
+      try {
+        cache = await this.confirm(target, digest);
+      } catch (err) {
+        opened.release();
+        await opened.handle.close().catch(() => undefined);
+        throw err;
+      }
+      return this.fromFile(target, digest, opened, rangeHeader, cache);
+    }
     let fill: Fill;
     try {
       fill = await this.fillFor(target, digest);
@@ -139,7 +167,7 @@ export class Blobs {
     return undefined;
   }
 
-  private fromFile(target: Target, digest: string, opened: Opened, rangeHeader: string | undefined): BlobResult {
+  private fromFile(target: Target, digest: string, opened: Opened, rangeHeader: string | undefined, cache: CacheResult = 'hit'): BlobResult {
     const { handle, size, release } = opened;
     let range: ByteRange | undefined;
     try {
@@ -154,7 +182,7 @@ export class Blobs {
       release();
       await handle.close().catch(() => undefined);
     };
-    return { size, range, stream: undefined, file: { handle, start: range?.start ?? 0, end: range ? range.end + 1 : size, done }, cache: 'hit' };
+    return { size, range, stream: undefined, file: { handle, start: range?.start ?? 0, end: range ? range.end + 1 : size, done }, cache };
   }
 
   /** Storage is full or failing: stream the blob from upstream without caching, still verifying it. */
@@ -167,15 +195,19 @@ export class Blobs {
     return { size: res.size, range: undefined, stream: guard, cache: 'passthrough' };
   }
 
-  /** The running fill of this blob from this upstream, or a new one. */
-  private fillFor(target: Target, digest: string): Promise<Fill> {
+  /**
+   * The running fill of this blob from this upstream, or a new one. A fill another repository
+   * started is joined only once this repository is confirmed to hold the blob too.
+   */
+  private async fillFor(target: Target, digest: string): Promise<Fill> {
     const key = fillKey(target, digest);
-    let fill = this.fills.get(key);
-    if (!fill) {
-      fill = this.startFill(target, digest, key);
-      this.fills.set(key, fill);
-      fill.catch(() => this.fills.delete(key));
-    }
+    const running = this.fills.get(key);
+    if (running && running.name !== target.name) await this.confirm(target, digest);
+    const joined = this.fills.get(key);
+    if (joined) return joined.fill;
+    const fill = this.startFill(target, digest, key);
+    this.fills.set(key, { name: target.name, fill });
+    fill.catch(() => this.fills.delete(key));
     return fill;
   }
 
@@ -210,7 +242,7 @@ export class Blobs {
       .then(() => fill.commit())
       .then(
         (size) => {
-          this.lifecycle.added(digest, size, upstream);
+          this.lifecycle.added(digest, size, upstream, target.name);
           this.metrics.upstreamBytes.inc({ upstream }, size);
         },
         async (err: Error) => {

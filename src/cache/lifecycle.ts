@@ -49,7 +49,7 @@ export class Lifecycle {
   readonly guard: StorageGuard;
   /** Blobs in place whose index row a storage error held back: written by the next flush. */
   private closed = false;
-  private readonly unindexed = new Map<string, { size: number; upstream: string; at: number }>();
+  private readonly unindexed = new Map<string, { size: number; upstream: string; name: string; at: number }>();
 
   constructor(
     private readonly config: Pick<Config, 'storage' | 'upstreams'>,
@@ -101,9 +101,9 @@ export class Lifecycle {
     this.pending.set(`${digest}\n${upstream}`, { digest, size, upstream, at });
   }
 
-  /** A verified blob entered the cache (its file is in place). */
-  added(digest: string, size: number, upstream: string): void {
-    this.unindexed.set(digest, { size, upstream, at: this.now() });
+  /** A verified blob fetched from (upstream, name) entered the cache (its file is in place). */
+  added(digest: string, size: number, upstream: string, name: string): void {
+    this.unindexed.set(digest, { size, upstream, name, at: this.now() });
     this.indexAdded();
     this.report();
     this.schedule();
@@ -111,9 +111,9 @@ export class Lifecycle {
 
   /** Index rows of blobs in place; what a storage error holds back stays queued (the file is served meanwhile). */
   private indexAdded(): void {
-    for (const [digest, { size, upstream, at }] of this.unindexed) {
+    for (const [digest, { size, upstream, name, at }] of this.unindexed) {
       const known = this.db.hasBlob(digest);
-      if (!this.guard.write('blob row', () => this.db.putBlob(digest, size, upstream, at))) return;
+      if (!this.guard.write('blob row', () => this.db.putBlob(digest, size, upstream, name, at))) return;
       this.unindexed.delete(digest);
       if (!known) this.used += size;
     }

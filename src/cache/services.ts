@@ -60,7 +60,7 @@ export async function openCache(config: Config, log: Logger, options: OpenOption
   }
   const upstream = new UpstreamClient(config, metrics, clock);
   const lifecycle = new Lifecycle(config, db, store, metrics, log, clock);
-  const blobs = new Blobs(config, store, upstream, lifecycle, metrics, log);
+  const blobs = new Blobs(config, store, db, upstream, lifecycle, metrics, log);
   const manifests = new Manifests(db, lifecycle.guard, upstream, log, clock);
   return {
     config,

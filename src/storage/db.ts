@@ -9,6 +9,9 @@
  * - `blobs` mirrors the files in the blob store: a row is written only after the file is in place,
  *   and removed before the file is deleted. `last_access` drives eviction (least recent first).
  * - `blob_access` records when each upstream last used a blob, for per-upstream expiry (maxAge).
+ * - `blob_repos` records under which (upstream, name) a blob was fetched or confirmed upstream. A
+ *   cached blob is served for a repository only when this table, or a manifest seen in that
+ *   repository that points to it, says the repository holds it (blobHeldBy).
  * - Dropping a blob drops, in the same transaction, every manifest that points to it (directly or
  *   through an index) and the tags of those: no cached manifest ever points to an evicted blob.
  * Schema changes bump `user_version` and add a step to MIGRATIONS.
@@ -52,6 +55,10 @@ const MIGRATIONS = [
    CREATE TABLE blob_access (
      digest TEXT NOT NULL, upstream TEXT NOT NULL, last_access INTEGER NOT NULL,
      PRIMARY KEY (digest, upstream)) WITHOUT ROWID;`,
+  `CREATE TABLE blob_repos (
+     upstream TEXT NOT NULL, name TEXT NOT NULL, digest TEXT NOT NULL,
+     PRIMARY KEY (upstream, name, digest)) WITHOUT ROWID;
+   CREATE INDEX blob_repos_digest ON blob_repos (digest);`,
 ];
 
 export interface BlobAccess {
@@ -146,6 +153,14 @@ export class Db {
       ),
       deleteBlob: db.prepare('DELETE FROM blobs WHERE digest = ?'),
       deleteAccess: db.prepare('DELETE FROM blob_access WHERE digest = ?'),
+      deleteBlobRepos: db.prepare('DELETE FROM blob_repos WHERE digest = ?'),
+      putBlobRepo: db.prepare('INSERT OR IGNORE INTO blob_repos (upstream, name, digest) VALUES (?, ?, ?)'),
+      blobHeldBy: db.prepare<[string, string, string, string, string, string], { one: number }>(
+        `SELECT 1 AS one FROM blob_repos WHERE upstream = ? AND name = ? AND digest = ?
+         UNION ALL
+         SELECT 1 FROM refs r JOIN manifest_repos m ON m.digest = r.parent WHERE r.child = ? AND m.upstream = ? AND m.name = ?
+         LIMIT 1`,
+      ),
       deleteManifest: db.prepare('DELETE FROM manifests WHERE digest = ?'),
       deleteManifestRepos: db.prepare('DELETE FROM manifest_repos WHERE digest = ?'),
       deleteRefs: db.prepare('DELETE FROM refs WHERE parent = ?'),
@@ -225,12 +240,27 @@ export class Db {
     })();
   }
 
-  /** Indexes a blob file that was just renamed into place, and who fetched it. */
-  putBlob(digest: string, size: number, upstream: string, at: number): void {
+  /** Indexes a blob file that was just renamed into place, and from which upstream repository it came. */
+  putBlob(digest: string, size: number, upstream: string, name: string, at: number): void {
     this.db.transaction(() => {
       this.stmt.putBlob.run(digest, size, at, at);
       this.stmt.touchAccess.run(digest, upstream, at, digest);
+      this.stmt.putBlobRepo.run(upstream, name, digest);
     })();
+  }
+
+  /**
+   * Whether (upstream, name) is known to hold a blob: it was fetched or confirmed there, or a
+   * manifest seen in that repository points to it (directly; an index's children are manifests
+   * seen in the same repository).
+   */
+  blobHeldBy(upstream: string, name: string, digest: string): boolean {
+    return this.stmt.blobHeldBy.get(upstream, name, digest, digest, upstream, name) !== undefined;
+  }
+
+  /** The upstream confirmed that (upstream, name) holds a blob. */
+  markBlobIn(upstream: string, name: string, digest: string): void {
+    this.stmt.putBlobRepo.run(upstream, name, digest);
   }
 
   /** Indexes a verified file found without a row (ocicache verify). */
@@ -266,6 +296,7 @@ export class Db {
     const dropped = this.db.transaction((): Dropped => {
       this.stmt.deleteBlob.run(digest);
       this.stmt.deleteAccess.run(digest);
+      this.stmt.deleteBlobRepos.run(digest);
       return this.dropDependents(digest);
     })();
     this.forget(dropped.manifests);
@@ -315,6 +346,7 @@ export class Db {
       n += this.db.prepare('DELETE FROM manifest_repos WHERE digest NOT IN (SELECT digest FROM manifests)').run().changes;
       n += this.db.prepare('DELETE FROM refs WHERE parent NOT IN (SELECT digest FROM manifests)').run().changes;
       n += this.db.prepare('DELETE FROM blob_access WHERE digest NOT IN (SELECT digest FROM blobs)').run().changes;
+      n += this.db.prepare('DELETE FROM blob_repos WHERE digest NOT IN (SELECT digest FROM blobs)').run().changes;
       return n;
     })();
   }
