@@ -20,6 +20,7 @@ import type { Db } from '../storage/db.js';
 import type { Fill } from '../storage/fill.js';
 import type { Metrics } from '../telemetry/metrics.js';
 import type { BlobResponse, UpstreamClient } from '../upstream/client.js';
+import { transportError } from '../upstream/responses.js';
 import type { Lifecycle } from './lifecycle.js';
 
 export interface BlobResult {
@@ -233,7 +234,10 @@ export class Blobs {
     // stop before the disk is full rather than at ENOSPC, when the index could no longer be written.
     const roomCheck = setInterval(() => {
       void this.lifecycle.guard.enoughRoom().then((ok) => {
-        if (!ok) void fill.fail(Object.assign(new Error(`less than storage.minFree free on the cache filesystem: download of ${digest} stopped`), { code: 'ENOSPC' }));
+        if (!ok) {
+          const err = Object.assign(new Error(`less than storage.minFree free on the cache filesystem: download of ${digest} stopped`), { code: 'ENOSPC' });
+          void fill.fail(err, forClients(target, err));
+        }
       });
     }, ROOM_CHECK_MS).unref();
     this.metrics.fillsInFlight.inc();
@@ -249,7 +253,7 @@ export class Blobs {
           if (isStorageError(err)) this.lifecycle.guard.failed(err);
           this.metrics.fillFailures.inc({ upstream, reason: err instanceof OciError ? 'invalid' : isStorageError(err) ? 'storage' : 'transport' });
           this.log.warn({ upstream, digest, bytes: fill.received, err: err.message }, 'blob fill failed; nothing cached');
-          await fill.fail(err);
+          await fill.fail(err, forClients(target, err));
         },
       )
       .finally(() => {
@@ -314,6 +318,13 @@ function resumable(err: unknown, signal: AbortSignal): boolean {
   if (err instanceof OciError) return err.code === 'UNAVAILABLE' || err.code === 'TOOMANYREQUESTS';
   // Anything else came from the transport (undici, the socket): the transfer broke.
   return true;
+}
+
+/** What the clients reading a failed fill are told: an upstream or storage failure, never a 500. */
+function forClients(target: Target, err: Error): OciError {
+  if (err instanceof OciError) return err;
+  if (isStorageError(err)) return new OciError('UNAVAILABLE', 'the cache could not store this blob (storage full or failing): a retry streams it through uncached', { cause: err });
+  return transportError(target.upstream, err);
 }
 
 /** Drops an upstream body unread. undici errors a body destroyed before its end, and here nobody else listens. */

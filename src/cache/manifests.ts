@@ -249,6 +249,16 @@ export class Manifests {
     const query = new URLSearchParams();
     if (artifactType !== undefined) query.set('artifactType', artifactType);
     const res = await this.upstream.getReferrers(target, digest, query, signal);
+    // Passed through as sent, but only an image index: a client must not parse garbage as one.
+    let index: unknown;
+    try {
+      index = JSON.parse(res.body.toString('utf8'));
+    } catch {
+      index = undefined;
+    }
+    if (typeof index !== 'object' || index === null || !Array.isArray((index as { manifests?: unknown }).manifests)) {
+      throw new OciError('UNKNOWN', `upstream ${target.upstream.name} sent an invalid referrers index`, { status: 502 });
+    }
     return { body: res.body, contentType: res.contentType ?? 'application/vnd.oci.image.index.v1+json', filtersApplied: res.filtersApplied };
   }
 }

@@ -80,7 +80,11 @@ export class OciError extends Error {
   }
 }
 
-/** True for failures where serving a cached (stale) copy beats failing: the upstream is not authoritative now. */
+/**
+ * True for failures where serving a cached (stale) copy beats failing: the upstream is not
+ * authoritative now. That is every upstream fault (502, 503, 504: unreachable, timed out, 5xx,
+ * wrong bytes, an answer too large or malformed) and a 429; not its refusals (401/403) or 404s.
+ */
 export function isUpstreamUnavailable(err: unknown): boolean {
-  return err instanceof OciError && (err.code === 'UNAVAILABLE' || err.code === 'TOOMANYREQUESTS' || (err.code === 'UNKNOWN' && err.status >= 502));
+  return err instanceof OciError && (err.code === 'TOOMANYREQUESTS' || err.status >= 502);
 }

@@ -52,6 +52,8 @@ export class Fill extends EventEmitter {
   private windowWaiters: Array<(err?: Error | null) => void> = [];
   state: FillState = 'filling';
   error: Error | undefined;
+  /** What readers fail with (what their clients are told); `error` when none was given. */
+  private readerError: Error | undefined;
   private readonly verifier: DigestVerifier;
 
   constructor(
@@ -238,11 +240,12 @@ export class Fill extends EventEmitter {
   }
 
   /** Removes the temp file and fails every reader: a client must never see a complete-looking wrong body. */
-  async fail(err: Error): Promise<void> {
+  async fail(err: Error, forReaders: Error = err): Promise<void> {
     if (this.state === 'committed' || this.state === 'failed') return;
     this.finished();
     this.state = 'failed';
     this.error = err;
+    this.readerError = forReaders;
     this.emit('progress');
     this.chunks = [];
     this.offsets = [];
@@ -266,6 +269,11 @@ export class Fill extends EventEmitter {
   get deliverable(): number {
     if (this.state !== 'filling' || this.size === undefined) return this.received;
     return Math.min(this.received, this.size - 1);
+  }
+
+  /** What a reader of this failed fill fails with. */
+  get failure(): Error | undefined {
+    return this.readerError ?? this.error;
   }
 
   /** Resolves once the blob is committed; rejects with the fill's error if it fails. */
@@ -318,7 +326,7 @@ export class TailReader extends Readable {
       .catch((err: NodeJS.ErrnoException) => {
         // Renamed into place between our creation and this open: read the final file.
         if (err.code === 'ENOENT' && this.fill.state === 'committed') return tryOpen(this.fill.finalPath);
-        throw this.fill.error ?? err;
+        throw this.fill.failure ?? err;
       })
       .then((h) => {
         this.handle = h;
@@ -334,7 +342,7 @@ export class TailReader extends Readable {
     if (this.destroyed || this.waiting || !this.handle) return;
     const fill = this.fill;
     if (fill.state === 'failed') {
-      this.destroy(fill.error ?? new Error('fill failed'));
+      this.destroy(fill.failure ?? new Error('fill failed'));
       return;
     }
     const limit = this.end !== undefined ? this.end + 1 : fill.state === 'filling' ? Infinity : fill.received;

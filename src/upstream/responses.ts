@@ -5,6 +5,7 @@
 import type { Dispatcher } from 'undici';
 import type { UpstreamConfig } from '../core/config.js';
 import { OciError, type ErrorCode } from '../core/errors.js';
+import { DOCKER_LIST, DOCKER_MANIFEST, DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED, mediaTypeOf, OCI_INDEX, OCI_MANIFEST, stripParams } from '../core/media-types.js';
 
 export type Body = Dispatcher.ResponseData['body'];
 export type Headers = Dispatcher.ResponseData['headers'];
@@ -22,12 +23,31 @@ export function contentLength(headers: Headers): number | undefined {
 /**
  * An upstream body above what the cache accepts: the upstream's fault, never the client's, so 502.
  * `code` says what was refused: MANIFEST_INVALID for a manifest or a referrers index (an image
- * index), so the client learns what was wrong; UNKNOWN for anything else. MANIFEST_INVALID is
- * deliberately not "upstream unavailable" (core/errors.ts isUpstreamUnavailable): a tag that moved
- * to a manifest the cache refuses answers this error, not its old digest as STALE.
+ * index), so the client learns what was wrong; UNKNOWN for anything else. Like any upstream
+ * fault it lets a cached tag be served STALE (core/errors.ts isUpstreamUnavailable).
  */
 export function tooLarge(upstream: UpstreamConfig, what: string, limit: number, code: ErrorCode, size?: number): OciError {
   return new OciError(code, `upstream ${upstream.name} sent a ${what} larger than ${limit} bytes`, { status: 502, detail: size === undefined ? { limit } : { size, limit } });
+}
+
+/**
+ * What a manifest may be served as: the manifest types, the OCI artifact manifest of the image-spec
+ * 1.1 release candidates, and application/json (registries that answer it for an OCI manifest
+ * without a mediaType field). Anything else (text/html from a login page or a hostile redirect)
+ * would be stored and served with that type from the cache's own origin.
+ */
+const MANIFEST_TYPES: ReadonlySet<string> = new Set([OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST, DOCKER_SCHEMA1_SIGNED, DOCKER_SCHEMA1, 'application/vnd.oci.artifact.manifest.v1+json', 'application/json']);
+
+/**
+ * The error refusing a manifest answer whose type, as the cache would serve it (mediaTypeOf: the
+ * Content-Type, else the body's mediaType field), is not a manifest type; undefined when it is. A
+ * HEAD has no body: its Content-Type may be absent, text/plain (schema 1, as containerd reads it)
+ * or a manifest type. MANIFEST_INVALID and 502, as for an oversized manifest (tooLarge).
+ */
+export function notAManifest(upstream: UpstreamConfig, body: Buffer | undefined, contentType: string | undefined): OciError | undefined {
+  const type = body ? mediaTypeOf(body, contentType) : stripParams(contentType);
+  if (MANIFEST_TYPES.has(type) || (!body && (type === '' || type === 'text/plain'))) return undefined;
+  return new OciError('MANIFEST_INVALID', `upstream ${upstream.name} answered a manifest request with ${JSON.stringify(type.slice(0, 100))}, which is not a manifest type`, { status: 502 });
 }
 
 /**
