@@ -26,8 +26,10 @@ const MAY_IMPORT: Record<string, readonly string[] | '*'> = {
   storage: ['core', 'storage'],
   upstream: ['core', 'telemetry', 'upstream'],
   cache: ['core', 'telemetry', 'storage', 'upstream', 'cache'],
+  // access control: between http/ and cache/, which never knows who asked (docs/architecture.md).
+  access: ['core', 'telemetry', 'access'],
   // version.ts: the package version, a leaf with no imports of ours; the status page shows it.
-  http: ['core', 'telemetry', 'storage', 'upstream', 'cache', 'http', 'version.ts'],
+  http: ['core', 'telemetry', 'storage', 'upstream', 'cache', 'access', 'http', 'version.ts'],
   'cli.ts': '*',
   'version.ts': [],
 };

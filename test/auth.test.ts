@@ -49,7 +49,8 @@ test('an upstream behind token auth: tokens fetched with credentials, cached per
   await pusher.pushImage('secure/other', 'v1', other);
   issuer.requests.length = 0;
 
-  const proxy = await startProxy(t, { upstreams: [{ name: 'token.example', url: upstream.url, auth: { username: creds.username, passwordEnv: 'TOKEN_PASS' } }], env: { TOKEN_PASS: creds.password } });
+  // The token server is another origin than the registry: it gets the credentials because it is listed.
+  const proxy = await startProxy(t, { upstreams: [{ name: 'token.example', url: upstream.url, auth: { username: creds.username, passwordEnv: 'TOKEN_PASS' }, tokenRealms: [issuer.realm] }], env: { TOKEN_PASS: creds.password } });
   const m = await pullImage(proxy.url, 'secure/app', 'v1', 'token.example');
   assert.equal(m.manifest.status, 200);
   assert.deepEqual(m.manifest.body, img.manifest);

@@ -62,7 +62,7 @@ test('serve logs one JSON line per request on stdout at info, none at warn', asy
       const { time, pid, hostname, durationMs, reqId, ...rest } = requests[0]!;
       assert.deepEqual([typeof time, typeof pid, typeof hostname, typeof durationMs], ['number', 'number', 'string', 'number']);
       assert.match(String(reqId), /^req-[0-9a-z]+$/);
-      assert.deepEqual(rest, { level: 30, method: 'GET', url: '/v2/library/alpine/manifests/3.20', status: 503, upstream: 'docker.io', name: 'library/alpine', reference: '3.20', cache: 'error', bytes: Buffer.byteLength(body), msg: 'request' });
+      assert.deepEqual(rest, { level: 30, method: 'GET', url: '/v2/library/alpine/manifests/3.20', status: 503, client: '127.0.0.1', upstream: 'docker.io', name: 'library/alpine', reference: '3.20', cache: 'error', bytes: Buffer.byteLength(body), msg: 'request' });
     });
   }
 });

@@ -44,6 +44,10 @@ test('the request line is the line pino writes for the same fields, key for key'
     ['quotes, backslashes, control and non-ASCII characters in every string field', { ...base, url: '/v2/\u2028/manifests/x', reqId: 'req-"1', method: 'G\\ET', upstream: 'a"b', name: 'n\n', reference: 'r\t', cache: '\u2028' }],
     ['a long URL', { ...base, url: `/v2/${'a/'.repeat(4000)}manifests/x` }],
     ['an error answer', { ...base, status: 404, cache: 'error', bytes: 0, durationMs: 1200 }],
+    // The audit fields: the client's address and the authenticated user, in the order accounting.ts builds them.
+    ['client and user', { reqId: 'req-3', method: 'GET', url: '/v2/team/app/manifests/v1', status: 200, client: '10.0.0.7', user: 'alice', upstream: 'docker.io', name: 'team/app', reference: 'v1', cache: 'hit', bytes: 1, durationMs: 0 }],
+    ['an anonymous client refused (no user)', { reqId: 'req-4', method: 'GET', url: '/v2/', status: 401, client: '::ffff:127.0.0.1', bytes: 80, durationMs: 0 }],
+    ['quotes and non-ASCII in client and user', { reqId: 'req-5', method: 'GET', url: '/v2/', status: 200, client: 'a"b\\c', user: 'j\u00f6rg\n', bytes: 2, durationMs: 0 }],
   ];
   for (const [name, fields] of cases) {
     const ours = fileStream(t);

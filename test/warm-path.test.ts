@@ -97,6 +97,8 @@ test('a manifest hit answers the same on the warm path as through Fastify: heade
         method: c.method,
         url: c.path,
         status: c.status,
+        // The audit field: both paths find the same client address (light-my-request's is 127.0.0.1 too).
+        client: '127.0.0.1',
         upstream: c.path.includes('ghcr.io') ? 'ghcr.io' : 'docker.io',
         name: c.path.split('/manifests/')[0]!.replace(/^\/v2\/(docker\.io\/)?/, ''),
         reference: c.path.split('/manifests/')[1]!.split('?')[0],

@@ -8,6 +8,8 @@ import { dirname, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parse as parseYaml } from 'yaml';
 import { parseDuration, parseSize } from './units.js';
+import { buildAccessConfig, type AccessConfig } from './access-config.js';
+import { ConfigError } from './config-error.js';
 
 export interface UpstreamAuth {
   username: string;
@@ -26,6 +28,8 @@ export interface UpstreamConfig {
   auth?: UpstreamAuth;
   /** Extra token realm origins that may receive this upstream's credentials. */
   tokenRealms: string[];
+  /** Hosts (`registry.example.com`, `*.example.com`) its manifests, tag lists and referrers may be redirected to, and any redirect may reach at any address. */
+  redirectHosts: string[];
   /** Serve only from the cache; send nothing to this upstream. */
   offline: boolean;
   /** Blobs last used through this upstream longer ago than this are expired; undefined: never. */
@@ -85,14 +89,11 @@ export interface Config {
   timeouts: { connect: number; manifest: number; blobIdle: number; fill: number };
   defaultUpstream?: string;
   upstreams: UpstreamConfig[];
+  /** Client authentication and authorisation (access-config.ts); undefined: off, everything is served to anyone. */
+  access?: AccessConfig;
 }
 
-export class ConfigError extends Error {
-  constructor(key: string, problem: string) {
-    super(`config: ${key}: ${problem}`);
-    this.name = 'ConfigError';
-  }
-}
+export { ConfigError };
 
 export const DEFAULT_CONFIG_FILE = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..', 'config', 'default.yaml');
 
@@ -108,6 +109,8 @@ export const ENV_OVERRIDES = {
 
 const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'];
 const HOST_KEY = /^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*(:[0-9]{1,5})?$/;
+/** A redirect host: a name or IPv4 address, `*.` and a domain, or a bracketed IPv6 address; never a port. */
+const REDIRECT_HOST = /^((\*\.)?[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*|\[[0-9a-f:.]+\])$/;
 
 function duration(value: unknown, key: string): number {
   const ms = parseDuration(value);
@@ -205,7 +208,7 @@ function readSecret(o: Obj, path: string, env: NodeJS.ProcessEnv, field = 'passw
 function upstream(raw: unknown, i: number, defaults: { tagTtl: number; policy: Policy }, env: NodeJS.ProcessEnv, needs: SecretNeeds): UpstreamConfig {
   const path = `upstreams[${i}]`;
   if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw new ConfigError(path, 'must be a mapping');
-  const o = section({ u: raw }, 'u', path, ['name', 'url', 'aliases', 'dockerHubLibrary', 'tagTtl', 'auth', 'tokenRealms', ...POLICY_KEYS]);
+  const o = section({ u: raw }, 'u', path, ['name', 'url', 'aliases', 'dockerHubLibrary', 'tagTtl', 'auth', 'tokenRealms', 'redirectHosts', ...POLICY_KEYS]);
   const name = hostKey(o.name, `${path}.name`);
   let url: URL;
   try {
@@ -219,6 +222,8 @@ function upstream(raw: unknown, i: number, defaults: { tagTtl: number; policy: P
   if (!Array.isArray(aliases)) throw new ConfigError(`${path}.aliases`, 'must be a list of host names');
   const tokenRealms = o.tokenRealms ?? [];
   if (!Array.isArray(tokenRealms)) throw new ConfigError(`${path}.tokenRealms`, 'must be a list of URLs');
+  const redirectHosts = o.redirectHosts ?? [];
+  if (!Array.isArray(redirectHosts)) throw new ConfigError(`${path}.redirectHosts`, 'must be a list of host names');
   let auth: UpstreamAuth | undefined;
   if (o.auth !== undefined) {
     const a = section(o, 'auth', `${path}.auth`, ['username', 'password', 'passwordEnv', 'passwordFile']);
@@ -237,6 +242,12 @@ function upstream(raw: unknown, i: number, defaults: { tagTtl: number; policy: P
       } catch {
         throw new ConfigError(`${path}.tokenRealms[${j}]`, 'must be an absolute URL');
       }
+    }),
+    redirectHosts: redirectHosts.map((h, j) => {
+      if (typeof h !== 'string' || !REDIRECT_HOST.test(h.toLowerCase())) {
+        throw new ConfigError(`${path}.redirectHosts[${j}]`, `must be a host name such as cdn.example.com or *.example.com (no scheme or port), got ${JSON.stringify(h)}`);
+      }
+      return h.toLowerCase();
     }),
     ...policy(o, path, defaults.policy),
   };
@@ -271,7 +282,7 @@ const ALL_SECRETS: SecretNeeds = { upstreamAuth: true, adminToken: true };
 /** Parse and validate a config document; pure apart from reading credential files. */
 export function buildConfig(doc: unknown, env: NodeJS.ProcessEnv = process.env, needs: SecretNeeds = ALL_SECRETS): Config {
   const root = section({ root: doc ?? {} }, 'root', '(top level)', [
-    'server', 'log', 'storage', 'cache', 'timeouts', 'offline', 'upstreamDefaults', 'admin', 'defaultUpstream', 'upstreams',
+    'server', 'log', 'storage', 'cache', 'timeouts', 'offline', 'upstreamDefaults', 'admin', 'defaultUpstream', 'upstreams', 'access',
   ]);
   applyEnv(root, env);
   const server = section(root, 'server', 'server', ['host', 'port', 'shutdownTimeout', 'trustProxy', 'headersTimeout', 'requestTimeout', 'idleTimeout', 'maxConnections', 'maxConnectionsPerAddress']);
@@ -359,6 +370,7 @@ export function buildConfig(doc: unknown, env: NodeJS.ProcessEnv = process.env, 
     },
     defaultUpstream,
     upstreams,
+    access: root.access === undefined || root.access === null ? undefined : buildAccessConfig(root.access, upstreams),
   });
 }
 

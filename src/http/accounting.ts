@@ -35,6 +35,9 @@ export interface Finished {
   method: string;
   url: string;
   status: number;
+  /** The client's address (server.trustProxy honoured) and authenticated user (undefined: anonymous), for the audit. */
+  client?: string;
+  user?: string;
   ctx: RequestContext | null;
   ms: number;
   /** Body bytes by Content-Length, for answers that are not content: errors, /v2/, the status page */
@@ -101,7 +104,7 @@ export class Accounting {
   /** Fastify's onResponse: the request was answered. */
   finishedReply(req: FastifyRequest, reply: FastifyReply): void {
     const polled = !req.oci && POLLED.has(req.routeOptions.url ?? '');
-    this.finished({ reqId: req.id, method: req.method, url: req.url, status: reply.statusCode, ctx: req.oci, ms: reply.elapsedTime, bytes: sentBytes(req, reply), polled });
+    this.finished({ reqId: req.id, method: req.method, url: req.url, status: reply.statusCode, client: req.ip, user: req.identity?.user, ctx: req.oci, ms: reply.elapsedTime, bytes: sentBytes(req, reply), polled });
   }
 
   /** A response a client or a failed fill cut short: never counted as answered, so said here. */
@@ -110,13 +113,13 @@ export class Accounting {
   }
 
   /** Metrics, status page counts and the request log line of an answered request. */
-  finished({ reqId, method, url, status, ctx, ms, bytes: sent, polled }: Finished): void {
+  finished({ reqId, method, url, status, client, user, ctx, ms, bytes: sent, polled }: Finished): void {
     this.metrics.httpDuration.observe([ctx?.kind ?? 'other', method, String(status)], ms / 1000);
     // The log's bytes are the body sent, error envelopes included; served bytes count content only.
     const bytes = ctx && ctx.cache !== 'error' ? ctx.bytes() : (sent ?? 0);
     if (!ctx) {
       // Answers outside the API's kinds are logged too (/v2/, refused writes, bad names, admin).
-      if (!polled || status >= 500) this.logRequest({ reqId, method, url, status, bytes, durationMs: Math.round(ms) });
+      if (!polled || status >= 500) this.logRequest({ reqId, method, url, status, client, user, bytes, durationMs: Math.round(ms) });
       return;
     }
     if (ctx.upstream && ctx.cache) {
@@ -124,6 +127,6 @@ export class Accounting {
       this.stats.record(ctx.upstream, ctx.kind, ctx.cache, ctx.name, ctx.reference !== undefined && !ctx.reference.includes(':'), method);
       if (bytes > 0 && ctx.cache !== 'error' && (ctx.kind === 'manifest' || ctx.kind === 'blob')) this.metrics.servedBytes.inc([ctx.upstream, ctx.cache === 'hit' ? 'cache' : 'upstream'], bytes);
     }
-    this.logRequest({ reqId, method, url, status, upstream: ctx.upstream, name: ctx.name, reference: ctx.reference, cache: ctx.cache, bytes, durationMs: Math.round(ms) });
+    this.logRequest({ reqId, method, url, status, client, user, upstream: ctx.upstream, name: ctx.name, reference: ctx.reference, cache: ctx.cache, bytes, durationMs: Math.round(ms) });
   }
 }

@@ -5,12 +5,14 @@
  */
 import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance } from 'fastify';
 import { pino, type Logger } from 'pino';
+import { Access } from '../access/access.js';
 import { openCache, type Services } from '../cache/services.js';
 import type { Clock } from '../core/clock.js';
 import type { Config } from '../core/config.js';
 import { OciError } from '../core/errors.js';
 import { LogStream, type RequestLine } from '../telemetry/log-stream.js';
 import { version } from '../version.js';
+import { registerAccess } from './access-guard.js';
 import { Accounting, sentBytes } from './accounting.js';
 import { registerAdmin } from './admin.js';
 import { onClientError, onError, onNotFound } from './error-handler.js';
@@ -57,7 +59,15 @@ export async function buildApp(config: Config, options: AppOptions = {}): Promis
   };
   const accounting = new Accounting(services.metrics, stats, logRequest, (obj, msg) => log.warn(obj, msg));
   let closing = false;
-  const warm = warmManifests({ ...services, accounting, open: () => !closing, error: (obj, msg) => log.error(obj, msg) });
+  let access: Access | undefined;
+  try {
+    // Reads the htpasswd file and the token key: a bad one stops the start (ConfigError).
+    access = config.access && new Access(config.access, services.metrics, (obj, msg) => log.warn(obj, msg), options.clock);
+  } catch (err) {
+    await services.close(0);
+    throw err;
+  }
+  const warm = warmManifests({ ...services, accounting, access, trustProxy: config.server.trustProxy, open: () => !closing, error: (obj, msg) => log.error(obj, msg) });
 
   let app: FastifyInstance;
   try {
@@ -82,7 +92,7 @@ export async function buildApp(config: Config, options: AppOptions = {}): Promis
       // before routing, past every hook: here it gets the spec's envelope and is counted and logged.
       frameworkErrors: (err, req, reply) => {
         const start = performance.now();
-        accounting.track(reply.raw, () => accounting.finished({ reqId: req.id, method: req.method, url: req.url, status: reply.statusCode, ctx: null, ms: performance.now() - start, bytes: sentBytes(req, reply) }));
+        accounting.track(reply.raw, () => accounting.finished({ reqId: req.id, method: req.method, url: req.url, status: reply.statusCode, client: req.ip, ctx: null, ms: performance.now() - start, bytes: sentBytes(req, reply) }));
         onError(err, req, reply);
       },
     });
@@ -111,7 +121,9 @@ export async function buildApp(config: Config, options: AppOptions = {}): Promis
     done();
   });
 
-  registerRoutes(app, services);
+  // Its hook runs after the one above (shutdown, accounting) and before every route handler.
+  const guard = registerAccess(app, access);
+  registerRoutes(app, { ...services, access: guard });
   registerAdmin(app, services);
   registerStatus(app, services, stats, version());
   registerProbes(app, services, () => closing);

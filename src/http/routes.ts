@@ -12,6 +12,7 @@ import { parseV2Path, splitUrl, type ParsedPath, type UpstreamIndex } from '../c
 import { contentRange } from '../core/byte-range.js';
 import type { CacheResult } from '../core/cache-result.js';
 import { OciError } from '../core/errors.js';
+import type { AccessGuard } from './access-guard.js';
 import type { RequestContext } from './accounting.js';
 import { sendFileRange } from './file-response.js';
 import { answerManifest } from './manifest-answer.js';
@@ -21,6 +22,8 @@ export interface RouteDeps {
   manifests: Manifests;
   blobs: Blobs;
   upstreams: UpstreamIndex;
+  /** Access control (access-guard.ts); undefined: off. */
+  access?: AccessGuard;
 }
 
 const API_VERSION = { 'docker-distribution-api-version': 'registry/2.0' };
@@ -51,6 +54,7 @@ export function registerRoutes(app: FastifyInstance, deps: RouteDeps): void {
       reply.headers(API_VERSION);
       const parsed = parseV2Path(path, query.get('ns') ?? undefined, upstreams);
       if (parsed.kind === 'base') {
+        deps.access?.base(req);
         reply.type('application/json').send('{}');
         return undefined;
       }
@@ -58,6 +62,9 @@ export function registerRoutes(app: FastifyInstance, deps: RouteDeps): void {
       // A tag list's "reference" is the literal `list` of its path: not one to log.
       const reference = parsed.kind === 'tags' ? undefined : parsed.reference;
       const ctx: RequestContext = { kind: parsed.kind, upstream: parsed.target.upstream.name, name: parsed.target.name, reference, bytes: () => 0 };
+      // Before anything reaches cache/: a refused request costs no upstream call. Before req.oci is
+      // set, too: a refusal is logged with its URL and status but not counted as a cache error.
+      deps.access?.check(req, parsed.target.upstream.name, parsed.target.name, parsed.clientName);
       req.oci = ctx;
       // The spec's answer to dependency confusion: say which upstream this content is from.
       reply.header('oci-namespace', parsed.target.upstream.name);

@@ -4,7 +4,7 @@
  * pino formats every line but one; LogStream batches them. Lines are encoded straight into one
  * 64 KiB buffer, which goes to sonic-boom (pino's asynchronous writer) when full, after 250 ms, on
  * flush, and before the process exits. The request line, one per answered request, is always the
- * same ten fields and is formatted here: cheaper per line than pino's generic serialiser, on the
+ * same twelve fields (some optional) and is formatted here: cheaper per line than pino's generic serialiser, on the
  * warm path of every pull (README, Performance, "Why the warm path looks the way it does").
  *
  * Request lines are queued and formatted QUEUE at a time, not one per request: formatted in a
@@ -84,6 +84,8 @@ export class LogStream {
 
   private line(time: number, f: RequestLine): string {
     let line = `{"level":30,"time":${time}${this.base},"reqId":${quote(f.reqId)},"method":${quote(f.method)},"url":${quote(f.url)},"status":${f.status}`;
+    if (f.client !== undefined) line += `,"client":${quote(f.client)}`;
+    if (f.user !== undefined) line += `,"user":${quote(f.user)}`;
     if (f.upstream !== undefined) line += `,"upstream":${quote(f.upstream)}`;
     if (f.name !== undefined) line += `,"name":${quote(f.name)}`;
     if (f.reference !== undefined) line += `,"reference":${quote(f.reference)}`;
@@ -162,6 +164,9 @@ export interface RequestLine {
   method: string;
   url: string;
   status: number;
+  /** The client's address (server.trustProxy honoured) and the authenticated user (absent: anonymous): the audit fields. */
+  client?: string;
+  user?: string;
   upstream?: string;
   name?: string;
   reference?: string;

@@ -1,20 +1,23 @@
 /**
- * Speaks the distribution API to upstream registries over one undici Agent that follows
- * redirects. Every request passes the upstream's gate; 401s are answered with tokens or Basic auth
- * (tokens.ts); recent 404s are answered from memory (not-found.ts). Maps every upstream failure to
- * an OciError (responses.ts), and always consumes or destroys response bodies it does not hand on.
+ * Speaks the distribution API to upstream registries, following redirects only where trust.ts
+ * allows (exchange.ts). Every request passes the upstream's gate; 401s are answered with tokens or
+ * Basic auth (tokens.ts); recent 404s are answered from memory (not-found.ts). Maps every upstream
+ * failure to an OciError (responses.ts), and always consumes or destroys response bodies it does
+ * not hand on.
  */
-import { Agent, interceptors, type Dispatcher } from 'undici';
+import type { Dispatcher } from 'undici';
 import { systemClock, type Clock } from '../core/clock.js';
 import type { Config, UpstreamConfig } from '../core/config.js';
 import { OciError, type ErrorCode } from '../core/errors.js';
 import { FULL_ACCEPT, MAX_MANIFEST_BYTES } from '../core/media-types.js';
 import type { Metrics } from '../telemetry/metrics.js';
 import type { Target } from '../core/api-path.js';
+import { Exchanger, type Network } from './exchange.js';
 import { Gate } from './gate.js';
 import { NotFoundMemory } from './not-found.js';
-import { contentLength, header, readLimited, statusError, tooLarge, transportError, untilAborted, type Body } from './responses.js';
+import { contentLength, header, notAManifest, readLimited, statusError, tooLarge, transportError, untilAborted, type Body } from './responses.js';
 import { Authorizer } from './tokens.js';
+import { redirectRule } from './trust.js';
 import { parseWwwAuthenticate, type Challenge } from './www-authenticate.js';
 
 export type RequestKind = 'manifest' | 'blob' | 'tags' | 'referrers' | 'token';
@@ -62,8 +65,7 @@ const MAX_SMALL_BODY = MAX_MANIFEST_BYTES;
 const MAX_ERROR_BODY = 64 * 1024;
 
 export class UpstreamClient {
-  private readonly dispatcher: Dispatcher;
-  private readonly agent: Agent;
+  private readonly exchanger: Exchanger;
   private readonly auth: Authorizer;
   private readonly gates = new Map<string, Gate>();
   private readonly notFound: NotFoundMemory;
@@ -72,18 +74,19 @@ export class UpstreamClient {
     private readonly config: Pick<Config, 'timeouts' | 'upstreams' | 'offline' | 'cache'>,
     private readonly metrics: Metrics,
     now: Clock = systemClock,
+    /** The DNS lookup and extra TLS trust anchors; the system's unless a test gives others. */
+    network: Network = {},
   ) {
     this.notFound = new NotFoundMemory(config.cache.notFoundTtl, now, metrics);
     for (const u of config.upstreams) this.gates.set(u.name, new Gate(u, config.offline, config.timeouts.manifest, metrics, now));
-    this.agent = new Agent({ connect: { timeout: config.timeouts.connect }, keepAliveTimeout: 30_000, connections: 64 });
-    // Cross-origin hops (a blob's 307 to a CDN or S3) lose Authorization in undici's redirect
-    // handler (lib/handler/redirect-handler.js shouldRemoveHeader); S3 refuses requests carrying both.
-    this.dispatcher = this.agent.compose(interceptors.redirect({ maxRedirections: 5 }));
-    this.auth = new Authorizer(this.dispatcher, config.timeouts.manifest, metrics, (name) => this.gate(name));
+    // Redirects are followed hop by hop as trust.ts redirectRule says. Cross-origin hops (a blob's
+    // 307 to a CDN or S3) lose Authorization (exchange.ts); S3 refuses requests carrying both.
+    this.exchanger = new Exchanger(config.timeouts.connect, network);
+    this.auth = new Authorizer(this.exchanger, config.timeouts.manifest, metrics, (name) => this.gate(name));
   }
 
   async close(): Promise<void> {
-    await this.agent.close();
+    await this.exchanger.close();
   }
 
   /** The gate of an upstream: offline, breaker and rate-limit state (for the manifest decisions and the status page). */
@@ -109,13 +112,22 @@ export class UpstreamClient {
         throw tooLarge(target.upstream, 'manifest', MAX_MANIFEST_BYTES, 'MANIFEST_INVALID', announced);
       }
       const body = await readLimited(target.upstream, res.body, MAX_MANIFEST_BYTES, 'manifest', 'MANIFEST_INVALID');
-      return { body, contentType: header(res.headers, 'content-type'), digest: header(res.headers, 'docker-content-digest') };
+      const contentType = header(res.headers, 'content-type');
+      // Served under the cache's origin with this type: never stored unless it is a manifest's (responses.ts).
+      const refused = notAManifest(target.upstream, body, contentType);
+      if (refused) throw refused;
+      return { body, contentType, digest: header(res.headers, 'docker-content-digest') };
     });
   }
 
   async headManifest(target: Target, reference: string, accept = FULL_ACCEPT): Promise<HeadResponse> {
     const expect = { notFound: 'MANIFEST_UNKNOWN' as const, remember: this.notFound.key(target, `manifest ${accept}`, reference) };
-    return this.small(target, 'manifest', 'HEAD', `manifests/${reference}`, { accept }, undefined, expect, undefined, headResponse);
+    return this.small(target, 'manifest', 'HEAD', `manifests/${reference}`, { accept }, undefined, expect, undefined, async (res) => {
+      const head = await headResponse(res);
+      const refused = notAManifest(target.upstream, undefined, head.contentType);
+      if (refused) throw refused;
+      return head;
+    });
   }
 
   async headBlob(target: Target, digest: string): Promise<HeadResponse> {
@@ -267,19 +279,20 @@ export class UpstreamClient {
     }
     let res: Dispatcher.ResponseData;
     try {
-      res = await this.dispatcher.request({
-        origin: url.origin,
-        path: url.pathname + url.search,
+      res = await this.exchanger.request(upstream, url, { restrict: false }, (from, to) => redirectRule(upstream, kind, from, to), {
         method,
-        headers: { 'user-agent': 'ocicache', ...headers, ...(authorization ? { authorization } : {}) },
+        headers: { 'user-agent': 'ocicache', ...headers },
+        authorization,
         signal,
         headersTimeout: this.config.timeouts.manifest,
         bodyTimeout: kind === 'blob' ? this.config.timeouts.blobIdle : this.config.timeouts.manifest,
+        what: `a ${kind === 'tags' ? 'tag list' : kind} request`,
       });
     } catch (err) {
-      permit.done(client?.aborted ? 'cancelled' : 'failed');
+      // An OciError is a redirect refused (exchange.ts): the upstream answered, wrongly.
+      permit.done(err instanceof OciError ? 'ok' : client?.aborted ? 'cancelled' : 'failed');
       permit.release();
-      this.metrics.upstreamRequests.inc({ upstream: upstream.name, kind, status: 'error' });
+      this.metrics.upstreamRequests.inc({ upstream: upstream.name, kind, status: err instanceof OciError ? 'redirect_refused' : 'error' });
       throw transportError(upstream, err, client?.aborted);
     }
     this.metrics.upstreamRequests.inc({ upstream: upstream.name, kind, status: String(res.statusCode) });

@@ -10,8 +10,10 @@ import type { UpstreamConfig } from '../core/config.js';
 import { OciError } from '../core/errors.js';
 import { SingleFlight } from '../core/single-flight.js';
 import type { Metrics } from '../telemetry/metrics.js';
+import type { Exchanger } from './exchange.js';
 import type { Gate } from './gate.js';
 import { header, readLimited, statusError, transportError } from './responses.js';
+import { realmAccess } from './trust.js';
 import type { Challenge } from './www-authenticate.js';
 
 /** Token endpoints say "expires_in"; without it a token lives 60 s (distribution token spec). */
@@ -24,7 +26,7 @@ export class Authorizer {
   private readonly flights = new SingleFlight<string | undefined>();
 
   constructor(
-    private readonly dispatcher: Dispatcher,
+    private readonly exchanger: Exchanger,
     /** timeouts.manifest: the whole token exchange, headers and body. */
     private readonly timeout: number,
     private readonly metrics: Metrics,
@@ -65,14 +67,11 @@ export class Authorizer {
     } catch {
       throw new OciError('DENIED', `upstream ${upstream.name} sent an invalid token realm`);
     }
-    // The realm is chosen by the upstream: dial it, and send it credentials, only inside the
-    // upstream's trust boundary (distribution registry/proxy/proxyauth.go realmAllowed).
-    const allowed =
-      upstream.tokenRealms.includes(realm.origin) ||
-      (sameSite(realm.hostname, upstream.url.hostname) && (realm.protocol === 'https:' || realm.hostname === upstream.url.hostname));
-    if (!allowed || (realm.protocol !== 'https:' && realm.protocol !== 'http:')) {
-      throw new OciError('DENIED', `token realm ${realm.origin} is outside upstream ${upstream.name}; list it in upstreams[].tokenRealms to trust it`);
-    }
+    // The realm is chosen by the upstream: credentials go only to its own origin, its tokenRealms
+    // or a known pair; other realms are asked anonymously or not at all (trust.ts realmAccess).
+    const withCredentials = credentials !== undefined;
+    const access = realmAccess(upstream, realm, withCredentials);
+    if ('refused' in access) throw new OciError('DENIED', `token realm ${realm.origin} of upstream ${upstream.name} is refused: ${access.refused}`);
     const service = challenge.params.service;
     if (service !== undefined) realm.searchParams.set('service', service);
     const scopes = new Set((challenge.params.scope ?? '').split(' ').filter(Boolean));
@@ -82,14 +81,15 @@ export class Authorizer {
     let text: Buffer;
     try {
       // Shared by every waiter for the scope: its own total deadline, no client's.
-      res = await this.dispatcher.request({
-        origin: realm.origin,
-        path: realm.pathname + realm.search,
+      // A redirect from the realm is judged as a realm would be; credentials never leave its origin.
+      res = await this.exchanger.request(upstream, realm, access, (_from, to) => realmAccess(upstream, to, withCredentials), {
         method: 'GET',
-        headers: { 'user-agent': 'ocicache', ...(credentials ? { authorization: credentials } : {}) },
+        headers: { 'user-agent': 'ocicache' },
+        authorization: credentials,
         signal: AbortSignal.timeout(this.timeout),
         headersTimeout: this.timeout,
         bodyTimeout: this.timeout,
+        what: 'a token request',
       });
     } catch (err) {
       this.metrics.upstreamRequests.inc({ upstream: upstream.name, kind: 'token', status: 'error' });
@@ -124,12 +124,4 @@ export class Authorizer {
 
 function key(upstream: UpstreamConfig, scope: string): string {
   return `${upstream.name}\n${scope}`;
-}
-
-/** Hosts share a trust boundary when equal, or when their last two DNS labels are (registry-1.docker.io, auth.docker.io). */
-function sameSite(a: string, b: string): boolean {
-  if (a === b) return true;
-  if (/^[\d.]+$|:/.test(a) || /^[\d.]+$|:/.test(b)) return false;
-  const site = (h: string): string => h.split('.').slice(-2).join('.');
-  return site(a) === site(b);
 }

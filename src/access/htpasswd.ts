@@ -1,0 +1,113 @@
+/**
+ * Users from an htpasswd file with bcrypt entries, as `htpasswd -B` writes them (`user:$2y$…`).
+ * The file is checked for changes (mtime and size) at most once a second, when used; a file that
+ * no longer parses keeps the users read before and logs a warning, so a half-written edit never
+ * locks everyone out. At start-up it must parse (ConfigError naming access.htpasswd).
+ *
+ * bcrypt costs tens of milliseconds by design, too much for every request of a pull that sends
+ * Basic credentials each time: a verified (user, password, hash) is remembered for VERIFIED_TTL
+ * under a SHA-256 of the three, so the password itself is never kept. A changed hash (new
+ * password) or a removed user misses the memo at the next reload.
+ */
+import { createHash } from 'node:crypto';
+import { readFileSync, statSync } from 'node:fs';
+import bcrypt from 'bcryptjs';
+import { LRUCache } from 'lru-cache';
+import { ConfigError } from '../core/config-error.js';
+
+const RELOAD_CHECK_MS = 1000;
+const VERIFIED_TTL = 5 * 60_000;
+const VERIFIED_MAX = 10_000;
+const BCRYPT = /^\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}$/;
+/** Compared against for unknown users, so their answer takes as long as a wrong password's. */
+const DUMMY_HASH = '$2y$10$GwCocN6EQwxSwjA3UOkAe.WvRppEla.bTRfnfavlIno2FHZ6Rvvcu';
+
+/** The users of an htpasswd text; throws on anything that is not `user:<bcrypt>`, a comment or blank. */
+export function parseHtpasswd(text: string): Map<string, string> {
+  const users = new Map<string, string>();
+  text.split(/\r?\n/).forEach((raw, i) => {
+    const line = raw.trim();
+    if (line === '' || line.startsWith('#')) return;
+    const colon = line.indexOf(':');
+    const user = line.slice(0, colon);
+    const hash = line.slice(colon + 1);
+    if (colon <= 0 || /\s/.test(user)) throw new Error(`line ${i + 1}: expected user:hash`);
+    if (!BCRYPT.test(hash)) throw new Error(`line ${i + 1}: the entry for ${user} is not bcrypt (use htpasswd -B)`);
+    users.set(user, hash);
+  });
+  return users;
+}
+
+export class Htpasswd {
+  private users: Map<string, string>;
+  private checkedAt = 0;
+  private stamp: string;
+  private readonly verified = new LRUCache<string, true>({ max: VERIFIED_MAX, ttl: VERIFIED_TTL });
+
+  constructor(
+    private readonly path: string,
+    private readonly warn: (obj: object, msg: string) => void,
+    private readonly now: () => number = Date.now,
+  ) {
+    try {
+      this.stamp = this.stat();
+      this.users = parseHtpasswd(readFileSync(path, 'utf8'));
+    } catch (err) {
+      throw new ConfigError('access.htpasswd', `${path}: ${(err as Error).message}`);
+    }
+    this.checkedAt = now();
+  }
+
+  private stat(): string {
+    const s = statSync(this.path);
+    return `${s.mtimeMs}:${s.size}:${s.ino}`;
+  }
+
+  /** Rereads the file if it changed; at most one stat a second. */
+  private refresh(): void {
+    const now = this.now();
+    if (now - this.checkedAt < RELOAD_CHECK_MS) return;
+    this.checkedAt = now;
+    let stamp: string;
+    try {
+      stamp = this.stat();
+      if (stamp === this.stamp) return;
+      this.users = parseHtpasswd(readFileSync(this.path, 'utf8'));
+    } catch (err) {
+      this.warn({ path: this.path, err: (err as Error).message }, 'htpasswd not reloaded: keeping the users read before');
+      return;
+    }
+    this.stamp = stamp;
+  }
+
+  has(user: string): boolean {
+    this.refresh();
+    return this.users.has(user);
+  }
+
+  private key(user: string, password: string, hash: string): string {
+    return createHash('sha256').update(`${user}\0${password}\0${hash}`).digest('base64');
+  }
+
+  /** true or false when known without bcrypt (a remembered verification), else undefined. */
+  verifiedSync(user: string, password: string): boolean | undefined {
+    this.refresh();
+    const hash = this.users.get(user);
+    if (hash === undefined) return undefined;
+    return this.verified.has(this.key(user, password, hash)) ? true : undefined;
+  }
+
+  async verify(user: string, password: string): Promise<boolean> {
+    this.refresh();
+    const hash = this.users.get(user);
+    if (hash === undefined) {
+      await bcrypt.compare(password, DUMMY_HASH);
+      return false;
+    }
+    const key = this.key(user, password, hash);
+    if (this.verified.has(key)) return true;
+    const ok = await bcrypt.compare(password, hash);
+    if (ok) this.verified.set(key, true);
+    return ok;
+  }
+}
