@@ -29,15 +29,8 @@ declare module 'fastify' {
   }
 }
 
-/** A finished request, for the one place that logs and counts it. */
-export interface Finished {
-  reqId: string;
-  method: string;
-  url: string;
-  status: number;
-  /** The client's address (server.trustProxy honoured) and authenticated user (undefined: anonymous), for the audit. */
-  client?: string;
-  user?: string;
+/** A finished request, for the one place that logs and counts it: the request line's own fields (client and user: the audit), and what the routes learned. */
+export interface Finished extends Pick<RequestLine, 'reqId' | 'method' | 'url' | 'status' | 'client' | 'user'> {
   ctx: RequestContext | null;
   ms: number;
   /** Body bytes by Content-Length, for answers that are not content: errors, /v2/, the status page */

@@ -24,6 +24,8 @@ export class CacheLock {
   static acquire(root: string): CacheLock {
     const db = new Database(join(root, 'lock'), { timeout: 0 });
     try {
+      // No journal file beside the lock: the lock database is never written.
+      db.pragma('journal_mode = MEMORY');
       db.pragma('locking_mode = EXCLUSIVE');
       db.exec('BEGIN EXCLUSIVE');
     } catch (err) {
