@@ -73,23 +73,36 @@ export class Blobs {
   /** Size of a blob; a HEAD never downloads one, and tells nobody what is cached for another repository. */
   async head(target: Target, digest: string): Promise<BlobResult> {
     const size = await this.store.stat(digest);
-    if (size !== undefined) return { size, range: undefined, stream: undefined, cache: await this.confirm(target, digest) };
+    const cache = size === undefined ? 'fetch' : await this.confirm(target, digest);
+    if (cache !== 'fetch') return { size, range: undefined, stream: undefined, cache };
     const head = await this.upstream.headBlob(target, digest);
     return { size: head.size, range: undefined, stream: undefined, cache: 'miss' };
   }
 
   /**
-   * Whether this repository may be served the cached copy of `digest`: 'hit' when the index knows
-   * the repository holds it, 'revalidated' when its upstream has just confirmed it with one HEAD
-   * (remembered). A digest proves the bytes, not that the client's repository, or upstream, has
-   * them: without this, a private layer once cached would be served under any name. Throws the
-   * upstream's answer (BLOB_UNKNOWN, DENIED, ...) when it does not confirm.
+   * Whether this repository may be served the cached copy of `digest`. A digest proves the bytes,
+   * not that the client's repository, or upstream, has them: without this, a private layer once
+   * cached would be served under any name.
+   * - 'hit': the index knows the repository holds it (fetched or confirmed there before);
+   * - 'revalidated': another repository of the same upstream served these bytes, and the
+   *   upstream has just confirmed this one with a HEAD (remembered). An upstream is the
+   *   authority on its own repositories;
+   * - 'fetch': no repository of this upstream ever served these bytes. Its HEAD is no proof (a
+   *   hostile upstream would answer 200 for any digest): the blob is fetched from it, as if not
+   *   cached, and verified.
+   * Throws the upstream's answer to the HEAD (BLOB_UNKNOWN, DENIED, ...) when it does not confirm.
    */
-  private async confirm(target: Target, digest: string): Promise<'hit' | 'revalidated'> {
+  private async confirm(target: Target, digest: string): Promise<'hit' | 'revalidated' | 'fetch'> {
     const { upstream, name } = target;
     if (this.db.blobHeldBy(upstream.name, name, digest)) return 'hit';
+    if (!this.db.fromUpstream('blob', upstream.name, digest)) return 'fetch';
+    return this.vouch(target, digest);
+  }
+
+  /** The upstream confirms with a HEAD that this repository holds a blob it serves: remembered. */
+  private async vouch(target: Target, digest: string): Promise<'revalidated'> {
     await this.upstream.headBlob(target, digest);
-    this.lifecycle.guard.write('blob repository', () => this.db.markBlobIn(upstream.name, name, digest));
+    this.lifecycle.guard.write('blob repository', () => this.db.markBlobIn(target.upstream.name, target.name, digest));
     return 'revalidated';
   }
 
@@ -97,7 +110,7 @@ export class Blobs {
   async get(target: Target, digest: string, rangeHeader: string | undefined): Promise<BlobResult> {
     const opened = await this.openPinned(digest);
     if (opened) {
-      let cache: CacheResult;
+      let cache: CacheResult | 'fetch';
       try {
         cache = await this.confirm(target, digest);
       } catch (err) {
@@ -105,7 +118,9 @@ export class Blobs {
         await opened.handle.close().catch(() => undefined);
         throw err;
       }
-      return this.fromFile(target, digest, opened, rangeHeader, cache);
+      if (cache !== 'fetch') return this.fromFile(target, digest, opened, rangeHeader, cache);
+      opened.release();
+      await opened.handle.close().catch(() => undefined);
     }
     let fill: Fill;
     try {
@@ -203,7 +218,9 @@ export class Blobs {
   private async fillFor(target: Target, digest: string): Promise<Fill> {
     const key = fillKey(target, digest);
     const running = this.fills.get(key);
-    if (running && running.name !== target.name) await this.confirm(target, digest);
+    // A fill of this upstream started for another repository is joined once the upstream
+    // confirms this one holds the blob too: the fill shows it serves these bytes.
+    if (running && running.name !== target.name && !this.db.blobHeldBy(target.upstream.name, target.name, digest)) await this.vouch(target, digest);
     const joined = this.fills.get(key);
     if (joined) return joined.fill;
     const fill = this.startFill(target, digest, key);

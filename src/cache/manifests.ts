@@ -111,9 +111,12 @@ export class Manifests {
   private async manifestByDigest(target: Target, digest: string): Promise<TagResult> {
     const { upstream, name } = target;
     const cached = this.db.getManifest(digest);
-    if (cached) {
-      // Cached for another repository or upstream: the digest proves the bytes, not that this
-      // repository holds them. Ask before serving (HEAD is free on Docker Hub).
+    // Cached for another repository of this upstream: the digest proves the bytes, not that this
+    // repository holds them, and the upstream is the authority on its repositories: ask it (HEAD
+    // is free on Docker Hub). Cached only from other upstreams: their bytes prove nothing here and
+    // this upstream's HEAD is no proof of possession (a hostile one answers 200 to anything), so
+    // it is fetched from this upstream and verified like an uncached one.
+    if (cached && this.db.fromUpstream('manifest', upstream.name, digest)) {
       await this.upstream.headManifest(target, digest);
       this.guard.write('manifest repository', () => this.db.markSeenIn(upstream.name, name, digest));
       return { manifest: cached, cache: 'revalidated' };
@@ -176,7 +179,8 @@ export class Manifests {
     try {
       const head = await this.upstream.headManifest(target, tag);
       const digest = head.digest && isDigest(head.digest) ? head.digest : undefined;
-      const known = digest && this.db.getManifest(digest);
+      // The upstream's HEAD vouches for bytes only one of its own repositories served (see manifestByDigest).
+      const known = digest && this.db.fromUpstream('manifest', target.upstream.name, digest) && this.db.getManifest(digest);
       if (digest && known) {
         this.putTag(target, tag, digest);
         return { manifest: known, cache: row?.digest === digest ? 'revalidated' : 'miss' };

@@ -10,8 +10,9 @@
  *   and removed before the file is deleted. `last_access` drives eviction (least recent first).
  * - `blob_access` records when each upstream last used a blob, for per-upstream expiry (maxAge).
  * - `blob_repos` records under which (upstream, name) a blob was fetched or confirmed upstream. A
- *   cached blob is served for a repository only when this table, or a manifest seen in that
- *   repository that points to it, says the repository holds it (blobHeldBy).
+ *   cached blob is served for a repository only when this table says the repository holds it. A
+ *   manifest pointing to a digest is no proof: its `subject`, or a layer a registry did not check
+ *   at push, can name any digest.
  * - Dropping a blob drops, in the same transaction, every manifest that points to it (directly or
  *   through an index) and the tags of those: no cached manifest ever points to an evicted blob.
  * Schema changes bump `user_version` and add a step to MIGRATIONS.
@@ -155,12 +156,9 @@ export class Db {
       deleteAccess: db.prepare('DELETE FROM blob_access WHERE digest = ?'),
       deleteBlobRepos: db.prepare('DELETE FROM blob_repos WHERE digest = ?'),
       putBlobRepo: db.prepare('INSERT OR IGNORE INTO blob_repos (upstream, name, digest) VALUES (?, ?, ?)'),
-      blobHeldBy: db.prepare<[string, string, string, string, string, string], { one: number }>(
-        `SELECT 1 AS one FROM blob_repos WHERE upstream = ? AND name = ? AND digest = ?
-         UNION ALL
-         SELECT 1 FROM refs r JOIN manifest_repos m ON m.digest = r.parent WHERE r.child = ? AND m.upstream = ? AND m.name = ?
-         LIMIT 1`,
-      ),
+      blobHeldBy: db.prepare<[string, string, string], { one: number }>('SELECT 1 AS one FROM blob_repos WHERE upstream = ? AND name = ? AND digest = ?'),
+      blobFromUpstream: db.prepare<[string, string], { one: number }>('SELECT 1 AS one FROM blob_repos WHERE upstream = ? AND digest = ? LIMIT 1'),
+      manifestFromUpstream: db.prepare<[string, string], { one: number }>('SELECT 1 AS one FROM manifest_repos WHERE upstream = ? AND digest = ? LIMIT 1'),
       deleteManifest: db.prepare('DELETE FROM manifests WHERE digest = ?'),
       deleteManifestRepos: db.prepare('DELETE FROM manifest_repos WHERE digest = ?'),
       deleteRefs: db.prepare('DELETE FROM refs WHERE parent = ?'),
@@ -249,13 +247,14 @@ export class Db {
     })();
   }
 
-  /**
-   * Whether (upstream, name) is known to hold a blob: it was fetched or confirmed there, or a
-   * manifest seen in that repository points to it (directly; an index's children are manifests
-   * seen in the same repository).
-   */
+  /** Whether (upstream, name) is known to hold a blob: it was fetched or confirmed there. */
   blobHeldBy(upstream: string, name: string, digest: string): boolean {
-    return this.stmt.blobHeldBy.get(upstream, name, digest, digest, upstream, name) !== undefined;
+    return this.stmt.blobHeldBy.get(upstream, name, digest) !== undefined;
+  }
+
+  /** Whether any repository of `upstream` served these bytes: its HEAD may then vouch for another of its repositories. */
+  fromUpstream(kind: 'blob' | 'manifest', upstream: string, digest: string): boolean {
+    return (kind === 'blob' ? this.stmt.blobFromUpstream : this.stmt.manifestFromUpstream).get(upstream, digest) !== undefined;
   }
 
   /** The upstream confirmed that (upstream, name) holds a blob. */
