@@ -7,9 +7,10 @@ import assert from 'node:assert/strict';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import test from 'node:test';
+import bcrypt from 'bcryptjs';
 import { Access, NO_CREDENTIALS } from '../src/access/access.js';
 import { compileGlob } from '../src/access/glob.js';
-import { parseHtpasswd } from '../src/access/htpasswd.js';
+import { Htpasswd, parseHtpasswd } from '../src/access/htpasswd.js';
 import { buildConfig, ConfigError } from '../src/core/config.js';
 import { Metrics } from '../src/telemetry/metrics.js';
 import { tempDir } from './helpers/tools.js';
@@ -78,6 +79,9 @@ test('config: the access section, errors name the bad key', () => {
 test('htpasswd: bcrypt entries, comments and blank lines; anything else is refused', () => {
   assert.deepEqual([...parseHtpasswd(`# users\n\n${ALICE}\n`).keys()], ['alice']);
   assert.throws(() => parseHtpasswd('bob:{SHA}fEqNCco3Yq9h5ZUglD3CZJT4lBs='), /not bcrypt/);
+  // A cost bcrypt refuses would fail every request of that user: refused when the file is read.
+  assert.throws(() => parseHtpasswd(ALICE.replace(/\$\d\d\$/, '$03$')), /not bcrypt/);
+  assert.throws(() => parseHtpasswd(ALICE.replace(/\$\d\d\$/, '$99$')), /not bcrypt/);
   assert.throws(() => parseHtpasswd('no colon here'), /expected user:hash/);
 });
 
@@ -123,4 +127,16 @@ test('rules: first match wins, no match is denied, groups expand, memoised decis
   assert.deepEqual(access.identifySync(alice), { user: 'alice', presented: true }, 'remembered');
   assert.equal(await access.identify(`Basic ${Buffer.from('alice:wrong').toString('base64')}`), null);
   assert.equal(await access.identify(`Basic ${Buffer.from('nobody:x').toString('base64')}`), null);
+});
+
+test('htpasswd: failed checks cannot pile up: at most four bcrypt comparisons at once, failures remembered', async (t) => {
+  const file = join(tempDir(t, 'htpasswd'), 'htpasswd');
+  writeFileSync(file, `${ALICE}\n`);
+  const users = new Htpasswd(file, () => undefined);
+  const guesses = await Promise.allSettled(Array.from({ length: 6 }, (_, i) => users.verify(i % 2 ? 'alice' : `nobody${i}`, `guess${i}`)));
+  assert.deepEqual(guesses.map((g) => g.status), ['fulfilled', 'fulfilled', 'fulfilled', 'fulfilled', 'rejected', 'rejected']);
+  for (const g of guesses.slice(4)) assert.equal((g as PromiseRejectedResult).reason.code, 'TOOMANYREQUESTS');
+  const compare = t.mock.method(bcrypt, 'compare');
+  assert.equal(await users.verify('alice', 'guess1'), false);
+  assert.equal(compare.mock.callCount(), 0, 'a remembered failure costs no bcrypt');
 });

@@ -73,6 +73,8 @@ test('redirects: manifests, tags and referrers only to the own host, redirectHos
     ['a manifest to an internal host', hub, 'manifest', 'https://registry-1.docker.io/v2/x', 'https://169.254.169.254/latest/meta-data', 'refused'],
     ['a tag list to another host', hub, 'tags', 'https://registry-1.docker.io/v2/x', 'https://example.net/tags', 'refused'],
     ['a manifest to the own host', hub, 'manifest', 'https://registry-1.docker.io/v2/a', 'https://registry-1.docker.io/v2/b', 'trusted'],
+    ['a manifest to another port of the own host', hub, 'manifest', 'https://registry-1.docker.io/v2/a', 'https://registry-1.docker.io:2375/v2/b', 'refused'],
+    ['a blob to another port of the own host is restricted', hub, 'blob', 'https://registry-1.docker.io/v2/a', 'https://registry-1.docker.io:8443/b', 'restricted'],
     ['a manifest to a listed host', listed, 'manifest', 'https://registry.example.com/v2/a', 'https://cdn.example.net/m', 'trusted'],
     ['a referrers list to a listed wildcard', listed, 'referrers', 'https://registry.example.com/v2/a', 'https://eu.storage.example.org/r', 'trusted'],
     ['the wildcard is not the domain itself', listed, 'referrers', 'https://registry.example.com/v2/a', 'https://storage.example.org/r', 'refused'],

@@ -8,19 +8,33 @@
  * Basic credentials each time: a verified (user, password, hash) is remembered for VERIFIED_TTL
  * under a SHA-256 of the three, so the password itself is never kept. A changed hash (new
  * password) or a removed user misses the memo at the next reload.
+ *
+ * Failed checks are what an attacker can make cheap for themselves and costly for us: at most
+ * MAX_CHECKS bcrypt comparisons run at once (more get 429 with Retry-After), a failure is
+ * remembered for FAILED_TTL, and an unknown user is compared against a dummy hash of the file's
+ * own highest cost, so its answer takes as long as a known user's wrong password.
  */
-import { createHash } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { readFileSync, statSync } from 'node:fs';
 import bcrypt from 'bcryptjs';
 import { LRUCache } from 'lru-cache';
 import { ConfigError } from '../core/config-error.js';
+import { OciError } from '../core/errors.js';
 
 const RELOAD_CHECK_MS = 1000;
 const VERIFIED_TTL = 5 * 60_000;
 const VERIFIED_MAX = 10_000;
-const BCRYPT = /^\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}$/;
-/** Compared against for unknown users, so their answer takes as long as a wrong password's. */
-const DUMMY_HASH = '$2y$10$GwCocN6EQwxSwjA3UOkAe.WvRppEla.bTRfnfavlIno2FHZ6Rvvcu';
+const FAILED_TTL = 10_000;
+const MAX_CHECKS = 4;
+/** bcrypt as htpasswd -B writes it, with a cost bcryptjs accepts (4 to 31). */
+const BCRYPT = /^\$2[aby]\$(0[4-9]|[12]\d|3[01])\$[./A-Za-z0-9]{53}$/;
+
+/** A hash to compare unknown users against, as costly as the costliest entry of `users`. */
+function dummyFor(users: Map<string, string>): string {
+  let cost = 4;
+  for (const hash of users.values()) cost = Math.max(cost, Number(hash.slice(4, 6)));
+  return bcrypt.hashSync(randomBytes(16).toString('hex'), cost);
+}
 
 /** The users of an htpasswd text; throws on anything that is not `user:<bcrypt>`, a comment or blank. */
 export function parseHtpasswd(text: string): Map<string, string> {
@@ -43,6 +57,9 @@ export class Htpasswd {
   private checkedAt = 0;
   private stamp: string;
   private readonly verified = new LRUCache<string, true>({ max: VERIFIED_MAX, ttl: VERIFIED_TTL });
+  private readonly failed = new LRUCache<string, true>({ max: VERIFIED_MAX, ttl: FAILED_TTL });
+  private dummy: string;
+  private checking = 0;
 
   constructor(
     private readonly path: string,
@@ -55,6 +72,7 @@ export class Htpasswd {
     } catch (err) {
       throw new ConfigError('access.htpasswd', `${path}: ${(err as Error).message}`);
     }
+    this.dummy = dummyFor(this.users);
     this.checkedAt = now();
   }
 
@@ -73,6 +91,7 @@ export class Htpasswd {
       stamp = this.stat();
       if (stamp === this.stamp) return;
       this.users = parseHtpasswd(readFileSync(this.path, 'utf8'));
+      this.dummy = dummyFor(this.users);
     } catch (err) {
       this.warn({ path: this.path, err: (err as Error).message }, 'htpasswd not reloaded: keeping the users read before');
       return;
@@ -99,15 +118,21 @@ export class Htpasswd {
 
   async verify(user: string, password: string): Promise<boolean> {
     this.refresh();
-    const hash = this.users.get(user);
-    if (hash === undefined) {
-      await bcrypt.compare(password, DUMMY_HASH);
-      return false;
-    }
+    const hash = this.users.get(user) ?? this.dummy;
     const key = this.key(user, password, hash);
     if (this.verified.has(key)) return true;
-    const ok = await bcrypt.compare(password, hash);
-    if (ok) this.verified.set(key, true);
+    if (this.failed.has(key)) return false;
+    if (this.checking >= MAX_CHECKS) {
+      throw new OciError('TOOMANYREQUESTS', 'too many password checks at once: retry shortly (a token from the realm needs none)', { headers: { 'retry-after': '1' } });
+    }
+    this.checking++;
+    let ok: boolean;
+    try {
+      ok = (await bcrypt.compare(password, hash)) && hash !== this.dummy;
+    } finally {
+      this.checking--;
+    }
+    (ok ? this.verified : this.failed).set(key, true);
     return ok;
   }
 }

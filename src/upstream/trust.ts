@@ -86,7 +86,8 @@ export function realmAccess(upstream: UpstreamConfig, realm: URL, withCredential
 export function redirectRule(upstream: UpstreamConfig, kind: string, from: URL, to: URL): Hop {
   if (to.protocol !== 'https:' && to.protocol !== 'http:') return { refused: `${to.protocol} is not HTTP` };
   if (from.protocol === 'https:' && to.protocol === 'http:') return { refused: 'a redirect from HTTPS to HTTP is never followed' };
-  if (to.hostname === upstream.url.hostname || listed(upstream.redirectHosts, to.hostname)) return { restrict: false };
+  // The upstream's own origin (its port too: another port of its host is another service).
+  if (to.origin === upstream.url.origin || listed(upstream.redirectHosts, to.hostname)) return { restrict: false };
   if (kind === 'blob') return { restrict: true };
   const known = builtIn(KNOWN_REDIRECT_HOSTS, upstream);
   if (known && to.protocol === 'https:' && listed(known.hosts, to.hostname)) return { restrict: true };
