@@ -11,6 +11,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import test, { type TestContext } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { run, startContainerd } from './helpers/daemons.js';
 import { startDistribution, type Distribution } from './helpers/distribution.js';
 import { startProxy, type Proxy } from './helpers/proxy.js';
 import { image, multiArch, Pusher, sha256, type Image, type MultiArch } from './helpers/seed.js';
@@ -45,20 +46,6 @@ async function world(t: TestContext, defaultUpstream?: string): Promise<World | 
     defaultUpstream,
   });
   return { hub, ghcr, proxy, alpine, ghcrApp };
-}
-
-/** Runs a client to completion. Asynchronous on purpose: the proxy answers from this same process. */
-async function run(cmd: string, args: string[], env: NodeJS.ProcessEnv = process.env): Promise<string> {
-  const child = spawn(cmd, args, { env, stdio: ['ignore', 'pipe', 'pipe'] });
-  let stdout = '';
-  let stderr = '';
-  child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-  child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-  const timer = setTimeout(() => child.kill('SIGKILL'), 120_000);
-  const code = await new Promise<number | null>((r) => child.once('exit', r));
-  clearTimeout(timer);
-  assert.equal(code, 0, `${cmd} ${args.join(' ')} failed:\n${stdout.slice(-3000)}\n${stderr.slice(-3000)}`);
-  return stdout;
 }
 
 test('skopeo pulls through the cache by direct reference and as a prefix mirror', async (t) => {
@@ -114,35 +101,6 @@ test('podman pulls through the README registries.conf (prefix mirrors for docker
     assert.ok(repoDigests.includes(`${ref.split(':')[0]}@${digest}`), `${ref}: ${repoDigests.join(', ')}`);
   }
 });
-
-/** A containerd daemon of its own (no CRI), stopped when the test ends; undefined when skipped. */
-async function startContainerd(t: TestContext): Promise<{ ctr: string; socket: string; dir: string } | undefined> {
-  const containerd = need(t, 'containerd', 'apt-get install containerd');
-  const ctr = need(t, 'ctr', 'apt-get install containerd');
-  if (!containerd || !ctr) return undefined;
-  if (!needRoot(t, 'the containerd test')) return undefined;
-  const dir = tempDir(t, 'ctrd');
-  const socket = join(dir, 'containerd.sock');
-  writeFileSync(
-    join(dir, 'config.toml'),
-    `version = 2
-root = "${join(dir, 'root')}"
-state = "${join(dir, 'state')}"
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs"]
-[grpc]
-  address = "${socket}"
-[ttrpc]
-  address = "${socket}.ttrpc"
-`,
-  );
-  const daemon = spawn(containerd, ['--config', join(dir, 'config.toml')], { stdio: ['ignore', 'ignore', 'pipe'] });
-  let daemonLog = '';
-  daemon.stderr.on('data', (d: Buffer) => (daemonLog += d.toString()));
-  t.after(() => stopChild(daemon));
-  for (let i = 0; i < 100 && !readdirSync(dir).includes('containerd.sock'); i++) await sleep(100);
-  assert.ok(readdirSync(dir).includes('containerd.sock'), `containerd did not start:\n${daemonLog.slice(-3000)}`);
-  return { ctr, socket, dir };
-}
 
 /** Pulls each reference with `ctr --hosts-dir` and checks the image it recorded has the expected digest. */
 async function ctrPulls(c: { ctr: string; socket: string }, hostsDir: string, pulls: Array<[string, string]>, namespace = 'default'): Promise<void> {

@@ -6,13 +6,16 @@
  * against what /metrics exposes.
  */
 import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
 import { cpSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import test, { type TestContext } from 'node:test';
 import { parse, parseAllDocuments } from 'yaml';
 import { buildConfig } from '../src/core/config.js';
+import { buildApp } from '../src/http/app.js';
 import { metricsText, startProxy } from './helpers/proxy.js';
-import { exec, tempDir } from './helpers/tools.js';
+import { readmeSnippet } from './helpers/readme.js';
+import { exec, need, tempDir } from './helpers/tools.js';
 
 const HELM = resolve('.tools/helm');
 const CHART = resolve('helm/ocicache');
@@ -137,6 +140,91 @@ test('helm chart: values.schema.json refuses bad values with a message that name
   }
 });
 
+/** Access control: the README's Helm values, with a users line the real `htpasswd -nB` printed. */
+async function accessValues(dir: string): Promise<string> {
+  const line = (await exec('htpasswd', ['-nbB', 'alice', 'alice-pw'])).stdout.trim();
+  const snippet = readmeSnippet('helm-access-values.yaml');
+  assert.ok(snippet.includes("'alice:$2y$05$...'"), snippet);
+  const file = join(dir, 'access.yaml');
+  writeFileSync(file, snippet.replace("'alice:$2y$05$...'", `'${line}'`));
+  return file;
+}
+
+test('helm chart: access control mounts the htpasswd and token key Secrets and points the config at them', async (t) => {
+  if (!helmBinary(t) || !need(t, 'htpasswd', 'apt-get install apache2-utils')) return;
+  const dir = tempDir(t, 'helm-access');
+  const values = await accessValues(dir);
+  for (const c of [
+    { what: 'central, inline users', args: ['-f', values], workload: 'StatefulSet' },
+    { what: 'node, existing htpasswd Secret', args: ['-f', join(CHART, 'values-node.yaml'), '-f', values, '--set', 'access.htpasswd.users=null', '--set', 'access.htpasswd.existingSecret=team-htpasswd', '--set', 'access.htpasswd.key=users'], workload: 'DaemonSet' },
+  ]) {
+    await t.test(c.what, async () => {
+      const lint = await helm(['lint', '--strict', CHART, ...c.args]);
+      assert.equal(lint.code, 0, lint.stdout + lint.stderr);
+      const out = await helm(['template', 'cache', CHART, '--namespace', 'registry', ...c.args]);
+      assert.equal(out.code, 0, out.stderr);
+      const docs = parseAllDocuments(out.stdout).map((d) => d.toJSON() as Doc).filter(Boolean);
+      for (const doc of docs) await validate(doc);
+      const configText = docs.find((d) => d.kind === 'ConfigMap' && d.metadata.name === 'cache-ocicache')!.data!['config.yaml']!;
+      const config = buildConfig(parse(configText), {}, { upstreamAuth: false, adminToken: false });
+      const access = config.access!;
+      assert.deepEqual([access.htpasswd, access.tokenKeyFile, access.realm, access.tokenTtl], ['/etc/ocicache/access/htpasswd', '/etc/ocicache/token-key/key', 'https://cache.example.internal/token', 300_000]);
+      assert.deepEqual(access.groups, { ci: ['builder'] });
+      assert.deepEqual(access.rules[1], { upstreams: ['ghcr.io'], repositories: ['myorg/**'], allow: ['group:ci', 'alice'], exposeCredentials: false });
+
+      // The paths in the config are the files the pod mounts, read-only, from the right Secrets.
+      const pod = docs.find((d) => d.kind === c.workload)!.spec.template.spec;
+      const fileOf = (volume: string): { path: string; secret: string; key: string } => {
+        const mount = pod.containers[0].volumeMounts.find((m: { name: string }) => m.name === volume);
+        assert.equal(mount?.readOnly, true, `${volume} is mounted read-only`);
+        assert.equal(mount.subPath, undefined, `${volume}: a whole-volume mount, so Secret edits reach the pod`);
+        const { secret } = pod.volumes.find((v: { name: string }) => v.name === volume);
+        return { path: `${mount.mountPath}/${secret.items[0].path}`, secret: secret.secretName, key: secret.items[0].key };
+      };
+      const inline = c.workload === 'StatefulSet';
+      assert.deepEqual(fileOf('htpasswd'), { path: access.htpasswd, secret: inline ? 'cache-ocicache-htpasswd' : 'team-htpasswd', key: inline ? 'htpasswd' : 'users' });
+      assert.deepEqual(fileOf('token-key'), { path: access.tokenKeyFile, secret: 'ocicache-token-key', key: 'token-key' });
+      const htpasswdSecret = docs.find((d) => d.kind === 'Secret' && d.metadata.name === 'cache-ocicache-htpasswd') as (Doc & { stringData?: Record<string, string> }) | undefined;
+      if (!inline) {
+        assert.equal(htpasswdSecret, undefined, 'an existing Secret is not rendered');
+        return;
+      }
+      // The Secret the chart rendered is an htpasswd file ocicache accepts: alice logs in with it.
+      const htpasswdFile = join(dir, 'htpasswd');
+      const keyFile = join(dir, 'token-key');
+      writeFileSync(htpasswdFile, htpasswdSecret!.stringData!.htpasswd!);
+      writeFileSync(keyFile, randomBytes(32));
+      const local = buildConfig({ ...parse(configText), storage: { root: join(dir, 'data') }, server: { host: '127.0.0.1', port: 0 }, log: { level: 'silent' }, access: { ...parse(configText).access, htpasswd: htpasswdFile, tokenKeyFile: keyFile } }, {});
+      const app = await buildApp(local, { logger: false });
+      t.after(() => app.close());
+      const basic = (pw: string): string => `Basic ${Buffer.from(`alice:${pw}`).toString('base64')}`;
+      assert.equal((await app.inject({ url: '/token?service=ocicache', headers: { authorization: basic('alice-pw') } })).statusCode, 200);
+      assert.equal((await app.inject({ url: '/token?service=ocicache', headers: { authorization: basic('wrong') } })).statusCode, 401);
+    });
+  }
+});
+
+test('helm chart: access values are refused when unsafe or inconsistent, with a message that names them', async (t) => {
+  if (!helmBinary(t)) return;
+  const rules = 'config.access={"rules":[{"upstreams":["*"],"repositories":["**"],"allow":["authenticated"]}]}';
+  for (const [args, message] of [
+    // A plain password where a bcrypt line belongs: refused by the schema.
+    [['--set', 'access.htpasswd.users[0]=alice:alice-pw', '--set-json', rules], /\/access\/htpasswd\/users\/0.*does not match pattern/],
+    // The chart sets the file paths itself.
+    [['--set', 'access.htpasswd.existingSecret=x', '--set-json', 'config.access={"htpasswd":"/etc/htpasswd","rules":[{"upstreams":["*"],"repositories":["**"],"allow":["authenticated"]}]}'], /\/config\/access.*htpasswd.*not allowed/],
+    [['--set', 'access.htpasswd.existingSecret=x', '--set-json', 'config.access={"realm":"cache:5000/token","rules":[{"upstreams":["*"],"repositories":["**"],"allow":["authenticated"]}]}'], /\/config\/access\/realm/],
+    [['--set', 'access.htpasswd.existingSecret=x', '--set-json', 'config.access={"rules":[]}'], /\/config\/access\/rules.*minItems/],
+    [['--set', 'access.htpasswd.existingSecret=x', '--set-json', 'config.access={"rules":[{"upstreams":["*"],"repositories":["**"]}]}'], /\/config\/access\/rules\/0.*allow/],
+    // Rules without users, and users without rules (access control would silently be off).
+    [['--set-json', rules], /config\.access is set but no users/],
+    [['--set', 'access.htpasswd.existingSecret=x'], /config\.access is not: access control would be off/],
+  ] as const) {
+    const out = await helm(['template', 'cache', CHART, ...args]);
+    assert.notEqual(out.code, 0, args.join(' '));
+    assert.match(out.stderr, message, out.stderr);
+  }
+});
+
 test('helm chart: NOTES print the containerd hosts.toml for the chosen shape', async (t) => {
   if (!helmBinary(t)) return;
   // helm renders NOTES.txt only on install, and helm 3.22's `install --dry-run=client` still asks
@@ -155,6 +243,12 @@ test('helm chart: NOTES print the containerd hosts.toml for the chosen shape', a
   };
   assert.match(await render([]), /\[host\."http:\/\/cache-ocicache\.registry\.svc\.cluster\.local:5000"\]\n\s+capabilities = \["pull", "resolve"\]/);
   assert.match(await render(['-f', join(CHART, 'values-node.yaml')]), /\[host\."http:\/\/127\.0\.0\.1:5000"\]\n\s+capabilities = \["pull", "resolve"\]/);
+  assert.doesNotMatch(await render([]), /Access control/);
+  const access = await render(['-f', join(CHART, 'values-node.yaml'), '--set', 'access.htpasswd.existingSecret=team-htpasswd', '--set-json', 'config.access={"rules":[{"upstreams":["*"],"repositories":["**"],"allow":["authenticated"]}]}']);
+  assert.match(access, /Access control is on[\s\S]*Secret\s+team-htpasswd/);
+  assert.match(access, /\[host\."http:\/\/127\.0\.0\.1:5000"\.header\]\n\s+Authorization = "Basic <base64 of user:password>"/);
+  assert.match(access, /podman login --tls-verify=false 127\.0\.0\.1:5000/);
+  assert.match(access, /No access\.tokenKey/);
 });
 
 test('the Grafana dashboard only queries metrics that ocicache exposes', async (t) => {

@@ -59,6 +59,9 @@ export async function openCache(config: Config, log: Logger, options: OpenOption
     throw err;
   }
   const upstream = new UpstreamClient(config, metrics, clock);
+  for (const u of config.upstreams) {
+    if (u.tls?.insecure) log.warn({ upstream: u.name, url: u.url.origin }, `upstream ${u.name} is insecure: its TLS certificate is NOT verified, so anyone on the path to ${u.url.host} can serve anything as it (set caFile instead)`);
+  }
   const lifecycle = new Lifecycle(config, db, store, metrics, log, clock);
   const blobs = new Blobs(config, store, db, upstream, lifecycle, metrics, log);
   const manifests = new Manifests(db, lifecycle.guard, upstream, log, clock);

@@ -7,49 +7,13 @@ import { readFileSync } from 'node:fs';
 import { dirname, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parse as parseYaml } from 'yaml';
-import { parseDuration, parseSize } from './units.js';
 import { buildAccessConfig, type AccessConfig } from './access-config.js';
 import { ConfigError } from './config-error.js';
+import { bool, duration, hostKey, int, percent, readSecret, section, size, str, type Obj, type SecretNeeds } from './config-values.js';
+import { POLICY_KEYS, policy, upstream, type UpstreamConfig } from './upstream-config.js';
 
-export interface UpstreamAuth {
-  username: string;
-  /** Resolved secret; read from passwordEnv or passwordFile at start-up, never from the config text. */
-  password: string;
-}
-
-export interface UpstreamConfig {
-  /** The key clients use (`ns=<name>`, `/v2/<name>/…`), e.g. `docker.io`. */
-  name: string;
-  url: URL;
-  aliases: string[];
-  /** Docker Hub's rule: a one-segment name means `library/<name>`. */
-  dockerHubLibrary: boolean;
-  tagTtl: number;
-  auth?: UpstreamAuth;
-  /** Extra token realm origins that may receive this upstream's credentials. */
-  tokenRealms: string[];
-  /** Hosts (`registry.example.com`, `*.example.com`) its manifests, tag lists and referrers may be redirected to, and any redirect may reach at any address. */
-  redirectHosts: string[];
-  /** Serve only from the cache; send nothing to this upstream. */
-  offline: boolean;
-  /** Blobs last used through this upstream longer ago than this are expired; undefined: never. */
-  maxAge: number | undefined;
-  /** Requests to this upstream at once; more wait in line. */
-  maxConcurrent: number;
-  /** Requests per second to this upstream; 0: unlimited. */
-  maxRequestsPerSecond: number;
-  /** Consecutive transport failures that open the circuit breaker; 0: never. */
-  breakerFailures: number;
-  breakerCooldown: number;
-  /** Times a broken blob download is resumed with Range before the fill fails. */
-  blobRetries: number;
-  /** The longest a 429 keeps requests away, whatever its Retry-After says; 0: a 429 blocks nothing. */
-  maxRetryAfter: number;
-}
-
-/** The per-upstream knobs that `upstreamDefaults` sets for all and each upstream may override. */
-const POLICY_KEYS = ['offline', 'maxAge', 'maxConcurrent', 'maxRequestsPerSecond', 'breakerFailures', 'breakerCooldown', 'blobRetries', 'maxRetryAfter'] as const;
-type Policy = Pick<UpstreamConfig, (typeof POLICY_KEYS)[number]>;
+export type { UpstreamAuth, UpstreamConfig, UpstreamTls } from './upstream-config.js';
+export type { SecretNeeds } from './config-values.js';
 
 export interface Config {
   server: {
@@ -65,6 +29,8 @@ export interface Config {
     /** Open connections at most, in all and from one client address; 0: no limit. */
     maxConnections: number;
     maxConnectionsPerAddress: number;
+    /** Serve HTTPS (http/tls.ts); undefined: plain HTTP. */
+    tls: ServerTls | undefined;
   };
   log: { level: string };
   storage: {
@@ -95,6 +61,24 @@ export interface Config {
 
 export { ConfigError };
 
+export interface ServerTls {
+  /** PEM files, read when the server starts and again whenever they change (checked every reloadInterval). */
+  certFile: string;
+  keyFile: string;
+  /** Clients must present a certificate signed by a CA in this PEM bundle; undefined: none asked for. */
+  clientCaFile: string | undefined;
+  reloadInterval: number;
+}
+
+function serverTls(server: Obj): ServerTls | undefined {
+  if (server.tls === undefined || server.tls === null) return undefined;
+  const tls = section(server, 'tls', 'server.tls', ['certFile', 'keyFile', 'clientCaFile', 'reloadInterval']);
+  const clientCaFile = tls.clientCaFile === undefined || tls.clientCaFile === null ? undefined : str(tls, 'clientCaFile', 'server.tls');
+  const reloadInterval = duration(tls.reloadInterval ?? '5s', 'server.tls.reloadInterval');
+  if (reloadInterval < 100) throw new ConfigError('server.tls.reloadInterval', 'must be at least 100ms');
+  return { certFile: str(tls, 'certFile', 'server.tls'), keyFile: str(tls, 'keyFile', 'server.tls'), clientCaFile, reloadInterval };
+}
+
 export const DEFAULT_CONFIG_FILE = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..', 'config', 'default.yaml');
 
 /** The env overrides, all of them. Kept short on purpose: everything else belongs in the file. */
@@ -108,150 +92,6 @@ export const ENV_OVERRIDES = {
 } as const;
 
 const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'];
-const HOST_KEY = /^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*(:[0-9]{1,5})?$/;
-/** A redirect host: a name or IPv4 address, `*.` and a domain, or a bracketed IPv6 address; never a port. */
-const REDIRECT_HOST = /^((\*\.)?[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*|\[[0-9a-f:.]+\])$/;
-
-function duration(value: unknown, key: string): number {
-  const ms = parseDuration(value);
-  if (ms === undefined) throw new ConfigError(key, `expected a duration such as 30s, 5m or 24h, got ${JSON.stringify(value)}`);
-  return ms;
-}
-
-function size(value: unknown, key: string): number {
-  const bytes = parseSize(value);
-  if (bytes === undefined) throw new ConfigError(key, `expected a size such as 512MiB or 50GiB, got ${JSON.stringify(value)}`);
-  return bytes;
-}
-
-type Obj = Record<string, unknown>;
-
-function section(parent: Obj, key: string, path: string, allowed: string[]): Obj {
-  const value = parent[key] ?? {};
-  if (typeof value !== 'object' || Array.isArray(value) || value === null) throw new ConfigError(path, 'must be a mapping');
-  for (const k of Object.keys(value)) {
-    if (!allowed.includes(k)) throw new ConfigError(`${path}.${k}`, `unknown key (known: ${allowed.join(', ')})`);
-  }
-  return value as Obj;
-}
-
-function str(o: Obj, key: string, path: string, fallback?: string): string {
-  const v = o[key] ?? fallback;
-  if (typeof v !== 'string' || v === '') throw new ConfigError(`${path}.${key}`, 'must be a non-empty string');
-  return v;
-}
-
-function bool(o: Obj, key: string, path: string, fallback: boolean): boolean {
-  const v = o[key] ?? fallback;
-  if (typeof v !== 'boolean') throw new ConfigError(path ? `${path}.${key}` : key, 'must be true or false');
-  return v;
-}
-
-function int(o: Obj, key: string, path: string, fallback: number, min = 0): number {
-  const v = o[key] ?? fallback;
-  if (typeof v !== 'number' || !Number.isInteger(v) || v < min) throw new ConfigError(`${path}.${key}`, `must be a whole number >= ${min}`);
-  return v;
-}
-
-function percent(o: Obj, key: string, path: string, fallback: number): number {
-  const v = o[key] ?? fallback;
-  if (typeof v !== 'number' || !(v > 0 && v <= 100)) throw new ConfigError(`${path}.${key}`, 'must be a percentage above 0 and at most 100');
-  return v;
-}
-
-function policy(o: Obj, path: string, base: Policy): Policy {
-  const has = (k: string): boolean => o[k] !== undefined && o[k] !== null;
-  const rps = o.maxRequestsPerSecond ?? base.maxRequestsPerSecond;
-  if (typeof rps !== 'number' || !(rps >= 0)) throw new ConfigError(`${path}.maxRequestsPerSecond`, 'must be a number >= 0 (0: unlimited)');
-  return {
-    offline: bool(o, 'offline', path, base.offline),
-    maxAge: has('maxAge') ? duration(o.maxAge, `${path}.maxAge`) : base.maxAge,
-    maxConcurrent: int(o, 'maxConcurrent', path, base.maxConcurrent, 1),
-    maxRequestsPerSecond: rps,
-    breakerFailures: int(o, 'breakerFailures', path, base.breakerFailures),
-    breakerCooldown: has('breakerCooldown') ? duration(o.breakerCooldown, `${path}.breakerCooldown`) : base.breakerCooldown,
-    blobRetries: int(o, 'blobRetries', path, base.blobRetries),
-    maxRetryAfter: has('maxRetryAfter') ? duration(o.maxRetryAfter, `${path}.maxRetryAfter`) : base.maxRetryAfter,
-  };
-}
-
-function hostKey(value: unknown, path: string): string {
-  if (typeof value !== 'string' || !HOST_KEY.test(value.toLowerCase())) {
-    throw new ConfigError(path, `must be a registry host name such as docker.io or registry.example.com:5000, got ${JSON.stringify(value)}`);
-  }
-  return value.toLowerCase();
-}
-
-function readSecret(o: Obj, path: string, env: NodeJS.ProcessEnv, field = 'password'): string {
-  if (o[field] !== undefined) throw new ConfigError(`${path}.${field}`, `secrets are never written in the config: use ${field}Env or ${field}File`);
-  const fromEnv = o[`${field}Env`];
-  const fromFile = o[`${field}File`];
-  if (typeof fromEnv === 'string') {
-    const v = env[fromEnv];
-    if (!v || v.trim() === '') throw new ConfigError(`${path}.${field}Env`, `environment variable ${fromEnv} is not set`);
-    return v;
-  }
-  if (typeof fromFile === 'string') {
-    let v: string;
-    try {
-      v = readFileSync(fromFile, 'utf8').replace(/\r?\n$/, '');
-    } catch (err) {
-      throw new ConfigError(`${path}.${field}File`, `cannot read ${fromFile}: ${(err as Error).message}`);
-    }
-    // An empty secret would compare equal to an empty guess.
-    if (v.trim() === '') throw new ConfigError(`${path}.${field}File`, `${fromFile} is empty`);
-    return v;
-  }
-  throw new ConfigError(path, `needs ${field}Env or ${field}File`);
-}
-
-function upstream(raw: unknown, i: number, defaults: { tagTtl: number; policy: Policy }, env: NodeJS.ProcessEnv, needs: SecretNeeds): UpstreamConfig {
-  const path = `upstreams[${i}]`;
-  if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw new ConfigError(path, 'must be a mapping');
-  const o = section({ u: raw }, 'u', path, ['name', 'url', 'aliases', 'dockerHubLibrary', 'tagTtl', 'auth', 'tokenRealms', 'redirectHosts', ...POLICY_KEYS]);
-  const name = hostKey(o.name, `${path}.name`);
-  let url: URL;
-  try {
-    url = new URL(str(o, 'url', path));
-  } catch {
-    throw new ConfigError(`${path}.url`, `must be an absolute http(s) URL, got ${JSON.stringify(o.url)}`);
-  }
-  if (url.protocol !== 'https:' && url.protocol !== 'http:') throw new ConfigError(`${path}.url`, 'must use http or https');
-  if (url.username || url.password) throw new ConfigError(`${path}.url`, 'must not contain credentials: use auth');
-  const aliases = o.aliases ?? [];
-  if (!Array.isArray(aliases)) throw new ConfigError(`${path}.aliases`, 'must be a list of host names');
-  const tokenRealms = o.tokenRealms ?? [];
-  if (!Array.isArray(tokenRealms)) throw new ConfigError(`${path}.tokenRealms`, 'must be a list of URLs');
-  const redirectHosts = o.redirectHosts ?? [];
-  if (!Array.isArray(redirectHosts)) throw new ConfigError(`${path}.redirectHosts`, 'must be a list of host names');
-  let auth: UpstreamAuth | undefined;
-  if (o.auth !== undefined) {
-    const a = section(o, 'auth', `${path}.auth`, ['username', 'password', 'passwordEnv', 'passwordFile']);
-    auth = { username: str(a, 'username', `${path}.auth`), password: needs.upstreamAuth ? readSecret(a, `${path}.auth`, env) : '' };
-  }
-  return {
-    name,
-    url,
-    aliases: aliases.map((a, j) => hostKey(a, `${path}.aliases[${j}]`)),
-    dockerHubLibrary: bool(o, 'dockerHubLibrary', path, false),
-    tagTtl: o.tagTtl === undefined ? defaults.tagTtl : duration(o.tagTtl, `${path}.tagTtl`),
-    auth,
-    tokenRealms: tokenRealms.map((r, j) => {
-      try {
-        return new URL(String(r)).origin;
-      } catch {
-        throw new ConfigError(`${path}.tokenRealms[${j}]`, 'must be an absolute URL');
-      }
-    }),
-    redirectHosts: redirectHosts.map((h, j) => {
-      if (typeof h !== 'string' || !REDIRECT_HOST.test(h.toLowerCase())) {
-        throw new ConfigError(`${path}.redirectHosts[${j}]`, `must be a host name such as cdn.example.com or *.example.com (no scheme or port), got ${JSON.stringify(h)}`);
-      }
-      return h.toLowerCase();
-    }),
-    ...policy(o, path, defaults.policy),
-  };
-}
 
 function applyEnv(doc: Obj, env: NodeJS.ProcessEnv): void {
   for (const [name, key] of Object.entries(ENV_OVERRIDES)) {
@@ -267,16 +107,6 @@ function applyEnv(doc: Obj, env: NodeJS.ProcessEnv): void {
   }
 }
 
-/**
- * Which secrets a command needs. `serve` needs all; `prefetch` only upstream credentials; `gc`
- * and `verify` none, so an operator can run them without the server's environment. A secret that
- * is not needed is still validated in shape but not read.
- */
-export interface SecretNeeds {
-  upstreamAuth: boolean;
-  adminToken: boolean;
-}
-
 const ALL_SECRETS: SecretNeeds = { upstreamAuth: true, adminToken: true };
 
 /** Parse and validate a config document; pure apart from reading credential files. */
@@ -285,7 +115,7 @@ export function buildConfig(doc: unknown, env: NodeJS.ProcessEnv = process.env, 
     'server', 'log', 'storage', 'cache', 'timeouts', 'offline', 'upstreamDefaults', 'admin', 'defaultUpstream', 'upstreams', 'access',
   ]);
   applyEnv(root, env);
-  const server = section(root, 'server', 'server', ['host', 'port', 'shutdownTimeout', 'trustProxy', 'headersTimeout', 'requestTimeout', 'idleTimeout', 'maxConnections', 'maxConnectionsPerAddress']);
+  const server = section(root, 'server', 'server', ['host', 'port', 'shutdownTimeout', 'trustProxy', 'headersTimeout', 'requestTimeout', 'idleTimeout', 'maxConnections', 'maxConnectionsPerAddress', 'tls']);
   const log = section(root, 'log', 'log', ['level']);
   const storage = section(root, 'storage', 'storage', ['root', 'maxSize', 'highWatermark', 'lowWatermark', 'minFree', 'maxBlobSize']);
   const admin = section(root, 'admin', 'admin', ['token', 'tokenEnv', 'tokenFile']);
@@ -344,6 +174,7 @@ export function buildConfig(doc: unknown, env: NodeJS.ProcessEnv = process.env, 
       idleTimeout: duration(server.idleTimeout ?? '2m', 'server.idleTimeout'),
       maxConnections: int(server, 'maxConnections', 'server', 4096),
       maxConnectionsPerAddress: int(server, 'maxConnectionsPerAddress', 'server', 256),
+      tls: serverTls(server),
     },
     log: { level },
     storage: {

@@ -72,7 +72,7 @@ export async function buildApp(config: Config, options: AppOptions = {}): Promis
   let app: FastifyInstance;
   try {
     app = Fastify({
-      serverFactory: (handler) => createHttpServer(config.server, warm, handler),
+      serverFactory: (handler) => createHttpServer(config.server, warm, handler, { info: (obj, msg) => log.info(obj, msg), warn: (obj, msg) => log.warn(obj, msg) }),
       genReqId: accounting.nextReqId,
       loggerInstance: log as FastifyBaseLogger,
       // One log line per request, written by the accounting with the cache fields; no child logger

@@ -8,11 +8,15 @@
  *   requests on connections over the per-address limit are answered 503 in the spec's envelope
  *   and the connection closed (Node closes those over maxConnections outright).
  * Manifest hits go to the warm path (warm-path.ts) before Fastify sees the request.
+ * With server.tls it is an HTTPS server with the same limits (tls.ts: the files, their reload and
+ * client certificates); Fastify's req.protocol then says https (it reads socket.encrypted).
  */
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import { createServer as createHttpsServer } from 'node:https';
 import type { Socket } from 'node:net';
 import type { Config } from '../core/config.js';
 import { OciError } from '../core/errors.js';
+import { httpsOptions, watchTls, type TlsLog } from './tls.js';
 
 /** How often Node checks connections against headersTimeout and requestTimeout. */
 const CHECK_INTERVAL_MS = 1000;
@@ -21,29 +25,38 @@ export function createHttpServer(
   config: Config['server'],
   warm: (req: IncomingMessage, res: ServerResponse) => boolean,
   handler: (req: IncomingMessage, res: ServerResponse) => void,
+  log: TlsLog,
 ): Server {
   let over: WeakSet<Socket> | undefined;
-  const server = createServer(
-    { headersTimeout: config.headersTimeout, requestTimeout: config.requestTimeout, connectionsCheckingInterval: CHECK_INTERVAL_MS },
-    (req, res) => {
-      if (over?.has(req.socket)) refuse(res, config.maxConnectionsPerAddress);
-      else if (!warm(req, res)) handler(req, res);
-    },
-  );
+  const options = { headersTimeout: config.headersTimeout, requestTimeout: config.requestTimeout, connectionsCheckingInterval: CHECK_INTERVAL_MS };
+  const listener = (req: IncomingMessage, res: ServerResponse): void => {
+    if (over?.has(req.socket)) refuse(res, config.maxConnectionsPerAddress);
+    else if (!warm(req, res)) handler(req, res);
+  };
+  let server: Server;
+  if (config.tls) {
+    const https = createHttpsServer({ ...options, ...httpsOptions(config.tls) }, listener);
+    watchTls(https, config.tls, log);
+    // An https.Server is a tls.Server with http.Server's request handling: everything below applies as is.
+    server = https as unknown as Server;
+  } else {
+    server = createServer(options, listener);
+  }
   // Idle keep-alive connections close sooner than idleTimeout; a response in progress that moves
   // no byte for idleTimeout (the client stopped reading) is destroyed.
   server.keepAliveTimeout = Math.min(75_000, config.idleTimeout);
   server.setTimeout(config.idleTimeout, (socket: Socket) => socket.destroy());
   if (config.maxConnections > 0) server.maxConnections = config.maxConnections;
-  if (config.maxConnectionsPerAddress > 0) over = limitPerAddress(server, config.maxConnectionsPerAddress);
+  if (config.maxConnectionsPerAddress > 0) over = limitPerAddress(server, config.maxConnectionsPerAddress, config.tls ? 'secureConnection' : 'connection');
   return server;
 }
 
 /** Connections over maxConnectionsPerAddress: their requests are answered 503 and the connection closed. */
-function limitPerAddress(server: Server, limit: number): WeakSet<Socket> {
+/** Over HTTPS counted at `secureConnection`: requests arrive on the TLS socket, not on the TCP one under it. */
+function limitPerAddress(server: Server, limit: number, event: 'connection' | 'secureConnection'): WeakSet<Socket> {
   const open = new Map<string, number>();
   const over = new WeakSet<Socket>();
-  server.on('connection', (socket: Socket) => {
+  server.on(event, (socket: Socket) => {
     const address = socket.remoteAddress ?? '';
     const n = (open.get(address) ?? 0) + 1;
     if (n > limit) {

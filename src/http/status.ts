@@ -92,7 +92,7 @@ export function registerStatus(app: FastifyInstance, s: Services, stats: Stats, 
             : retry > 0
               ? ['limited', `rate limited: waiting ${retry}s`]
               : ['ok', 'ok'];
-      return `<tr><td>${escape(u.name)}</td><td>${escape(u.url.origin)}</td><td class="${state[0]}">${escape(state[1]!)}</td><td>${percent(stats.hitRatio(u.name))}</td></tr>`;
+      return `<tr><td>${escape(u.name)}</td><td>${escape(u.url.origin)}${u.tls?.insecure ? ' <strong class="insecure">insecure: TLS not verified</strong>' : ''}</td><td class="${state[0]}">${escape(state[1]!)}</td><td>${percent(stats.hitRatio(u.name))}</td></tr>`;
     });
     const usage = s.db.usage();
     const limit = s.config.storage.maxSize;
@@ -105,7 +105,7 @@ export function registerStatus(app: FastifyInstance, s: Services, stats: Stats, 
 <style>
 body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#222}h1{font-size:1.4em}h2{font-size:1.1em;margin-top:1.6em}
 table{border-collapse:collapse}td,th{padding:.3em .8em;border-bottom:1px solid #ddd;text-align:left}
-.ok{color:#1a7f37}.offline{color:#666}.breaker-open,.limited{color:#b35900;font-weight:600}dt{font-weight:600}dd{margin:0 0 .5em}
+.ok{color:#1a7f37}.insecure{color:#b00020}.offline{color:#666}.breaker-open,.limited{color:#b35900;font-weight:600}dt{font-weight:600}dd{margin:0 0 .5em}
 </style></head><body>
 <h1>ocicache ${escape(version)}</h1>
 <p id="uptime">Up ${duration(Date.now() - stats.startedAt)}${s.config.offline ? ' · <strong>offline mode</strong>' : ''}</p>

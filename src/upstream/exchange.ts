@@ -6,9 +6,12 @@
  * never comes back. Hosts the operator named go through one agent; hosts an upstream chose
  * (`restrict`) through agents whose DNS lookup keeps only public addresses and the upstream's own
  * kind (addresses.ts), so the check holds for the address actually connected to, and an IP literal
- * is checked before any lookup.
+ * is checked before any lookup. An upstream with TLS options (caFile, a client certificate,
+ * insecure) has an agent of its own, used only for its own origin and its tokenRealms: a redirect
+ * elsewhere (a CDN) is verified against Node's default roots and never gets the client certificate.
  */
 import type { LookupFunction } from 'node:net';
+import { rootCertificates } from 'node:tls';
 import { Agent, type Dispatcher } from 'undici';
 import type { UpstreamConfig } from '../core/config.js';
 import { OciError } from '../core/errors.js';
@@ -40,6 +43,8 @@ const MAX_REDIRECTS = 5;
 export class Exchanger {
   private readonly agent: Agent;
   private readonly restricted = new Map<string, Agent>();
+  /** Per upstream name, for upstreams with TLS options. */
+  private readonly own = new Map<string, Agent>();
   private readonly upstreamKinds: UpstreamAddressKinds;
 
   constructor(
@@ -51,7 +56,7 @@ export class Exchanger {
   }
 
   async close(): Promise<void> {
-    await Promise.all([this.agent, ...this.restricted.values()].map((a) => a.close()));
+    await Promise.all([this.agent, ...this.restricted.values(), ...this.own.values()].map((a) => a.close()));
   }
 
   /**
@@ -101,13 +106,31 @@ export class Exchanger {
   /** The agent for one hop, or the OciError refusing it: by the rule, then by the host's literal address. */
   private async dispatcherFor(upstream: UpstreamConfig, url: URL, hop: Hop, what: string, redirected: boolean): Promise<Dispatcher> {
     if ('refused' in hop) throw refused(upstream, what, url, hop.refused, redirected);
-    if (!hop.restrict) return this.agent;
+    if (!hop.restrict) return upstream.tls && (url.origin === upstream.url.origin || upstream.tokenRealms.includes(url.origin)) ? this.ownAgent(upstream) : this.agent;
     const allowed = await this.upstreamKinds.allowed(upstream.url.hostname);
     const literal = literalKind(url.hostname);
     if (literal !== undefined && !allowed.has(literal)) throw refused(upstream, what, url, `a ${literal} address, and the upstream is not on one`, redirected);
     const key = [...allowed].sort().join(',');
     let agent = this.restricted.get(key);
     if (!agent) this.restricted.set(key, (agent = this.newAgent(filteredLookup(this.network.lookup ?? systemLookup, allowed as ReadonlySet<AddressKind>))));
+    return agent;
+  }
+
+  /** The agent for the upstream's own origin and token realms: its CA added to the default roots, its client certificate, insecure. */
+  private ownAgent(upstream: UpstreamConfig): Agent {
+    let agent = this.own.get(upstream.name);
+    if (agent) return agent;
+    const tls = upstream.tls!;
+    const extra = this.network.ca === undefined ? [] : Array.isArray(this.network.ca) ? this.network.ca : [this.network.ca];
+    const ca = tls.ca !== undefined ? [...rootCertificates, tls.ca, ...extra] : this.network.ca;
+    const connect = {
+      timeout: this.connectTimeout,
+      ...(this.network.lookup ? { lookup: this.network.lookup } : {}),
+      ...(ca ? { ca } : {}),
+      ...(tls.cert !== undefined ? { cert: tls.cert, key: tls.key } : {}),
+      rejectUnauthorized: !tls.insecure,
+    };
+    this.own.set(upstream.name, (agent = new Agent({ connect, keepAliveTimeout: 30_000, connections: 64 })));
     return agent;
   }
 

@@ -90,10 +90,18 @@ const TIMEOUT_CODES = new Set(['UND_ERR_CONNECT_TIMEOUT', 'UND_ERR_HEADERS_TIMEO
  * it timed out, else 503. `clientGone`: the request was cancelled because its client left; said so,
  * as nobody is waiting for the answer but the log.
  */
+/** OpenSSL's and Node's verification failures: the upstream answered, with a certificate we do not trust. */
+function isCertificateError(code: string | undefined): boolean {
+  return code !== undefined && (/CERT|SELF_SIGNED|UNABLE_TO_(GET|VERIFY)/.test(code) || code === 'ERR_TLS_CERT_ALTNAME_INVALID');
+}
+
 export function transportError(upstream: UpstreamConfig, err: unknown, clientGone = false): OciError {
   if (err instanceof OciError) return err;
   if (clientGone) return new OciError('UNAVAILABLE', `request to upstream ${upstream.name} cancelled: the client went away`, { cause: err });
-  const e = err as { code?: string; name?: string };
+  const e = err as { code?: string; name?: string; message?: string };
+  if (isCertificateError(e.code)) {
+    return new OciError('UNAVAILABLE', `upstream ${upstream.name}'s TLS certificate was not accepted (${e.code}: ${e.message}); set upstreams[].caFile to its CA bundle`, { status: 502, cause: err });
+  }
   const timedOut = TIMEOUT_CODES.has(e.code ?? '') || TIMEOUT_CODES.has(e.name ?? '');
   return new OciError('UNAVAILABLE', `upstream ${upstream.name} ${timedOut ? 'timed out' : 'is unreachable'}`, {
     status: timedOut ? 504 : 503,

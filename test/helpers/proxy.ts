@@ -28,6 +28,8 @@ export interface ProxyOptions {
   /** server.* keys over the test defaults (loopback, a port the kernel picks, 2 s shutdown) */
   server?: Record<string, unknown>;
   admin?: Record<string, unknown>;
+  /** The `access` section (client authentication and rules); default: off. */
+  access?: Record<string, unknown>;
   timeouts?: Record<string, unknown>;
   root?: string;
   env?: NodeJS.ProcessEnv;
@@ -60,6 +62,7 @@ export async function startProxy(t: Scope, options: ProxyOptions): Promise<Proxy
       timeouts: options.timeouts,
       defaultUpstream: options.defaultUpstream,
       upstreams: options.upstreams,
+      access: options.access,
     },
     options.env ?? {},
   );

@@ -46,7 +46,32 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if .Values.admin.existingSecret -}}
 {{- $_ := set $c "admin" (dict "tokenFile" (printf "/etc/ocicache/admin/%s" .Values.admin.key)) -}}
 {{- end -}}
+{{- include "ocicache.checkAccess" . -}}
+{{- if $c.access -}}
+{{- $_ := set $c.access "htpasswd" "/etc/ocicache/access/htpasswd" -}}
+{{- if .Values.access.tokenKey.existingSecret -}}
+{{- $_ := set $c.access "tokenKeyFile" "/etc/ocicache/token-key/key" -}}
+{{- end -}}
+{{- end -}}
 {{- toYaml $c -}}
+{{- end -}}
+
+{{- define "ocicache.htpasswdSecret" -}}
+{{- .Values.access.htpasswd.existingSecret | default (printf "%s-htpasswd" (include "ocicache.fullname" .)) -}}
+{{- end -}}
+
+{{/* config.access and the htpasswd Secret come together: access without users, or users that would be ignored, is refused. */}}
+{{- define "ocicache.checkAccess" -}}
+{{- $users := or .Values.access.htpasswd.existingSecret .Values.access.htpasswd.users -}}
+{{- if and .Values.config.access (not $users) -}}
+{{- fail "config.access is set but no users: set access.htpasswd.existingSecret (a Secret with an htpasswd -B file) or access.htpasswd.users (htpasswd -nB lines)" -}}
+{{- end -}}
+{{- if and (not .Values.config.access) (or $users .Values.access.tokenKey.existingSecret) -}}
+{{- fail "access.htpasswd or access.tokenKey is set but config.access is not: access control would be off; set config.access.rules" -}}
+{{- end -}}
+{{- if and .Values.access.htpasswd.existingSecret .Values.access.htpasswd.users -}}
+{{- fail "access.htpasswd: set existingSecret or users, not both" -}}
+{{- end -}}
 {{- end -}}
 
 {{/* The pod spec shared by the StatefulSet and the DaemonSet. */}}
@@ -94,6 +119,12 @@ containers:
       {{- if .Values.admin.existingSecret }}
       - {name: admin, mountPath: /etc/ocicache/admin, readOnly: true}
       {{- end }}
+      {{- if .Values.config.access }}
+      - {name: htpasswd, mountPath: /etc/ocicache/access, readOnly: true}
+      {{- if .Values.access.tokenKey.existingSecret }}
+      - {name: token-key, mountPath: /etc/ocicache/token-key, readOnly: true}
+      {{- end }}
+      {{- end }}
 volumes:
   - name: config
     configMap:
@@ -118,6 +149,19 @@ volumes:
   - name: admin
     secret:
       secretName: {{ .Values.admin.existingSecret }}
+  {{- end }}
+  {{- if .Values.config.access }}
+  {{- /* Whole-Secret mounts (not subPath) so an edited htpasswd reaches the pod, which rereads it. */}}
+  - name: htpasswd
+    secret:
+      secretName: {{ include "ocicache.htpasswdSecret" . }}
+      items: [{key: {{ .Values.access.htpasswd.key | quote }}, path: htpasswd}]
+  {{- if .Values.access.tokenKey.existingSecret }}
+  - name: token-key
+    secret:
+      secretName: {{ .Values.access.tokenKey.existingSecret }}
+      items: [{key: {{ .Values.access.tokenKey.key | quote }}, path: key}]
+  {{- end }}
   {{- end }}
 {{- with .Values.nodeSelector }}
 nodeSelector:
