@@ -173,7 +173,12 @@ test('access control: challenges, the token flow, rules, groups, the warm path, 
     const r = await s.get('/');
     assert.equal(r.status, 401);
     assert.equal(r.headers['www-authenticate'], 'Basic realm="ocicache"');
-    assert.equal((await s.get('/', basic('carol', 'carol-pw'))).status, 200);
+    const carol = await s.get('/', basic('carol', 'carol-pw'));
+    assert.equal(carol.status, 200);
+    // Image names can be private: each viewer sees only the images the rules let them pull.
+    const listed = (html: string): string[] => [...html.matchAll(/<tr><td>(docker\.io\/[^<]+)<\/td><td>\d+<\/td><\/tr>/g)].map((m) => m[1]!).sort();
+    assert.deepEqual(listed(carol.body.toString()), ['docker.io/library/alpine']);
+    assert.deepEqual(listed((await s.get('/', basic('alice', 'alice-pw'))).body.toString()), ['docker.io/library/alpine', 'docker.io/secret/x', 'docker.io/team/app']);
     for (const p of ['/healthz', '/readyz']) assert.equal((await s.get(p)).status, 200, p);
     const metrics = (await s.get('/metrics')).body.toString();
     assert.ok(metric(metrics, 'ocicache_access_denied_total', { reason: 'forbidden' }) >= 5);

@@ -125,7 +125,7 @@ export async function buildApp(config: Config, options: AppOptions = {}): Promis
   const guard = registerAccess(app, access);
   registerRoutes(app, { ...services, access: guard });
   registerAdmin(app, services);
-  registerStatus(app, services, stats, version());
+  registerStatus(app, services, stats, version(), access);
   registerProbes(app, services, () => closing);
 
   app.decorate('drain', async (ms: number): Promise<void> => {

@@ -4,6 +4,7 @@
  * images. Counts live in memory since start-up (Prometheus has the long view).
  */
 import type { FastifyInstance } from 'fastify';
+import type { Access } from '../access/access.js';
 import type { CacheResult } from '../core/cache-result.js';
 import { formatBytes } from '../core/units.js';
 import type { Services } from '../cache/services.js';
@@ -61,8 +62,11 @@ export class Stats {
     return all === 0 ? undefined : hits / all;
   }
 
-  topPulls(n: number): Array<[string, number]> {
-    const images = this.pulled().map(({ upstream, name, n: pulls }): [string, number] => [`${upstream}/${name}`, pulls]);
+  /** The most pulled images; with `visible`, only those it lets the viewer see. */
+  topPulls(n: number, visible: (upstream: string, name: string) => boolean = () => true): Array<[string, number]> {
+    const images = this.pulled()
+      .filter(({ upstream, name }) => visible(upstream, name))
+      .map(({ upstream, name, n: pulls }): [string, number] => [`${upstream}/${name}`, pulls]);
     return images.sort((a, b) => b[1] - a[1] || a[0].localeCompare(b[0])).slice(0, n);
   }
 }
@@ -78,8 +82,9 @@ function duration(ms: number): string {
   return `${Math.floor(s / 86400)}d`;
 }
 
-export function registerStatus(app: FastifyInstance, s: Services, stats: Stats, version: string): void {
-  app.get('/', { exposeHeadRoute: true }, async (_req, reply) => {
+/** `access`: with access control on, the page lists only images the viewer may pull (names can be private). */
+export function registerStatus(app: FastifyInstance, s: Services, stats: Stats, version: string, access?: Access): void {
+  app.get('/', { exposeHeadRoute: true }, async (req, reply) => {
     const rows = s.config.upstreams.map((u) => {
       const gate = s.upstream.gate(u.name);
       const retry = gate.retryAfterSeconds;
@@ -98,7 +103,8 @@ export function registerStatus(app: FastifyInstance, s: Services, stats: Stats, 
     const limit = s.config.storage.maxSize;
     const used = s.lifecycle.usedBytes;
     const fill = limit ? ` (${((used / limit) * 100).toFixed(1)}% of ${formatBytes(limit)})` : ' (no limit set)';
-    const top = stats.topPulls(10);
+    const viewer = req.identity;
+    const top = stats.topPulls(10, access ? (upstream, name) => viewer !== null && access.allowed(viewer, upstream, name) : undefined);
     const html = `<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="15">
 <title>ocicache status</title>
