@@ -5,18 +5,16 @@
  * The README's client snippets are these.
  */
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
-import { mkdirSync, mkdtempSync, readdirSync, readFileSync, realpathSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import test, { type TestContext } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { run, startContainerd } from './helpers/daemons.js';
+import { run, startContainerd, startDockerd } from './helpers/daemons.js';
 import { startDistribution, type Distribution } from './helpers/distribution.js';
 import { startProxy, type Proxy } from './helpers/proxy.js';
 import { image, multiArch, Pusher, sha256, type Image, type MultiArch } from './helpers/seed.js';
 import { localSnippet, pointAtCache, readmeSnippet } from './helpers/readme.js';
-import { exec, need, needRoot, stopChild, tempDir, until } from './helpers/tools.js';
+import { need, tempDir } from './helpers/tools.js';
 
 interface World {
   hub: Distribution;
@@ -162,56 +160,14 @@ test('containerd pulls through the hosts.toml files k3s renders from the README 
   assert.ok(!w.ghcr.accessLog.some((l) => l.includes('alpine')) && !w.hub.accessLog.some((l) => l.includes('team/app')));
 });
 
-/** Mount points at or under `dir`, deepest first (dockerd bind-mounts its plugins dir, and at times its data root, onto themselves). */
-function mountsUnder(dir: string): string[] {
-  const root = realpathSync(dir);
-  return readFileSync('/proc/self/mountinfo', 'utf8')
-    .split('\n')
-    .map((l) => l.split(' ')[4] ?? '')
-    .filter((m) => m === root || m.startsWith(`${root}/`))
-    .sort((a, b) => b.length - a.length);
-}
-
 test('Docker Engine pulls through the README daemon.json (registry-mirrors, no ns: the default upstream)', async (t) => {
-  const dockerd = need(t, 'dockerd', 'apt-get install docker.io');
-  const docker = need(t, 'docker', 'apt-get install docker.io');
-  if (!dockerd || !docker) return;
-  if (!needRoot(t, 'the Docker test')) return;
   const w = await world(t, 'docker.io');
   if (!w) return;
-  // Not tempDir: the daemon's data root must be unmounted before the directory can go.
-  const dir = mkdtempSync(join(tmpdir(), 'ocicache-dockerd-'));
-  const dataRoot = join(dir, 'root');
-  let daemon: ReturnType<typeof spawn> | undefined;
-  t.after(async () => {
-    if (daemon) await stopChild(daemon, 'SIGTERM', 20_000);
-    // A killed dockerd leaves its own containerd running and its bind mounts in place.
-    try {
-      process.kill(Number(readFileSync(join(dir, 'exec', 'containerd', 'containerd.pid'), 'utf8')), 'SIGKILL');
-    } catch {
-      /* stopped with dockerd */
-    }
-    for (const m of mountsUnder(dir)) await exec('umount', ['-l', m]);
-    rmSync(dir, { recursive: true, force: true });
-  });
   const daemonJson = localSnippet('daemon.json', w.proxy.host);
   assert.match(daemonJson, new RegExp(`"http://${w.proxy.host.replace(/[.]/g, '\\.')}"`));
-  writeFileSync(join(dir, 'daemon.json'), daemonJson);
-  const socket = join(dir, 'docker.sock');
-  // A daemon of its own: no iptables or bridge (nothing runs), vfs needs no kernel overlay support,
-  // and its own managed containerd under the exec root.
-  daemon = spawn(
-    dockerd,
-    ['--config-file', join(dir, 'daemon.json'), '--data-root', dataRoot, '--exec-root', join(dir, 'exec'), '--pidfile', join(dir, 'docker.pid'),
-      '-H', `unix://${socket}`, '--iptables=false', '--ip-masq=false', '--bridge=none', '--storage-driver=vfs'],
-    { stdio: ['ignore', 'ignore', 'pipe'] },
-  );
-  let daemonLog = '';
-  daemon.stderr!.on('data', (d: Buffer) => (daemonLog += d.toString()));
-  const env = { ...process.env, DOCKER_HOST: `unix://${socket}`, DOCKER_CONFIG: join(dir, 'client') };
-  await until('dockerd to answer', async () => (await exec(docker, ['info'], env)).code === 0, 60_000).catch(() => {
-    assert.fail(`dockerd did not start:\n${daemonLog.slice(-3000)}`);
-  });
+  const d = await startDockerd(t, daemonJson);
+  if (!d) return;
+  const { docker, env } = d;
   const info = await run(docker, ['info', '--format', '{{json .RegistryConfig.Mirrors}}'], env);
   assert.deepEqual(JSON.parse(info), [`http://${w.proxy.host}/`]);
 
