@@ -57,6 +57,7 @@ test('config: the access section, errors name the bad key', () => {
     [rule({ upstreams: ['quay.io'] }), 'config: access.rules[0].upstreams[0]: quay.io is not the name or alias of a configured upstream'],
     [rule({ repositories: ['lib***'] }), 'config: access.rules[0].repositories[0]: must be a repository glob such as library/*, myorg/** or **, got "lib***"'],
     [rule({ repositories: ['Library/*'] }), 'config: access.rules[0].repositories[0]: must be a repository glob such as library/*, myorg/** or **, got "Library/*"'],
+    [rule({ repositories: ['a/**/**'] }), 'config: access.rules[0].repositories[0]: must be a repository glob such as library/*, myorg/** or **, got "a/**/**"'],
     [rule({ repositories: [] }), 'config: access.rules[0].repositories: must be a non-empty list of strings'],
     [rule({ allow: ['group:ci'] }), 'config: access.rules[0].allow[0]: group:ci: no such group in access.groups'],
     [rule({ allow: ['two words'] }), 'config: access.rules[0].allow[0]: must be a user name, group:<name>, anonymous or authenticated, got "two words"'],

@@ -100,6 +100,7 @@ test('address kinds: loopback, link-local and private ranges, mapped and NAT64 f
     ['10.0.0.1', 'private'], ['172.16.0.1', 'private'], ['172.31.255.255', 'private'], ['192.168.1.1', 'private'], ['100.64.0.1', 'private'],
     ['fd00::2', 'private'], ['::ffff:10.1.2.3', 'private'], ['64:ff9b::a00:1', 'private'], ['64:ff9b::7f00:1', 'loopback'],
     ['192.0.2.1', 'reserved'], ['224.0.0.1', 'reserved'], ['255.255.255.255', 'reserved'], ['ff02::1', 'reserved'], ['2001:db8::1', 'reserved'],
+    ['::127.0.0.1', 'reserved'], ['::8.8.8.8', 'reserved'], ['::ffff:0:127.0.0.1', 'reserved'], ['::ffff:0:a00:1', 'reserved'],
     ['172.32.0.1', 'public'], ['8.8.8.8', 'public'], ['100.128.0.1', 'public'], ['2606:4700::1111', 'public'], ['64:ff9b::808:808', 'public'],
     ['not an address', 'reserved'],
   ];

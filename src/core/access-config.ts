@@ -72,7 +72,10 @@ function optionalString(o: Obj, key: string, path: string): string | undefined {
 
 function checkGlob(glob: string, path: string): string {
   // '**' only as a whole component: inside one ('lib**') it would read as '*' and mislead.
-  if (!glob.split('/').every((c) => GLOB_COMPONENT.test(c) && (c === '**' || !c.includes('**')))) {
+  const parts = glob.split('/');
+  // '**' twice in a row says nothing more than once, and would compile to a pattern that matches nothing.
+  const repeated = parts.some((c, i) => c === '**' && parts[i + 1] === '**');
+  if (repeated || !parts.every((c) => GLOB_COMPONENT.test(c) && (c === '**' || !c.includes('**')))) {
     throw new ConfigError(path, `must be a repository glob such as library/*, myorg/** or **, got ${JSON.stringify(glob)}`);
   }
   return glob;

@@ -37,6 +37,10 @@ const RANGES: ReadonlyArray<[Exclude<AddressKind, 'public'>, string, number]> = 
   ['reserved', '2001:db8::', 32],
   ['reserved', '64:ff9b:1::', 48],
   ['reserved', 'ff00::', 8],
+  // IPv4-compatible (::a.b.c.d, deprecated) and IPv4-translated (::ffff:0:a.b.c.d) forms: an
+  // IPv4 address in disguise, not a public IPv6 one.
+  ['reserved', '::', 96],
+  ['reserved', '::ffff:0:0:0', 96],
 ];
 
 const LISTS = new Map<AddressKind, BlockList>();
