@@ -206,10 +206,17 @@ test('access control: challenges, the token flow, rules, groups, the warm path, 
     // The file is looked at when used, at most once a second.
     await until('the warning', async () => (await s.get('/v2/', dave)).status === 200 && s.logs.some((l) => String(l.msg).startsWith('htpasswd not reloaded')), 5000);
     assert.equal((await s.get('/v2/', dave)).status, 200);
+    // Said once for this version of the file, and in a gauge until a good file is read.
+    const stale = async (): Promise<number> => metric((await s.get('/metrics')).body.toString(), 'ocicache_access_htpasswd_stale');
+    assert.equal(await stale(), 1);
+    await new Promise((r) => setTimeout(r, 1100));
+    await s.get('/v2/', dave);
+    assert.equal(s.logs.filter((l) => String(l.msg).startsWith('htpasswd not reloaded')).length, 1);
     // Removing a user revokes their tokens too.
     const tok = jsonBody<{ token: string }>(await token(s, challenge, dave)).token;
     writeFileSync(s.htpasswdFile, (await exec(s.htpasswd, ['-Bbn', 'alice', 'alice-pw'])).stdout);
     await until('dave is gone', async () => (await s.get('/v2/', `Bearer ${tok}`)).status === 401, 5000);
+    assert.equal(await stale(), 0);
   });
 });
 

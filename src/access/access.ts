@@ -71,7 +71,7 @@ export class Access {
     now: () => number = Date.now,
   ) {
     this.realm = config.realm;
-    this.htpasswd = new Htpasswd(config.htpasswd, warn, now);
+    this.htpasswd = new Htpasswd(config.htpasswd, warn, now, (stale) => metrics.htpasswdStale.set(stale ? 1 : 0));
     this.tokens = new Tokens(readTokenKey(config.tokenKeyFile), config.tokenTtl, now);
     this.rules = config.rules.map((r) => {
       const users = new Set<string>();

@@ -1,8 +1,9 @@
 /**
  * Users from an htpasswd file with bcrypt entries, as `htpasswd -B` writes them (`user:$2y$…`).
  * The file is checked for changes (mtime and size) at most once a second, when used; a file that
- * no longer parses keeps the users read before and logs a warning, so a half-written edit never
- * locks everyone out. At start-up it must parse (ConfigError naming access.htpasswd).
+ * no longer parses, or is gone, keeps the users read before, so a half-written edit never locks
+ * everyone out: that is logged once per version of the file, and `onStale` says so until a good
+ * file is read again (ocicache_access_htpasswd_stale), since a user removed meanwhile stays valid. At start-up it must parse (ConfigError naming access.htpasswd).
  *
  * bcrypt costs tens of milliseconds by design, too much for every request of a pull that sends
  * Basic credentials each time: a verified (user, password, hash) is remembered for VERIFIED_TTL
@@ -60,11 +61,14 @@ export class Htpasswd {
   private readonly failed = new LRUCache<string, true>({ max: VERIFIED_MAX, ttl: FAILED_TTL });
   private dummy: string;
   private checking = 0;
+  /** The version of the file that last failed to load (undefined: the file loaded). */
+  private failedStamp: string | undefined;
 
   constructor(
     private readonly path: string,
     private readonly warn: (obj: object, msg: string) => void,
     private readonly now: () => number = Date.now,
+    private readonly onStale: (stale: boolean) => void = () => undefined,
   ) {
     try {
       this.stamp = this.stat();
@@ -86,17 +90,21 @@ export class Htpasswd {
     const now = this.now();
     if (now - this.checkedAt < RELOAD_CHECK_MS) return;
     this.checkedAt = now;
-    let stamp: string;
+    let stamp = 'missing';
     try {
       stamp = this.stat();
       if (stamp === this.stamp) return;
       this.users = parseHtpasswd(readFileSync(this.path, 'utf8'));
       this.dummy = dummyFor(this.users);
     } catch (err) {
-      this.warn({ path: this.path, err: (err as Error).message }, 'htpasswd not reloaded: keeping the users read before');
+      if (stamp !== this.failedStamp) this.warn({ path: this.path, err: (err as Error).message }, 'htpasswd not reloaded: keeping the users read before');
+      this.failedStamp = stamp;
+      this.onStale(true);
       return;
     }
     this.stamp = stamp;
+    if (this.failedStamp !== undefined) this.onStale(false);
+    this.failedStamp = undefined;
   }
 
   has(user: string): boolean {

@@ -50,6 +50,8 @@ export class Metrics {
 
   readonly prefetchBlobs = this.counter('ocicache_prefetch_blobs_total', 'Blobs handled by prefetch, by result (fetched, cached: already there, failed).', ['result']);
 
+  readonly htpasswdStale = this.gauge('ocicache_access_htpasswd_stale', '1 while access.htpasswd on disk cannot be read or parsed: the users read before stay valid, removed users included.');
+
   readonly accessDenied = this.counter('ocicache_access_denied_total', 'Requests refused by access control, by reason (unauthenticated: no credentials where the rules want some; bad_credentials: wrong password or invalid token; forbidden: the rules do not allow this user).', ['reason']);
 
   readonly prefetchBytes = this.counter('ocicache_prefetch_bytes_total', 'Blob bytes prefetch made sure are in the cache.');
