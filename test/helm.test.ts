@@ -225,6 +225,113 @@ test('helm chart: access values are refused when unsafe or inconsistent, with a 
   }
 });
 
+/** TLS: the README's Helm values (central), and a node variant with HTTPS probes and `insecure`. */
+const TLS_NODE = `
+tls: {clientCaSecret: ""}
+config:
+  server: {tls: {reloadInterval: 10s}}
+  upstreams:
+    - {name: docker.io, url: https://registry-1.docker.io, dockerHubLibrary: true}
+    - {name: lab, url: https://lab.internal, insecure: true}
+    - {name: registry.internal, url: https://registry.internal, clientCertSecret: {name: registry-internal-client}}
+`;
+
+test('helm chart: TLS mounts the certificate Secrets read-only, points the config at them and probes over HTTPS', async (t) => {
+  if (!helmBinary(t)) return;
+  const dir = tempDir(t, 'helm-tls');
+  const values = join(dir, 'tls.yaml');
+  writeFileSync(values, readmeSnippet('helm-tls-values.yaml'));
+  const nodeValues = join(dir, 'tls-node.yaml');
+  writeFileSync(nodeValues, TLS_NODE);
+  for (const c of [
+    { what: 'central, README values: HTTPS, client CA, upstream CA and client certificate', args: ['-f', values, '--set', 'serviceMonitor.enabled=true'], workload: 'StatefulSet' },
+    { what: 'node, HTTPS without client CA, insecure upstream', args: ['-f', join(CHART, 'values-node.yaml'), '-f', values, '-f', nodeValues], workload: 'DaemonSet' },
+  ]) {
+    await t.test(c.what, async () => {
+      const lint = await helm(['lint', '--strict', CHART, ...c.args]);
+      assert.equal(lint.code, 0, lint.stdout + lint.stderr);
+      const out = await helm(['template', 'cache', CHART, '--namespace', 'registry', ...c.args]);
+      assert.equal(out.code, 0, out.stderr);
+      const docs = parseAllDocuments(out.stdout).map((d) => d.toJSON() as Doc).filter(Boolean);
+      for (const doc of docs) await validate(doc);
+      const configText = docs.find((d) => d.kind === 'ConfigMap' && d.metadata.name === 'cache-ocicache')!.data!['config.yaml']!;
+      const raw = parse(configText);
+      // buildConfig names the server's files without reading them (http/tls.ts does, at start-up),
+      // and reads the upstreams' files only when upstream credentials are needed.
+      const config = buildConfig(raw, {}, { upstreamAuth: false, adminToken: false });
+      const central = c.workload === 'StatefulSet';
+      assert.deepEqual(config.server.tls, {
+        certFile: '/etc/ocicache/tls/tls.crt',
+        keyFile: '/etc/ocicache/tls/tls.key',
+        clientCaFile: central ? '/etc/ocicache/client-ca/ca.crt' : undefined,
+        reloadInterval: central ? 5_000 : 10_000,
+      });
+      for (const u of raw.upstreams) assert.ok(!('caSecret' in u) && !('clientCertSecret' in u), `${u.name}: Secret references are stripped`);
+
+      // Every file the config names is a key of the right Secret, mounted read-only as a whole volume.
+      const pod = docs.find((d) => d.kind === c.workload)!.spec.template.spec;
+      const container = pod.containers[0];
+      const secretOf = (file: string): { secret: string; key: string } => {
+        const mount = container.volumeMounts.find((m: { mountPath: string }) => file.startsWith(`${m.mountPath}/`));
+        assert.ok(mount, `${file} is mounted`);
+        assert.equal(mount.readOnly, true, `${mount.name} is mounted read-only`);
+        assert.equal(mount.subPath, undefined, `${mount.name}: a whole-volume mount, so a renewed certificate reaches the pod`);
+        const { secret } = pod.volumes.find((v: { name: string }) => v.name === mount.name);
+        const item = secret.items.find((i: { path: string }) => `${mount.mountPath}/${i.path}` === file);
+        assert.ok(item, `${file} is an item of ${secret.secretName}`);
+        return { secret: secret.secretName, key: item.key };
+      };
+      assert.deepEqual(secretOf(config.server.tls!.certFile), { secret: 'ocicache-tls', key: 'tls.crt' });
+      assert.deepEqual(secretOf(config.server.tls!.keyFile), { secret: 'ocicache-tls', key: 'tls.key' });
+      const upstream = (name: string): Record<string, unknown> => raw.upstreams.find((u: { name: string }) => u.name === name);
+      const internal = upstream('registry.internal');
+      assert.deepEqual(secretOf(internal.clientCertFile as string), { secret: 'registry-internal-client', key: 'tls.crt' });
+      assert.deepEqual(secretOf(internal.clientKeyFile as string), { secret: 'registry-internal-client', key: 'tls.key' });
+      const probes = [container.readinessProbe, container.livenessProbe];
+      if (central) {
+        assert.deepEqual(secretOf(config.server.tls!.clientCaFile!), { secret: 'ocicache-tls', key: 'ca.crt' });
+        assert.deepEqual(secretOf(internal.caFile as string), { secret: 'registry-internal-ca', key: 'ca.crt' });
+        assert.equal(config.upstreams.find((u) => u.name === 'registry.internal')!.tls?.insecure, false);
+        // Client certificates required: the kubelet has none, so the probes check the port only.
+        for (const p of probes) assert.deepEqual([p.tcpSocket, p.httpGet], [{ port: 'http' }, undefined]);
+        const monitor = docs.find((d) => d.kind === 'ServiceMonitor')!;
+        assert.equal(monitor.spec.endpoints[0].scheme, 'https');
+      } else {
+        assert.equal(internal.caFile, undefined);
+        assert.deepEqual(upstream('lab'), { name: 'lab', url: 'https://lab.internal', insecure: true });
+        assert.equal(config.upstreams.find((u) => u.name === 'lab')!.tls?.insecure, true);
+        assert.ok(!pod.volumes.some((v: { name: string }) => v.name === 'client-ca'));
+        assert.deepEqual(probes.map((p) => [p.httpGet.path, p.httpGet.scheme]), [['/readyz', 'HTTPS'], ['/healthz', 'HTTPS']]);
+      }
+    });
+  }
+});
+
+test('helm chart: TLS values are refused when set by hand or inconsistent, with a message that names them', async (t) => {
+  if (!helmBinary(t)) return;
+  const ups = (u: string): string[] => ['--set-json', `config.upstreams=[${u}]`, '--set', 'config.defaultUpstream=null'];
+  for (const [args, message] of [
+    // The chart sets the file paths itself.
+    [['--set', 'tls.existingSecret=x', '--set', 'config.server.tls.certFile=/etc/tls.crt'], /\/config\/server\/tls.*certFile.*not allowed/],
+    [['--set', 'tls.existingSecret=x', '--set', 'config.server.tls.clientCaFile=/etc/ca.crt'], /\/config\/server\/tls.*clientCaFile.*not allowed/],
+    [ups('{"name":"r","url":"https://r","caFile":"/etc/ca.crt"}'), /\/config\/upstreams\/0.*caFile.*not allowed/],
+    [ups('{"name":"r","url":"https://r","clientKeyFile":"/etc/tls.key"}'), /\/config\/upstreams\/0.*clientKeyFile.*not allowed/],
+    // Secret references must name their Secret; TLS settings need an https upstream.
+    [ups('{"name":"r","url":"https://r","caSecret":{"key":"ca.crt"}}'), /\/config\/upstreams\/0\/caSecret.*missing property 'name'/],
+    [ups('{"name":"r","url":"https://r","clientCertSecret":{}}'), /\/config\/upstreams\/0\/clientCertSecret.*missing property 'name'/],
+    [ups('{"name":"r","url":"http://r","caSecret":{"name":"ca"}}'), /\/config\/upstreams\/0\/url.*\^https:\/\//],
+    [ups('{"name":"r","url":"https://r","insecure":"yes"}'), /\/config\/upstreams\/0\/insecure/],
+    [['--set', 'tls.existingSecret=My_Cert'], /\/tls\/existingSecret/],
+    // TLS settings without the certificate (HTTPS would silently be off).
+    [['--set', 'tls.clientCaSecret=clients-ca'], /tls\.clientCaSecret is set but tls\.existingSecret is not/],
+    [['--set', 'config.server.tls.reloadInterval=10s'], /config\.server\.tls is set but tls\.existingSecret is not/],
+  ] as const) {
+    const out = await helm(['template', 'cache', CHART, ...args]);
+    assert.notEqual(out.code, 0, args.join(' '));
+    assert.match(out.stderr, message, out.stderr);
+  }
+});
+
 test('helm chart: NOTES print the containerd hosts.toml for the chosen shape', async (t) => {
   if (!helmBinary(t)) return;
   // helm renders NOTES.txt only on install, and helm 3.22's `install --dry-run=client` still asks
@@ -249,6 +356,12 @@ test('helm chart: NOTES print the containerd hosts.toml for the chosen shape', a
   assert.match(access, /\[host\."http:\/\/127\.0\.0\.1:5000"\.header\]\n\s+Authorization = "Basic <base64 of user:password>"/);
   assert.match(access, /podman login --tls-verify=false 127\.0\.0\.1:5000/);
   assert.match(access, /No access\.tokenKey/);
+  // With TLS: https endpoints, podman without --tls-verify=false, no advice to add a proxy.
+  const tls = await render(['-f', join(CHART, 'values-node.yaml'), '--set', 'tls.existingSecret=ocicache-tls', '--set', 'access.htpasswd.existingSecret=team-htpasswd', '--set-json', 'config.access={"rules":[{"upstreams":["*"],"repositories":["**"],"allow":["authenticated"]}]}']);
+  assert.match(tls, /\[host\."https:\/\/127\.0\.0\.1:5000"\]\n\s+capabilities = \["pull", "resolve"\]/);
+  assert.match(tls, /podman login 127\.0\.0\.1:5000/);
+  assert.doesNotMatch(tls, /http:\/\/|tls-verify=false|in the clear/);
+  assert.match(await render(['--set', 'tls.existingSecret=ocicache-tls', '--set', 'tls.clientCaSecret=clients-ca']), /\[host\."https:\/\/cache-ocicache\.registry\.svc\.cluster\.local:5000"\][\s\S]*client = \[\[/);
 });
 
 test('the Grafana dashboard only queries metrics that ocicache exposes', async (t) => {

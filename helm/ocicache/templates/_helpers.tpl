@@ -31,15 +31,32 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $c := deepCopy .Values.config -}}
 {{- $server := deepCopy ($c.server | default dict) -}}
 {{- $_ := set $c "server" (merge (dict "host" "0.0.0.0" "port" 5000 "shutdownTimeout" "30s") $server) -}}
+{{- include "ocicache.checkTls" . -}}
+{{- if .Values.tls.existingSecret -}}
+{{- $tls := dict "certFile" "/etc/ocicache/tls/tls.crt" "keyFile" "/etc/ocicache/tls/tls.key" -}}
+{{- if .Values.tls.clientCaSecret -}}
+{{- $_ := set $tls "clientCaFile" "/etc/ocicache/client-ca/ca.crt" -}}
+{{- end -}}
+{{- $_ := set $c.server "tls" (merge $tls ($server.tls | default dict)) -}}
+{{- end -}}
 {{- $storage := $c.storage | default dict -}}
 {{- $_ := set $storage "root" "/data" -}}
 {{- $_ := set $c "storage" $storage -}}
 {{- $ups := list -}}
-{{- range $u := $c.upstreams -}}
+{{- range $i, $u := $c.upstreams -}}
 {{- $u := deepCopy $u -}}
 {{- if and $u.auth $u.auth.passwordSecretKey -}}
 {{- $_ := set $u "auth" (dict "username" $u.auth.username "passwordFile" (printf "/etc/ocicache/secrets/%s" $u.auth.passwordSecretKey)) -}}
 {{- end -}}
+{{- if $u.caSecret -}}
+{{- $_ := set $u "caFile" (printf "/etc/ocicache/upstreams/%d/ca/ca.crt" $i) -}}
+{{- end -}}
+{{- if $u.clientCertSecret -}}
+{{- $_ := set $u "clientCertFile" (printf "/etc/ocicache/upstreams/%d/client/tls.crt" $i) -}}
+{{- $_ := set $u "clientKeyFile" (printf "/etc/ocicache/upstreams/%d/client/tls.key" $i) -}}
+{{- end -}}
+{{- $_ := unset $u "caSecret" -}}
+{{- $_ := unset $u "clientCertSecret" -}}
 {{- $ups = append $ups $u -}}
 {{- end -}}
 {{- $_ := set $c "upstreams" $ups -}}
@@ -74,6 +91,25 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 {{- end -}}
 
+{{/* tls.existingSecret turns HTTPS on; config.server.tls (reloadInterval) or a client CA without it is refused. */}}
+{{- define "ocicache.checkTls" -}}
+{{- if and (not .Values.tls.existingSecret) (and .Values.config.server .Values.config.server.tls) -}}
+{{- fail "config.server.tls is set but tls.existingSecret is not: set tls.existingSecret (a kubernetes.io/tls Secret); the chart fills in certFile, keyFile and clientCaFile" -}}
+{{- end -}}
+{{- if and (not .Values.tls.existingSecret) .Values.tls.clientCaSecret -}}
+{{- fail "tls.clientCaSecret is set but tls.existingSecret is not: client certificates need HTTPS; set tls.existingSecret" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The probes: HTTPS with tls.existingSecret; with a client CA the kubelet (no client certificate) cannot finish a handshake, so they only check the port. */}}
+{{- define "ocicache.probe" -}}
+{{- if .root.Values.tls.clientCaSecret -}}
+tcpSocket: {port: http}
+{{- else -}}
+httpGet: {path: {{ .path }}, port: http{{ if .root.Values.tls.existingSecret }}, scheme: HTTPS{{ end }}}
+{{- end -}}
+{{- end -}}
+
 {{/* The pod spec shared by the StatefulSet and the DaemonSet. */}}
 {{- define "ocicache.podSpec" -}}
 {{- with .Values.imagePullSecrets }}
@@ -99,11 +135,11 @@ containers:
         hostPort: {{ .Values.node.hostPort }}
         {{- end }}
     readinessProbe:
-      httpGet: {path: /readyz, port: http}
+      {{- include "ocicache.probe" (dict "root" . "path" "/readyz") | nindent 6 }}
       periodSeconds: 5
       failureThreshold: 2
     livenessProbe:
-      httpGet: {path: /healthz, port: http}
+      {{- include "ocicache.probe" (dict "root" . "path" "/healthz") | nindent 6 }}
       periodSeconds: 10
       failureThreshold: 6
     resources:
@@ -123,6 +159,20 @@ containers:
       - {name: htpasswd, mountPath: /etc/ocicache/access, readOnly: true}
       {{- if .Values.access.tokenKey.existingSecret }}
       - {name: token-key, mountPath: /etc/ocicache/token-key, readOnly: true}
+      {{- end }}
+      {{- end }}
+      {{- if .Values.tls.existingSecret }}
+      - {name: tls, mountPath: /etc/ocicache/tls, readOnly: true}
+      {{- if .Values.tls.clientCaSecret }}
+      - {name: client-ca, mountPath: /etc/ocicache/client-ca, readOnly: true}
+      {{- end }}
+      {{- end }}
+      {{- range $i, $u := .Values.config.upstreams }}
+      {{- if $u.caSecret }}
+      - {name: upstream-{{ $i }}-ca, mountPath: /etc/ocicache/upstreams/{{ $i }}/ca, readOnly: true}
+      {{- end }}
+      {{- if $u.clientCertSecret }}
+      - {name: upstream-{{ $i }}-client, mountPath: /etc/ocicache/upstreams/{{ $i }}/client, readOnly: true}
       {{- end }}
       {{- end }}
 volumes:
@@ -161,6 +211,33 @@ volumes:
     secret:
       secretName: {{ .Values.access.tokenKey.existingSecret }}
       items: [{key: {{ .Values.access.tokenKey.key | quote }}, path: key}]
+  {{- end }}
+  {{- end }}
+  {{- if .Values.tls.existingSecret }}
+  {{- /* Whole-Secret mounts too: a renewed certificate (cert-manager) reaches the pod, which reloads it. */}}
+  - name: tls
+    secret:
+      secretName: {{ .Values.tls.existingSecret }}
+      items: [{key: tls.crt, path: tls.crt}, {key: tls.key, path: tls.key}]
+  {{- if .Values.tls.clientCaSecret }}
+  - name: client-ca
+    secret:
+      secretName: {{ .Values.tls.clientCaSecret }}
+      items: [{key: {{ .Values.tls.clientCaKey | default "ca.crt" | quote }}, path: ca.crt}]
+  {{- end }}
+  {{- end }}
+  {{- range $i, $u := .Values.config.upstreams }}
+  {{- with $u.caSecret }}
+  - name: upstream-{{ $i }}-ca
+    secret:
+      secretName: {{ .name }}
+      items: [{key: {{ .key | default "ca.crt" | quote }}, path: ca.crt}]
+  {{- end }}
+  {{- with $u.clientCertSecret }}
+  - name: upstream-{{ $i }}-client
+    secret:
+      secretName: {{ .name }}
+      items: [{key: tls.crt, path: tls.crt}, {key: tls.key, path: tls.key}]
   {{- end }}
   {{- end }}
 {{- with .Values.nodeSelector }}
