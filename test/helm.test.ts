@@ -45,6 +45,17 @@ async function validate(doc: Doc): Promise<void> {
   new Model(doc).validate();
 }
 
+/** Lints and renders the chart with `args`, checks every document against its Kubernetes schema, and returns them with the rendered config file. */
+async function render(args: string[]): Promise<{ docs: Doc[]; configText: string }> {
+  const lint = await helm(['lint', '--strict', CHART, ...args]);
+  assert.equal(lint.code, 0, lint.stdout + lint.stderr);
+  const out = await helm(['template', 'cache', CHART, '--namespace', 'registry', ...args]);
+  assert.equal(out.code, 0, out.stderr);
+  const docs = parseAllDocuments(out.stdout).map((d) => d.toJSON() as Doc).filter(Boolean);
+  for (const doc of docs) await validate(doc);
+  return { docs, configText: docs.find((d) => d.kind === 'ConfigMap' && d.metadata.name === 'cache-ocicache')!.data!['config.yaml']! };
+}
+
 const FULL = `
 credentials:
   passwords: {ghcr-password: s3cret}
@@ -82,12 +93,7 @@ test('helm chart: lint --strict, template, Kubernetes schemas, rendered config, 
   for (const c of cases) {
     await t.test(c.what, async () => {
       const args = [...c.values.flatMap((v) => ['-f', v]), ...(c.set ?? []).flatMap((s) => ['--set', s])];
-      const lint = await helm(['lint', '--strict', CHART, ...args]);
-      assert.equal(lint.code, 0, lint.stdout + lint.stderr);
-      const out = await helm(['template', 'cache', CHART, '--namespace', 'registry', ...args]);
-      assert.equal(out.code, 0, out.stderr);
-      const docs = parseAllDocuments(out.stdout).map((d) => d.toJSON() as Doc).filter(Boolean);
-      for (const doc of docs) await validate(doc);
+      const { docs, configText } = await render(args);
       const kinds = docs.map((d) => d.kind).sort();
       assert.ok(kinds.includes(c.workload) && kinds.includes('Service') && kinds.includes('ConfigMap') && kinds.includes('PodDisruptionBudget'), kinds.join(','));
 
@@ -106,8 +112,6 @@ test('helm chart: lint --strict, template, Kubernetes schemas, rendered config, 
       }
 
       // The rendered config passes ocicache's own validation (secrets are files in the pod).
-      const configMap = docs.find((d) => d.kind === 'ConfigMap' && d.metadata.name === 'cache-ocicache')!;
-      const configText = configMap.data!['config.yaml']!;
       const config = buildConfig(parse(configText), {}, { upstreamAuth: false, adminToken: false });
       assert.equal(config.storage.root, '/data');
       assert.equal(config.server.port, 5000);
@@ -159,13 +163,7 @@ test('helm chart: access control mounts the htpasswd and token key Secrets and p
     { what: 'node, existing htpasswd Secret', args: ['-f', join(CHART, 'values-node.yaml'), '-f', values, '--set', 'access.htpasswd.users=null', '--set', 'access.htpasswd.existingSecret=team-htpasswd', '--set', 'access.htpasswd.key=users'], workload: 'DaemonSet' },
   ]) {
     await t.test(c.what, async () => {
-      const lint = await helm(['lint', '--strict', CHART, ...c.args]);
-      assert.equal(lint.code, 0, lint.stdout + lint.stderr);
-      const out = await helm(['template', 'cache', CHART, '--namespace', 'registry', ...c.args]);
-      assert.equal(out.code, 0, out.stderr);
-      const docs = parseAllDocuments(out.stdout).map((d) => d.toJSON() as Doc).filter(Boolean);
-      for (const doc of docs) await validate(doc);
-      const configText = docs.find((d) => d.kind === 'ConfigMap' && d.metadata.name === 'cache-ocicache')!.data!['config.yaml']!;
+      const { docs, configText } = await render(c.args);
       const config = buildConfig(parse(configText), {}, { upstreamAuth: false, adminToken: false });
       const access = config.access!;
       assert.deepEqual([access.htpasswd, access.tokenKeyFile, access.realm, access.tokenTtl], ['/etc/ocicache/access/htpasswd', '/etc/ocicache/token-key/key', 'https://cache.example.internal/token', 300_000]);
@@ -248,13 +246,7 @@ test('helm chart: TLS mounts the certificate Secrets read-only, points the confi
     { what: 'node, HTTPS without client CA, insecure upstream', args: ['-f', join(CHART, 'values-node.yaml'), '-f', values, '-f', nodeValues], workload: 'DaemonSet' },
   ]) {
     await t.test(c.what, async () => {
-      const lint = await helm(['lint', '--strict', CHART, ...c.args]);
-      assert.equal(lint.code, 0, lint.stdout + lint.stderr);
-      const out = await helm(['template', 'cache', CHART, '--namespace', 'registry', ...c.args]);
-      assert.equal(out.code, 0, out.stderr);
-      const docs = parseAllDocuments(out.stdout).map((d) => d.toJSON() as Doc).filter(Boolean);
-      for (const doc of docs) await validate(doc);
-      const configText = docs.find((d) => d.kind === 'ConfigMap' && d.metadata.name === 'cache-ocicache')!.data!['config.yaml']!;
+      const { docs, configText } = await render(c.args);
       const raw = parse(configText);
       // buildConfig names the server's files without reading them (http/tls.ts does, at start-up),
       // and reads the upstreams' files only when upstream credentials are needed.

@@ -159,13 +159,19 @@ test('expiry by age: each upstream keeps a blob for its own maxAge since it last
 
 test('after a storage error caching stays off for 30 s by the clock, then resumes', async (t) => {
   const w = await world(t, { minFree: '1KiB' });
-  assert.equal(await w.lifecycle.guard.canCache(100), true);
+  // Whether a blob could be cached now: room is reserved, then given back.
+  const canCache = async (size: number): Promise<boolean> => {
+    const room = await w.lifecycle.guard.reserve(size);
+    room?.release();
+    return room !== undefined;
+  };
+  assert.equal(await canCache(100), true);
   w.lifecycle.guard.failed(Object.assign(new Error('no space left on device'), { code: 'ENOSPC' }));
-  assert.equal(await w.lifecycle.guard.canCache(100), false);
+  assert.equal(await canCache(100), false);
   w.clock.advance(29_999);
-  assert.equal(await w.lifecycle.guard.canCache(100), false);
+  assert.equal(await canCache(100), false);
   w.clock.advance(1);
-  assert.equal(await w.lifecycle.guard.canCache(100), true);
+  assert.equal(await canCache(100), true);
   assert.deepEqual(w.warnings, ['storage full or unwritable: serving blobs without caching them']);
   const text = await w.metrics.registry.metrics();
   assert.equal(metric(text, 'ocicache_storage_errors_total', { code: 'ENOSPC' }), 1);

@@ -58,13 +58,6 @@ export class StorageGuard {
     }
   }
 
-  /** Whether a blob of `size` bytes could be cached now (the check of reserve() without keeping the room). */
-  async canCache(size: number | undefined): Promise<boolean> {
-    const room = await this.reserve(size);
-    room?.release();
-    return room !== undefined;
-  }
-
   /**
    * Room for a new blob of `size` bytes (undefined: unknown), counted against free space until
    * released; undefined while storage is failing or too full: the blob then streams through
