@@ -281,3 +281,34 @@ test('readers that stop reading do not make fills keep memory: all fills share o
   bodies.forEach((body, i) => assert.ok(body.equals(downloads[i]!), `reader ${i} got every byte, in order`));
   assert.equal(store.retainedBytes, 0, 'nothing is kept once the readers are done');
 });
+
+test('chunks kept for readers and chunks not yet on disk share the one budget', async (t) => {
+  const budget = 4 * 1024 * 1024;
+  const chunk = 64 * 1024;
+  const store = new BlobStore(tempDir(t, 'fill'), budget);
+  await store.init();
+  const downloads = Array.from({ length: 8 }, () => randomBytes(8 * 1024 * 1024));
+  const fills = await Promise.all(downloads.map((d) => store.createFill(sha256(d), d.length)));
+  for (const fill of fills) t.after(() => fill.fail(new Error('test over')));
+  // Readers that take one buffer and stop: every chunk on disk would be worth keeping for them.
+  for (const fill of fills) {
+    const r = fill.reader();
+    r.once('readable', () => r.read());
+    t.after(() => void r.destroy());
+  }
+  let most = 0;
+  const measured = (chunks: Buffer[]): Readable =>
+    Readable.from(
+      (async function* () {
+        for (const c of chunks) {
+          // Kept for readers, plus received and not yet on disk.
+          most = Math.max(most, fills.reduce((sum, f) => sum + f.received - f.written, store.retainedBytes));
+          yield c;
+        }
+      })(),
+    );
+  await Promise.all(fills.map((fill, i) => pipeline(measured(split(downloads[i]!, chunk)), fill.sink())));
+  // A chunk arrives before the next trim: one chunk per fill over the budget at most.
+  assert.ok(most <= budget + fills.length * chunk, `${most} bytes in memory, budget ${budget}`);
+  assert.ok(most > budget / 2, `the budget is used (${most} bytes)`);
+});

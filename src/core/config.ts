@@ -188,7 +188,7 @@ export function buildConfig(doc: unknown, env: NodeJS.ProcessEnv = process.env, 
     cache: {
       tagTtl,
       manifestMemory: size(cache.manifestMemory ?? '64MiB', 'cache.manifestMemory'),
-      fillMemory: size(cache.fillMemory ?? '16MiB', 'cache.fillMemory'),
+      fillMemory: size(cache.fillMemory ?? '8MiB', 'cache.fillMemory'),
       notFoundTtl: duration(cache.notFoundTtl ?? '30s', 'cache.notFoundTtl'),
     },
     offline: bool({ offline: root.offline }, 'offline', '', false),

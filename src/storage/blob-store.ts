@@ -53,7 +53,7 @@ export class BlobStore {
    */
   constructor(
     readonly root: string,
-    fillMemory = 16 * 1024 * 1024,
+    fillMemory = 8 * 1024 * 1024,
   ) {
     this.fillMemory = new FillMemory(fillMemory);
     this.blobsDir = join(root, 'blobs');

@@ -11,16 +11,24 @@ const WRITE_WINDOW = 4 * 1024 * 1024;
 export const MIN_WRITE_WINDOW = 256 * 1024;
 
 /**
- * What all fills share: the chunks on disk they keep for readers behind (at most `limit` in all:
- * a reader further behind, or one that stopped reading, reads the temp file instead), and the
- * write windows (`limit` split among the fills, at least MIN_WRITE_WINDOW each).
+ * What all fills share, one budget of `limit` bytes: the write windows (chunks received but not yet
+ * on disk: `limit` split among the fills, at least MIN_WRITE_WINDOW each), and in what those leave,
+ * the chunks already on disk that fills keep for readers a little behind. A reader further behind,
+ * or one that stopped reading, reads the temp file instead.
  */
 export class FillMemory {
   /** Bytes on disk that fills still keep in memory for readers behind them. */
   retained = 0;
+  /** Bytes received by all fills and not yet on disk. */
+  pending = 0;
   /** Fills in progress. */
   fills = 0;
   constructor(readonly limit: number) {}
+
+  /** Whether `bytes` more may be kept for readers behind, besides what is kept already. */
+  mayRetain(bytes: number): boolean {
+    return this.retained + this.pending + bytes <= this.limit;
+  }
 
   /** How far one fill's disk writes may lag behind the network now. */
   get writeWindow(): number {

@@ -16,7 +16,7 @@ import { DigestVerifier } from '../core/digest.js';
 import { OciError } from '../core/errors.js';
 import { FillMemory, MIN_WRITE_WINDOW } from './fill-memory.js';
 
-const READ_CHUNK = 256 * 1024;
+const READ_CHUNK = 64 * 1024;
 /**
  * Bytes already on disk a fill keeps in memory for readers a little behind the network, so such
  * a reader takes them from memory instead of reading the temp file back (a copy, a buffer and a
@@ -92,7 +92,7 @@ export class Fill extends EventEmitter {
    */
   sink(): Writable {
     return new Writable({
-      highWaterMark: MIN_WRITE_WINDOW,
+      highWaterMark: 64 * 1024,
       write: (chunk: Buffer, _enc, cb) => {
         if (this.writeError) return cb(this.writeError);
         if (this.state !== 'filling') return cb(new Error('fill is closed'));
@@ -107,7 +107,7 @@ export class Fill extends EventEmitter {
         }
         this.chunks.push(chunk);
         this.offsets.push(at);
-        this.pendingBytes += chunk.length;
+        this.addPending(chunk.length);
         this.emit('progress');
         this.pumpWrites();
         if (this.pendingBytes < this.memory.writeWindow) return cb();
@@ -134,7 +134,7 @@ export class Fill extends EventEmitter {
           if (bytesWritten !== total) throw Object.assign(new Error(`short write to ${this.tmpPath}: ${bytesWritten} of ${total} bytes`), { code: 'ENOSPC' });
           if (this.state === 'failed') return;
           this.unwritten += batch.length;
-          this.pendingBytes -= total;
+          this.addPending(-total);
           this.written += total;
           this.trim();
           if (this.pendingBytes < this.memory.writeWindow) this.releaseWindow();
@@ -189,10 +189,9 @@ export class Fill extends EventEmitter {
     for (const r of this.readers) slowest = Math.min(slowest, r.position);
     let drop = 0;
     let retained = this.written - this.memStart;
-    const others = this.memory.retained - this.counted;
     while (drop < this.unwritten) {
       const end = this.offsets[drop]! + this.chunks[drop]!.length;
-      if (end > slowest && retained <= RETAIN_WINDOW && others + retained <= this.memory.limit) break;
+      if (end > slowest && retained <= RETAIN_WINDOW && this.memory.mayRetain(retained - this.counted)) break;
       retained -= this.chunks[drop]!.length;
       drop++;
     }
@@ -203,6 +202,12 @@ export class Fill extends EventEmitter {
       this.memStart = this.offsets[0] ?? this.written;
     }
     this.count();
+  }
+
+  /** Received bytes not yet on disk, here and in the budget all fills share. */
+  private addPending(bytes: number): void {
+    this.pendingBytes += bytes;
+    this.memory.pending += bytes;
   }
 
   /** Brings this fill's share of the retained bytes up to date: on-disk bytes still in memory. */
@@ -252,7 +257,7 @@ export class Fill extends EventEmitter {
     this.unwritten = 0;
     this.memStart = this.received;
     this.count();
-    this.pendingBytes = 0;
+    this.addPending(-this.pendingBytes);
     this.writeError ??= err;
     this.releaseWindow();
     const handle = this.handle;
