@@ -47,8 +47,8 @@ test('config: the access section, errors name the bad key', () => {
   const ok = { htpasswd: '/x', rules: [{ upstreams: ['*'], repositories: ['**'], allow: ['authenticated'] }] };
   const rule = (r: Record<string, unknown>): Record<string, unknown> => ({ ...ok, rules: [{ ...ok.rules[0], ...r }] });
   const cases: Array<[Record<string, unknown>, string]> = [
-    [{ ...ok, htpassword: '/x' }, 'config: access.htpassword: unknown key (known: htpasswd, tokenKeyFile, tokenTtl, realm, groups, rules)'],
-    [{ rules: ok.rules }, 'config: access.htpasswd: is required: the path of an htpasswd file with bcrypt entries (htpasswd -B)'],
+    [{ ...ok, htpassword: '/x' }, 'config: access.htpassword: unknown key (known: htpasswd, clientCertificates, tokenKeyFile, tokenTtl, realm, groups, rules)'],
+    [{ rules: ok.rules }, 'config: access.htpasswd: is required (unless clientCertificates: true): the path of an htpasswd file with bcrypt entries (htpasswd -B)'],
     [{ ...ok, rules: [] }, 'config: access.rules: must list at least one rule (no matching rule: denied)'],
     [{ ...ok, tokenTtl: 'soon' }, 'config: access.tokenTtl: expected a duration of at least 1s such as 5m, got "soon"'],
     [{ ...ok, realm: 'cache.example.com/token' }, 'config: access.realm: must be an absolute http(s) URL, got "cache.example.com/token"'],

@@ -256,6 +256,7 @@ test('helm chart: TLS mounts the certificate Secrets read-only, points the confi
         certFile: '/etc/ocicache/tls/tls.crt',
         keyFile: '/etc/ocicache/tls/tls.key',
         clientCaFile: central ? '/etc/ocicache/client-ca/ca.crt' : undefined,
+        clientCertificates: 'required',
         reloadInterval: central ? 5_000 : 10_000,
       });
       for (const u of raw.upstreams) assert.ok(!('caSecret' in u) && !('clientCertSecret' in u), `${u.name}: Secret references are stripped`);
@@ -299,6 +300,24 @@ test('helm chart: TLS mounts the certificate Secrets read-only, points the confi
   }
 });
 
+test('helm chart: client certificates as users, without htpasswd: no htpasswd mount, and HTTPS probes when certificates are optional', async (t) => {
+  if (!helmBinary(t)) return;
+  const access = 'config.access={"clientCertificates":true,"groups":{"nodes":["node-a"]},"rules":[{"upstreams":["*"],"repositories":["**"],"allow":["group:nodes"]}]}';
+  for (const [clientCertificates, probe] of [
+    ['optional', { httpGet: { path: '/readyz', port: 'http', scheme: 'HTTPS' } }],
+    ['required', { tcpSocket: { port: 'http' } }],
+  ] as const) {
+    const { docs, configText } = await render(['--set', 'tls.existingSecret=ocicache-tls', '--set', 'tls.clientCaSecret=nodes-ca', '--set', `config.server.tls.clientCertificates=${clientCertificates}`, '--set-json', access]);
+    const config = buildConfig(parse(configText), {}, { upstreamAuth: false, adminToken: false });
+    assert.deepEqual([config.access?.htpasswd, config.access?.clientCertificates, config.server.tls?.clientCaFile, config.server.tls?.clientCertificates], [undefined, true, '/etc/ocicache/client-ca/ca.crt', clientCertificates]);
+    const pod = docs.find((d) => d.kind === 'StatefulSet')!.spec.template.spec;
+    assert.ok(!pod.volumes.some((v: { name: string }) => v.name === 'htpasswd'), 'no htpasswd volume');
+    assert.ok(!docs.some((d) => d.kind === 'Secret' && d.metadata.name.endsWith('-htpasswd')), 'no htpasswd Secret');
+    const { initialDelaySeconds: _d, periodSeconds: _p, failureThreshold: _f, timeoutSeconds: _t, ...readiness } = pod.containers[0].readinessProbe;
+    assert.deepEqual(readiness, probe, clientCertificates);
+  }
+});
+
 test('helm chart: TLS values are refused when set by hand or inconsistent, with a message that names them', async (t) => {
   if (!helmBinary(t)) return;
   const ups = (u: string): string[] => ['--set-json', `config.upstreams=[${u}]`, '--set', 'config.defaultUpstream=null'];
@@ -317,6 +336,9 @@ test('helm chart: TLS values are refused when set by hand or inconsistent, with 
     // TLS settings without the certificate (HTTPS would silently be off).
     [['--set', 'tls.clientCaSecret=clients-ca'], /tls\.clientCaSecret is set but tls\.existingSecret is not/],
     [['--set', 'config.server.tls.reloadInterval=10s'], /config\.server\.tls is set but tls\.existingSecret is not/],
+    [['--set', 'tls.existingSecret=x', '--set', 'config.server.tls.clientCertificates=maybe'], /\/config\/server\/tls\/clientCertificates/],
+    // Certificates as users need a client CA.
+    [['--set', 'tls.existingSecret=x', '--set-json', 'config.access={"clientCertificates":true,"rules":[{"upstreams":["*"],"repositories":["**"],"allow":["alice"]}]}'], /config\.access\.clientCertificates is set but tls\.clientCaSecret is not/],
   ] as const) {
     const out = await helm(['template', 'cache', CHART, ...args]);
     assert.notEqual(out.code, 0, args.join(' '));

@@ -120,6 +120,25 @@ test('a blob redirected to another host is followed without Authorization', asyn
   assert.equal(cdn.requests[0]!.authorization, undefined);
 });
 
+test('a 401 from a host the upstream redirected to is a 502: no token is fetched and nothing is sent again', async (t) => {
+  const cdn = await startHost(t, '127.0.0.2');
+  const digest = sha256(randomBytes(64));
+  const { fake, proxy } = await startProxyWithFake(t, { auth: { username: 'u', passwordEnv: 'PASSWORD' } }, { env: { PASSWORD: 'p4ss' } });
+  const realm = `${fake.url}/token`;
+  // The CDN names the upstream's own realm, which would get the upstream's credentials.
+  cdn.route('/signed/blob', (_req, res) => res.writeHead(401, { 'www-authenticate': `Bearer realm="${realm}",service="fake",scope="repository:team/app:pull,push"` }).end());
+  fake.route('/token', (_req, res) => res.writeHead(200, { 'content-type': 'application/json' }).end('{"token":"t"}'));
+  fake.route(`/v2/team/app/blobs/${digest}`, (req, res) => {
+    if (!req.headers.authorization) return void res.writeHead(401, { 'www-authenticate': 'Basic realm="fake"' }).end();
+    res.writeHead(307, { location: `${cdn.url}/signed/blob?sig=1` }).end();
+  });
+  const r = await fetchBody(`${proxy.url}/v2/team/app/blobs/${digest}?ns=fake.example`);
+  assert.equal(r.status, 502);
+  assert.deepEqual(ociError(r), { code: 'UNKNOWN', message: `upstream fake.example redirected a blob request to ${cdn.url}, which is refused: it answered 401, and only the upstream itself may ask for credentials` });
+  assert.deepEqual(fake.requests.map((q) => q.url.split('?')[0]), [`/v2/team/app/blobs/${digest}`, `/v2/team/app/blobs/${digest}`], 'no token fetched, nothing sent again');
+  assert.equal(cdn.requests.length, 1);
+});
+
 test('a blob redirected from an upstream off loopback to a loopback address is refused, as an address and as localhost', async (t) => {
   const address = outsideAddress();
   if (!address) return t.skip('this machine has no address but loopback');

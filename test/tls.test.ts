@@ -20,46 +20,8 @@ import { redirectRule } from '../src/upstream/trust.js';
 import { startDistribution, type Distribution } from './helpers/distribution.js';
 import { startProxy, type Proxy } from './helpers/proxy.js';
 import { image, Pusher, type Image } from './helpers/seed.js';
+import { pki } from './helpers/pki.js';
 import { exec, need, tempDir, until } from './helpers/tools.js';
-
-interface Pki {
-  dir: string;
-  openssl: string;
-  ca(name: string): Promise<{ crt: string; key: string }>;
-  /** A leaf certificate for 127.0.0.1 and localhost (server and client use), signed by `ca`. */
-  leaf(ca: { crt: string; key: string }, name: string, serial: number): Promise<{ crt: string; key: string }>;
-}
-
-async function pki(t: TestContext): Promise<Pki | undefined> {
-  const openssl = need(t, 'openssl', 'apt-get install openssl');
-  if (!openssl) return undefined;
-  const dir = tempDir(t, 'tls');
-  const run = async (args: string[]): Promise<void> => {
-    const r = await exec(openssl, args);
-    assert.equal(r.code, 0, `openssl ${args.join(' ')}: ${r.stderr}`);
-  };
-  const ec = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes'];
-  return {
-    dir,
-    openssl,
-    async ca(name) {
-      const crt = join(dir, `${name}.crt`);
-      const key = join(dir, `${name}.key`);
-      await run(['req', '-x509', ...ec, '-keyout', key, '-out', crt, '-days', '2', '-subj', `/CN=${name}`, '-addext', 'basicConstraints=critical,CA:TRUE', '-addext', 'keyUsage=critical,keyCertSign,cRLSign']);
-      return { crt, key };
-    },
-    async leaf(ca, name, serial) {
-      const crt = join(dir, `${name}.crt`);
-      const key = join(dir, `${name}.key`);
-      const csr = join(dir, `${name}.csr`);
-      const ext = join(dir, `${name}.ext`);
-      writeFileSync(ext, 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\nbasicConstraints=CA:FALSE\n');
-      await run(['req', ...ec, '-keyout', key, '-out', csr, '-subj', `/CN=${name}`]);
-      await run(['x509', '-req', '-in', csr, '-CA', ca.crt, '-CAkey', ca.key, '-set_serial', String(serial), '-days', '2', '-out', crt, '-extfile', ext]);
-      return { crt, key };
-    },
-  };
-}
 
 const serialOf = (file: string): string => new X509Certificate(readFileSync(file)).serialNumber;
 
@@ -347,8 +309,8 @@ test('TLS settings are validated, naming the key', async (t) => {
   assert.equal(buildConfig(up({ clientCertFile: '/nonexistent.crt', clientKeyFile: '/nonexistent.key' }), {}, { upstreamAuth: false, adminToken: false }).upstreams[0]!.tls?.cert, '');
   // A pair that does not load stops the start, naming the key.
   const { loadTls } = await import('../src/http/tls.js');
-  assert.throws(() => loadTls({ certFile: leaf.crt, keyFile: other.key, clientCaFile: undefined, reloadInterval: 5000 }), /config: server\.tls\.keyFile: cannot use/);
-  assert.throws(() => loadTls({ certFile: join(p.dir, 'none.crt'), keyFile: leaf.key, clientCaFile: undefined, reloadInterval: 5000 }), /config: server\.tls\.certFile: cannot read/);
+  assert.throws(() => loadTls({ certFile: leaf.crt, keyFile: other.key, clientCaFile: undefined, clientCertificates: 'required', reloadInterval: 5000 }), /config: server\.tls\.keyFile: cannot use/);
+  assert.throws(() => loadTls({ certFile: join(p.dir, 'none.crt'), keyFile: leaf.key, clientCaFile: undefined, clientCertificates: 'required', reloadInterval: 5000 }), /config: server\.tls\.certFile: cannot read/);
 });
 
 test('over HTTPS the token realm derived from the request says https', async (t) => {

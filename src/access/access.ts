@@ -1,7 +1,7 @@
 /**
- * Access control: who a client is (Basic credentials checked against htpasswd, or a bearer token
- * from our /token endpoint) and whether the access rules let them read a repository of an
- * upstream. http/ asks here before handing a request to cache/; cache/ never knows who asked.
+ * Access control: who a client is (Basic credentials checked against htpasswd, a bearer token
+ * from our /token endpoint, or a verified client certificate) and whether the access rules let
+ * them read a repository of an upstream. http/ asks here before handing a request to cache/; cache/ never knows who asked.
  *
  * Both questions have a synchronous answer for the warm path (http/warm-path.ts) once the work
  * behind them was done: a verified password or token is remembered (htpasswd.ts, tokens.ts) and a
@@ -41,6 +41,16 @@ const DECISIONS = 10_000;
 
 type Credentials = { basic: [string, string] } | { bearer: string } | null | undefined;
 
+/**
+ * The user a TLS client certificate names (http/ reads it from the connection): its subject's CN
+ * when the certificate was verified against server.tls.clientCaFile; null for a certificate that
+ * was presented but not verified, or names no single CN; undefined when none was presented.
+ */
+export type CertificateUser = string | null | undefined;
+
+/** Users for a setup without htpasswd (clientCertificates alone): nobody has a password. */
+const NO_PASSWORDS: Pick<Htpasswd, 'has' | 'verifiedSync' | 'verify'> = { has: () => false, verifiedSync: () => false, verify: async () => false };
+
 /** The credentials of an Authorization header: undefined when absent, null when malformed or of another scheme. */
 function credentials(header: string | undefined): Credentials {
   if (header === undefined || header === '') return undefined;
@@ -59,7 +69,9 @@ function credentials(header: string | undefined): Credentials {
 export class Access {
   /** The configured token URL; undefined: http/ derives it from each request's Host. */
   readonly realm: string | undefined;
-  private readonly htpasswd: Htpasswd;
+  /** Whether http/ should pass the client certificate's user (access.clientCertificates). */
+  readonly certificates: boolean;
+  private readonly htpasswd: Pick<Htpasswd, 'has' | 'verifiedSync' | 'verify'>;
   private readonly tokens: Tokens;
   private readonly rules: Rule[];
   private readonly decisions = new LRUCache<string, boolean>({ max: DECISIONS });
@@ -71,7 +83,8 @@ export class Access {
     now: () => number = Date.now,
   ) {
     this.realm = config.realm;
-    this.htpasswd = new Htpasswd(config.htpasswd, warn, now, (stale) => metrics.htpasswdStale.set(stale ? 1 : 0));
+    this.certificates = config.clientCertificates;
+    this.htpasswd = config.htpasswd === undefined ? NO_PASSWORDS : new Htpasswd(config.htpasswd, warn, now, (stale) => metrics.htpasswdStale.set(stale ? 1 : 0));
     this.tokens = new Tokens(readTokenKey(config.tokenKeyFile), config.tokenTtl, now);
     this.rules = config.rules.map((r) => {
       const users = new Set<string>();
@@ -93,24 +106,36 @@ export class Access {
    * Who sent this Authorization header, when known without asynchronous work: the identity; null
    * for credentials known to be bad; undefined when only identify() can tell.
    */
-  identifySync(header: string | undefined): Identity | null | undefined {
+  identifySync(header: string | undefined, certificate?: CertificateUser): Identity | null | undefined {
+    if (this.certificates && certificate === null) return null;
     const c = credentials(header);
-    if (c === undefined) return NO_CREDENTIALS;
+    if (c === undefined) return this.withCertificate(NO_CREDENTIALS, certificate);
     if (c === null) return null;
     if ('basic' in c) return this.htpasswd.verifiedSync(c.basic[0], c.basic[1]) ? { user: c.basic[0], presented: true } : undefined;
     const t = this.tokens.verifiedSync(c.bearer);
     if (t === undefined || t === null) return t;
-    return this.tokenIdentity(t.user);
+    return this.withCertificate(this.tokenIdentity(t.user), certificate);
   }
 
-  /** Who sent this Authorization header; null: bad credentials (wrong password, not our token, expired). */
-  async identify(header: string | undefined): Promise<Identity | null> {
+  /**
+   * Who sent this request; null: bad credentials (wrong password, not our token, expired, a client
+   * certificate that was not verified). A user named by the Authorization header comes first; a
+   * client certificate names the user otherwise (an anonymous token included, which clients that
+   * always follow the challenge hold).
+   */
+  async identify(header: string | undefined, certificate?: CertificateUser): Promise<Identity | null> {
+    if (this.certificates && certificate === null) return null;
     const c = credentials(header);
-    if (c === undefined) return NO_CREDENTIALS;
+    if (c === undefined) return this.withCertificate(NO_CREDENTIALS, certificate);
     if (c === null) return null;
     if ('basic' in c) return (await this.htpasswd.verify(c.basic[0], c.basic[1])) ? { user: c.basic[0], presented: true } : null;
     const t = await this.tokens.verify(c.bearer);
-    return t === null ? null : this.tokenIdentity(t.user);
+    return t === null ? null : this.withCertificate(this.tokenIdentity(t.user), certificate);
+  }
+
+  private withCertificate(id: Identity | null, certificate: CertificateUser): Identity | null {
+    if (id === null || id.user !== undefined || !this.certificates || !certificate) return id;
+    return { user: certificate, presented: true };
   }
 
   /** A token's user must still be in htpasswd: removing a user revokes their tokens (within a second). */

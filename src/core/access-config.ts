@@ -20,8 +20,10 @@ export interface AccessRule {
 }
 
 export interface AccessConfig {
-  /** An htpasswd file with bcrypt entries (`htpasswd -B`), reloaded when it changes. */
-  htpasswd: string;
+  /** An htpasswd file with bcrypt entries (`htpasswd -B`), reloaded when it changes; undefined only with clientCertificates. */
+  htpasswd: string | undefined;
+  /** A client certificate verified against server.tls.clientCaFile names its holder: the subject's CN is the user. */
+  clientCertificates: boolean;
   /** A file holding the HS256 key for tokens; undefined: a random key per process (tokens die with it). */
   tokenKeyFile: string | undefined;
   /** Lifetime of the tokens /token issues. */
@@ -40,7 +42,7 @@ export interface UpstreamKeys {
   auth?: unknown;
 }
 
-const KEYS = ['htpasswd', 'tokenKeyFile', 'tokenTtl', 'realm', 'groups', 'rules'];
+const KEYS = ['htpasswd', 'clientCertificates', 'tokenKeyFile', 'tokenTtl', 'realm', 'groups', 'rules'];
 const RULE_KEYS = ['upstreams', 'repositories', 'allow', 'exposeCredentials'];
 /** A repository glob: path components of the name grammar's characters and '*', or '**' alone. */
 const GLOB_COMPONENT = /^(\*\*|[a-z0-9._*-]+)$/;
@@ -84,7 +86,11 @@ function checkGlob(glob: string, path: string): string {
 export function buildAccessConfig(raw: unknown, upstreams: UpstreamKeys[]): AccessConfig {
   const o = mapping(raw, 'access', KEYS);
   const htpasswd = optionalString(o, 'htpasswd', 'access');
-  if (htpasswd === undefined) throw new ConfigError('access.htpasswd', 'is required: the path of an htpasswd file with bcrypt entries (htpasswd -B)');
+  const clientCertificates = o.clientCertificates ?? false;
+  if (typeof clientCertificates !== 'boolean') throw new ConfigError('access.clientCertificates', 'must be true or false');
+  if (htpasswd === undefined && !clientCertificates) {
+    throw new ConfigError('access.htpasswd', 'is required (unless clientCertificates: true): the path of an htpasswd file with bcrypt entries (htpasswd -B)');
+  }
   const ttl = parseDuration(o.tokenTtl ?? '5m');
   if (ttl === undefined || ttl < 1000) throw new ConfigError('access.tokenTtl', `expected a duration of at least 1s such as 5m, got ${JSON.stringify(o.tokenTtl)}`);
   const realm = optionalString(o, 'realm', 'access');
@@ -143,5 +149,5 @@ export function buildAccessConfig(raw: unknown, upstreams: UpstreamKeys[]): Acce
     return { upstreams: ups, repositories, allow, exposeCredentials };
   });
 
-  return { htpasswd, tokenKeyFile: optionalString(o, 'tokenKeyFile', 'access'), tokenTtl: ttl, realm, groups, rules };
+  return { htpasswd, clientCertificates, tokenKeyFile: optionalString(o, 'tokenKeyFile', 'access'), tokenTtl: ttl, realm, groups, rules };
 }

@@ -31,6 +31,8 @@ export interface Config {
     maxConnectionsPerAddress: number;
     /** Serve HTTPS (http/tls.ts); undefined: plain HTTP. */
     tls: ServerTls | undefined;
+    /** This replica's name in a fleet: sent as X-Ocicache-Replica, shown on the status page and in ocicache_replica_info. */
+    replica: string | undefined;
   };
   log: { level: string };
   storage: {
@@ -65,18 +67,45 @@ export interface ServerTls {
   /** PEM files, read when the server starts and again whenever they change (checked every reloadInterval). */
   certFile: string;
   keyFile: string;
-  /** Clients must present a certificate signed by a CA in this PEM bundle; undefined: none asked for. */
+  /** Client certificates are checked against the CAs in this PEM bundle; undefined: none asked for. */
   clientCaFile: string | undefined;
+  /** With clientCaFile: `required` refuses a client without a certificate from those CAs at the handshake; `optional` lets it in to authenticate otherwise. */
+  clientCertificates: 'required' | 'optional';
   reloadInterval: number;
 }
 
 function serverTls(server: Obj): ServerTls | undefined {
   if (server.tls === undefined || server.tls === null) return undefined;
-  const tls = section(server, 'tls', 'server.tls', ['certFile', 'keyFile', 'clientCaFile', 'reloadInterval']);
+  const tls = section(server, 'tls', 'server.tls', ['certFile', 'keyFile', 'clientCaFile', 'clientCertificates', 'reloadInterval']);
   const clientCaFile = tls.clientCaFile === undefined || tls.clientCaFile === null ? undefined : str(tls, 'clientCaFile', 'server.tls');
+  const clientCertificates = tls.clientCertificates ?? 'required';
+  if (clientCertificates !== 'required' && clientCertificates !== 'optional') {
+    throw new ConfigError('server.tls.clientCertificates', `must be required or optional, got ${JSON.stringify(clientCertificates)}`);
+  }
+  if (tls.clientCertificates !== undefined && clientCaFile === undefined) {
+    throw new ConfigError('server.tls.clientCertificates', 'needs server.tls.clientCaFile, the CAs client certificates are checked against');
+  }
   const reloadInterval = duration(tls.reloadInterval ?? '5s', 'server.tls.reloadInterval');
   if (reloadInterval < 100) throw new ConfigError('server.tls.reloadInterval', 'must be at least 100ms');
-  return { certFile: str(tls, 'certFile', 'server.tls'), keyFile: str(tls, 'keyFile', 'server.tls'), clientCaFile, reloadInterval };
+  return { certFile: str(tls, 'certFile', 'server.tls'), keyFile: str(tls, 'keyFile', 'server.tls'), clientCaFile, clientCertificates, reloadInterval };
+}
+
+/** server.replica: a header value and a metric label, so a short plain name (a pod name, a host name). */
+function replicaName(value: unknown): string | undefined {
+  if (value === undefined || value === null || value === '') return undefined;
+  if (typeof value !== 'string' || !/^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/.test(value)) {
+    throw new ConfigError('server.replica', `must be a name of letters, digits, '.', '_' and '-' (at most 63), got ${JSON.stringify(value)}`);
+  }
+  return value;
+}
+
+function accessConfig(raw: unknown, upstreams: UpstreamConfig[], tls: ServerTls | undefined): AccessConfig | undefined {
+  if (raw === undefined || raw === null) return undefined;
+  const access = buildAccessConfig(raw, upstreams);
+  if (access.clientCertificates && tls?.clientCaFile === undefined) {
+    throw new ConfigError('access.clientCertificates', 'needs server.tls with clientCaFile: only a certificate checked against those CAs may name a user');
+  }
+  return access;
 }
 
 export const DEFAULT_CONFIG_FILE = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..', 'config', 'default.yaml');
@@ -89,6 +118,7 @@ export const ENV_OVERRIDES = {
   OCICACHE_STORAGE_ROOT: 'storage.root',
   OCICACHE_DEFAULT_UPSTREAM: 'defaultUpstream',
   OCICACHE_OFFLINE: 'offline',
+  OCICACHE_REPLICA: 'server.replica',
 } as const;
 
 const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'];
@@ -115,7 +145,7 @@ export function buildConfig(doc: unknown, env: NodeJS.ProcessEnv = process.env, 
     'server', 'log', 'storage', 'cache', 'timeouts', 'offline', 'upstreamDefaults', 'admin', 'defaultUpstream', 'upstreams', 'access',
   ]);
   applyEnv(root, env);
-  const server = section(root, 'server', 'server', ['host', 'port', 'shutdownTimeout', 'trustProxy', 'headersTimeout', 'requestTimeout', 'idleTimeout', 'maxConnections', 'maxConnectionsPerAddress', 'tls']);
+  const server = section(root, 'server', 'server', ['host', 'port', 'shutdownTimeout', 'trustProxy', 'headersTimeout', 'requestTimeout', 'idleTimeout', 'maxConnections', 'maxConnectionsPerAddress', 'tls', 'replica']);
   const log = section(root, 'log', 'log', ['level']);
   const storage = section(root, 'storage', 'storage', ['root', 'maxSize', 'highWatermark', 'lowWatermark', 'minFree', 'maxBlobSize']);
   const admin = section(root, 'admin', 'admin', ['token', 'tokenEnv', 'tokenFile']);
@@ -163,6 +193,7 @@ export function buildConfig(doc: unknown, env: NodeJS.ProcessEnv = process.env, 
     if (defaultUpstream === undefined) throw new ConfigError('defaultUpstream', `${key} is not the name or alias of a configured upstream`);
   }
 
+  const tls = serverTls(server);
   return Object.freeze({
     server: {
       host: str(server, 'host', 'server', '0.0.0.0'),
@@ -174,7 +205,8 @@ export function buildConfig(doc: unknown, env: NodeJS.ProcessEnv = process.env, 
       idleTimeout: duration(server.idleTimeout ?? '2m', 'server.idleTimeout'),
       maxConnections: int(server, 'maxConnections', 'server', 4096),
       maxConnectionsPerAddress: int(server, 'maxConnectionsPerAddress', 'server', 256),
-      tls: serverTls(server),
+      tls,
+      replica: replicaName(server.replica),
     },
     log: { level },
     storage: {
@@ -201,7 +233,7 @@ export function buildConfig(doc: unknown, env: NodeJS.ProcessEnv = process.env, 
     },
     defaultUpstream,
     upstreams,
-    access: root.access === undefined || root.access === null ? undefined : buildAccessConfig(root.access, upstreams),
+    access: accessConfig(root.access, upstreams, tls),
   });
 }
 

@@ -14,6 +14,7 @@ import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { NO_CREDENTIALS, type Access, type Identity } from '../access/access.js';
 import { SERVICE } from '../access/tokens.js';
 import { OciError } from '../core/errors.js';
+import { certificateUser } from './tls.js';
 
 declare module 'fastify' {
   interface FastifyRequest {
@@ -74,9 +75,10 @@ export function registerAccess(app: FastifyInstance, access: Access | undefined)
       }
       done();
     };
-    const known = access.identifySync(req.headers.authorization);
+    const certificate = access.certificates ? certificateUser(req.raw.socket) : undefined;
+    const known = access.identifySync(req.headers.authorization, certificate);
     if (known !== undefined) return settle(known);
-    access.identify(req.headers.authorization).then(settle, done);
+    access.identify(req.headers.authorization, certificate).then(settle, done);
   });
 
   // The token names who the client is, whatever scope it asks for: the rules are applied to every

@@ -6,12 +6,16 @@
  * written, a key that does not match) keeps the old one in use and is logged; the next change is
  * tried again. Nothing here ever stops a running server.
  *
- * With clientCaFile every client must present a certificate signed by one of its CAs: the
- * handshake fails otherwise, before any HTTP. (access/ may later take the certificate's subject
- * as the client's identity; today it only gets through the door.)
+ * With clientCaFile, clientCertificates `required` (the default) has every client present a
+ * certificate signed by one of its CAs: the handshake fails otherwise, before any HTTP. `optional`
+ * asks for one and lets clients without in, to authenticate otherwise. With
+ * access.clientCertificates a verified certificate's subject CN is the client's user
+ * (certificateUser; the decision is access/'s).
  */
 import { readFileSync, unwatchFile, watchFile, type Stats } from 'node:fs';
-import { createSecureContext, type SecureContextOptions } from 'node:tls';
+import type { Socket } from 'node:net';
+import { createSecureContext, TLSSocket, type SecureContextOptions } from 'node:tls';
+import type { CertificateUser } from '../access/access.js';
 import type { Server } from 'node:https';
 import type { ServerTls } from '../core/config.js';
 import { ConfigError } from '../core/config.js';
@@ -42,10 +46,29 @@ export function loadTls(tls: ServerTls): SecureContextOptions {
   return options;
 }
 
-/** The https.createServer options for server.tls: the pair, and client certificates required with clientCaFile. */
+/** The https.createServer options for server.tls: the pair, and client certificates asked for (and perhaps required) with clientCaFile. */
 export function httpsOptions(tls: ServerTls): SecureContextOptions & { requestCert: boolean; rejectUnauthorized: boolean } {
-  const required = tls.clientCaFile !== undefined;
-  return { ...loadTls(tls), requestCert: required, rejectUnauthorized: required };
+  const asked = tls.clientCaFile !== undefined;
+  return { ...loadTls(tls), requestCert: asked, rejectUnauthorized: asked && tls.clientCertificates === 'required' };
+}
+
+const certificateUsers = new WeakMap<TLSSocket, CertificateUser>();
+
+/**
+ * The user the connection's client certificate names: its subject's one CN when the certificate
+ * was verified against clientCaFile, null when one was presented but not verified (or has no single
+ * CN), undefined when there is none (or the connection is not TLS). Read once per connection.
+ */
+export function certificateUser(socket: Socket): CertificateUser {
+  if (!(socket instanceof TLSSocket)) return undefined;
+  if (certificateUsers.has(socket)) return certificateUsers.get(socket);
+  const peer = socket.getPeerCertificate();
+  let user: CertificateUser;
+  if (!peer || Object.keys(peer).length === 0) user = undefined;
+  else if (!socket.authorized) user = null;
+  else user = typeof peer.subject?.CN === 'string' && peer.subject.CN !== '' ? peer.subject.CN : null;
+  certificateUsers.set(socket, user);
+  return user;
 }
 
 /** Polls the files and swaps the server's secure context when they change; stops when the server closes. */

@@ -11,6 +11,7 @@ import type { ManifestResult, Manifests } from '../cache/manifests.js';
 import { parseV2Path, splitUrl, type ParsedPath, type UpstreamIndex } from '../core/api-path.js';
 import type { Accounting, RequestContext } from './accounting.js';
 import { answerManifest } from './manifest-answer.js';
+import { certificateUser } from './tls.js';
 
 export interface WarmDeps {
   manifests: Manifests;
@@ -52,7 +53,7 @@ export function warmManifests(deps: WarmDeps): (req: IncomingMessage, res: Serve
         // synchronously is decided here (remembered credentials, the decision memo); anything else
         // (a first password or token, bad credentials, a refusal) goes to the Fastify path, which
         // checks, answers and counts it.
-        const id = access.identifySync(req.headers.authorization);
+        const id = access.identifySync(req.headers.authorization, access.certificates ? certificateUser(req.socket) : undefined);
         if (!id || !access.allowed(id, parsed.target.upstream.name, parsed.target.name)) return false;
         user = id.user;
       }

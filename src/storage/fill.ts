@@ -9,21 +9,22 @@
  * back from every reader, so no client receives a complete-looking body with the wrong content.
  */
 import { EventEmitter } from 'node:events';
-import { mkdir, open, rename, rm, type FileHandle } from 'node:fs/promises';
+import { mkdir, rename, rm, type FileHandle } from 'node:fs/promises';
 import { dirname } from 'node:path';
-import { Readable, Writable } from 'node:stream';
+import { Writable } from 'node:stream';
 import { DigestVerifier } from '../core/digest.js';
 import { OciError } from '../core/errors.js';
 import { FillMemory, MIN_WRITE_WINDOW } from './fill-memory.js';
+import { TailReader } from './tail-reader.js';
 
-const READ_CHUNK = 64 * 1024;
+export { TailReader };
+
 /**
  * Bytes already on disk a fill keeps in memory for readers a little behind the network, so such
  * a reader takes them from memory instead of reading the temp file back (a copy, a buffer and a
  * thread-pool round trip per chunk).
  */
 const RETAIN_WINDOW = 16 * 1024 * 1024;
-
 
 /** filling → verified (digest and size checked: the last byte may go out) → committed (renamed into place), or failed. */
 type FillState = 'filling' | 'verified' | 'committed' | 'failed';
@@ -296,106 +297,5 @@ export class Fill extends EventEmitter {
   /** A stream of bytes [start, end] (end inclusive, default: to the end) that tails the fill. */
   reader(start = 0, end?: number): TailReader {
     return new TailReader(this, start, end);
-  }
-}
-
-/** Reads a fill's temp file up to what has been written, waiting for more; errors if the fill fails. */
-export class TailReader extends Readable {
-  bytesRead = 0;
-  private handle: FileHandle | undefined;
-  private pos: number;
-  private waiting = false;
-  private readonly onProgress = (): void => {
-    this.waiting = false;
-    this.pump();
-  };
-
-  constructor(
-    private readonly fill: Fill,
-    start: number,
-    private readonly end: number | undefined,
-  ) {
-    super({ highWaterMark: READ_CHUNK });
-    this.pos = start;
-    fill.track(this);
-  }
-
-  /** The next byte this reader will send. */
-  get position(): number {
-    return this.pos;
-  }
-
-  override _construct(cb: (err?: Error | null) => void): void {
-    const tryOpen = (path: string): Promise<FileHandle> => open(path, 'r');
-    tryOpen(this.fill.tmpPath)
-      .catch((err: NodeJS.ErrnoException) => {
-        // Renamed into place between our creation and this open: read the final file.
-        if (err.code === 'ENOENT' && this.fill.state === 'committed') return tryOpen(this.fill.finalPath);
-        throw this.fill.failure ?? err;
-      })
-      .then((h) => {
-        this.handle = h;
-        cb();
-      }, cb);
-  }
-
-  override _read(): void {
-    this.pump();
-  }
-
-  private pump(): void {
-    if (this.destroyed || this.waiting || !this.handle) return;
-    const fill = this.fill;
-    if (fill.state === 'failed') {
-      this.destroy(fill.failure ?? new Error('fill failed'));
-      return;
-    }
-    const limit = this.end !== undefined ? this.end + 1 : fill.state === 'filling' ? Infinity : fill.received;
-    if (this.pos >= limit) {
-      this.push(null);
-      return;
-    }
-    const available = Math.min(fill.deliverable, limit) - this.pos;
-    if (available > 0) {
-      // Still in the fill's memory (not on disk yet, or retained for readers like this one): no copy, no syscall.
-      const mem = fill.fromMemory(this.pos, Math.min(available, READ_CHUNK));
-      if (mem) {
-        this.pos += mem.length;
-        this.bytesRead += mem.length;
-        this.push(mem);
-        return;
-      }
-    }
-    if (available > 0 && this.pos < fill.written) {
-      const n = Math.min(available, READ_CHUNK, fill.written - this.pos);
-      const buf = Buffer.allocUnsafe(n);
-      const at = this.pos;
-      this.pos += n;
-      this.handle.read(buf, 0, n, at).then(
-        ({ bytesRead }) => {
-          if (bytesRead !== n) return this.destroy(new Error(`short read of ${fill.tmpPath}`));
-          this.bytesRead += n;
-          this.push(buf);
-        },
-        (err: Error) => this.destroy(err),
-      );
-      return;
-    }
-    if (fill.state !== 'filling' && available <= 0) {
-      // Fewer bytes than the range asked for: the blob is shorter than announced.
-      this.destroy(new Error('blob ended before the requested range'));
-    } else {
-      this.waiting = true;
-      fill.once('progress', this.onProgress);
-    }
-  }
-
-  override _destroy(err: Error | null, cb: (err?: Error | null) => void): void {
-    this.fill.off('progress', this.onProgress);
-    this.fill.untrack(this);
-    const h = this.handle;
-    this.handle = undefined;
-    if (h) h.close().then(() => cb(err), () => cb(err));
-    else cb(err);
   }
 }

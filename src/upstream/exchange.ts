@@ -87,7 +87,15 @@ export class Exchanger {
         throw err;
       }
       const location = REDIRECT_STATUSES.has(res.statusCode) ? header(res.headers, 'location') : undefined;
-      if (location === undefined) return res;
+      if (location === undefined) {
+        // A challenge is the upstream's to make: one from a host it redirected to (a CDN, a bucket)
+        // would have the proxy fetch tokens and resend the upstream's credentials on a third party's say.
+        if (res.statusCode === 401 && at.origin !== url.origin) {
+          await res.body.dump().catch(() => undefined);
+          throw refused(upstream, x.what, at, 'it answered 401, and only the upstream itself may ask for credentials', true);
+        }
+        return res;
+      }
       await res.body.dump().catch(() => undefined);
       if (redirects >= MAX_REDIRECTS) throw Object.assign(new Error(`more than ${MAX_REDIRECTS} redirects`), { code: 'ERR_OCICACHE_TOO_MANY_REDIRECTS' });
       let to: URL;

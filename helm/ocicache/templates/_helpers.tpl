@@ -65,7 +65,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 {{- include "ocicache.checkAccess" . -}}
 {{- if $c.access -}}
+{{- if include "ocicache.htpasswdUsers" . -}}
 {{- $_ := set $c.access "htpasswd" "/etc/ocicache/access/htpasswd" -}}
+{{- end -}}
 {{- if .Values.access.tokenKey.existingSecret -}}
 {{- $_ := set $c.access "tokenKeyFile" "/etc/ocicache/token-key/key" -}}
 {{- end -}}
@@ -77,11 +79,20 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- .Values.access.htpasswd.existingSecret | default (printf "%s-htpasswd" (include "ocicache.fullname" .)) -}}
 {{- end -}}
 
-{{/* config.access and the htpasswd Secret come together: access without users, or users that would be ignored, is refused. */}}
+{{/* Whether htpasswd users are given (a Secret of yours or inline lines): "true" or empty. */}}
+{{- define "ocicache.htpasswdUsers" -}}
+{{- if or .Values.access.htpasswd.existingSecret .Values.access.htpasswd.users -}}true{{- end -}}
+{{- end -}}
+
+{{/* config.access and the htpasswd Secret come together (or client certificates name the users): access without users, or users that would be ignored, is refused. */}}
 {{- define "ocicache.checkAccess" -}}
-{{- $users := or .Values.access.htpasswd.existingSecret .Values.access.htpasswd.users -}}
-{{- if and .Values.config.access (not $users) -}}
-{{- fail "config.access is set but no users: set access.htpasswd.existingSecret (a Secret with an htpasswd -B file) or access.htpasswd.users (htpasswd -nB lines)" -}}
+{{- $users := include "ocicache.htpasswdUsers" . -}}
+{{- $certificates := and .Values.config.access .Values.config.access.clientCertificates -}}
+{{- if and .Values.config.access (not $users) (not $certificates) -}}
+{{- fail "config.access is set but no users: set access.htpasswd.existingSecret (a Secret with an htpasswd -B file) or access.htpasswd.users (htpasswd -nB lines), or config.access.clientCertificates with tls.clientCaSecret" -}}
+{{- end -}}
+{{- if and $certificates (not .Values.tls.clientCaSecret) -}}
+{{- fail "config.access.clientCertificates is set but tls.clientCaSecret is not: only a certificate checked against a client CA may name a user" -}}
 {{- end -}}
 {{- if and (not .Values.config.access) (or $users .Values.access.tokenKey.existingSecret) -}}
 {{- fail "access.htpasswd or access.tokenKey is set but config.access is not: access control would be off; set config.access.rules" -}}
@@ -101,9 +112,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 {{- end -}}
 
-{{/* The probes: HTTPS with tls.existingSecret; with a client CA the kubelet (no client certificate) cannot finish a handshake, so they only check the port. */}}
+{{/* The probes: HTTPS with tls.existingSecret; with client certificates required the kubelet (no client certificate) cannot finish a handshake, so they only check the port. */}}
 {{- define "ocicache.probe" -}}
-{{- if .root.Values.tls.clientCaSecret -}}
+{{- $server := .root.Values.config.server | default dict -}}
+{{- $optional := eq (($server.tls | default dict).clientCertificates | default "required") "optional" -}}
+{{- if and .root.Values.tls.clientCaSecret (not $optional) -}}
 tcpSocket: {port: http}
 {{- else -}}
 httpGet: {path: {{ .path }}, port: http{{ if .root.Values.tls.existingSecret }}, scheme: HTTPS{{ end }}}
@@ -155,7 +168,7 @@ containers:
       {{- if .Values.admin.existingSecret }}
       - {name: admin, mountPath: /etc/ocicache/admin, readOnly: true}
       {{- end }}
-      {{- if .Values.config.access }}
+      {{- if and .Values.config.access (include "ocicache.htpasswdUsers" .) }}
       - {name: htpasswd, mountPath: /etc/ocicache/access, readOnly: true}
       {{- if .Values.access.tokenKey.existingSecret }}
       - {name: token-key, mountPath: /etc/ocicache/token-key, readOnly: true}
@@ -201,11 +214,13 @@ volumes:
       secretName: {{ .Values.admin.existingSecret }}
   {{- end }}
   {{- if .Values.config.access }}
+  {{- if include "ocicache.htpasswdUsers" . }}
   {{- /* Whole-Secret mounts (not subPath) so an edited htpasswd reaches the pod, which rereads it. */}}
   - name: htpasswd
     secret:
       secretName: {{ include "ocicache.htpasswdSecret" . }}
       items: [{key: {{ .Values.access.htpasswd.key | quote }}, path: htpasswd}]
+  {{- end }}
   {{- if .Values.access.tokenKey.existingSecret }}
   - name: token-key
     secret:
