@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 /**
- * The `ocicache` command: serve, and the operator's one-shot commands gc, verify and prefetch.
+ * The `ocicache` command: serve, and the operator's one-shot commands gc, verify, prefetch and
+ * haproxy.
  * Without --config every command reads $OCICACHE_CONFIG or the embedded config/default.yaml.
  */
 import { readFileSync } from 'node:fs';
@@ -14,6 +15,7 @@ import { prefetch, type PrefetchEvent } from './cache/prefetch.js';
 import { openCache, type Services } from './cache/services.js';
 import { CacheInUse } from './storage/lock.js';
 import { problems, verify } from './cache/verify.js';
+import { haproxyConfig } from './fleet/haproxy.js';
 import { version } from './version.js';
 
 const USAGE = `usage: ocicache <command> [--config FILE] [options]
@@ -28,6 +30,11 @@ const USAGE = `usage: ocicache <command> [--config FILE] [options]
       --file FILE         read references from FILE too, one per line (# comments allowed)
       --server URL        ask a running ocicache (POST URL/admin/prefetch) instead of opening the
                           cache directory; the admin token comes from $OCICACHE_ADMIN_TOKEN
+  haproxy               print an HAProxy configuration for replicas of this config behind one
+                        consistent-hash balancer (README, "Running a fleet")
+      --replica NAME=HOST:PORT   a replica, once per replica (NAME: stable, e.g. the pod name)
+      --bind ADDR           where HAProxy listens (default :5000)
+      --check-interval D    how often HAProxy checks each replica's /readyz (default 2s)
   version               print the version
 
   --config FILE         config file (default: $OCICACHE_CONFIG, else config/default.yaml)
@@ -173,6 +180,9 @@ async function main(argv: string[]): Promise<void> {
       platform: { type: 'string', multiple: true },
       file: { type: 'string', multiple: true },
       server: { type: 'string' },
+      replica: { type: 'string', multiple: true },
+      bind: { type: 'string' },
+      'check-interval': { type: 'string' },
     },
     allowPositionals: true,
   });
@@ -205,6 +215,21 @@ async function main(argv: string[]): Promise<void> {
       const platforms = values.platform?.flatMap((p) => p.split(',')).map((p) => p.trim()).filter(Boolean);
       const config = values.server === undefined ? loadConfig(values.config, process.env, { upstreamAuth: true, adminToken: false }) : undefined;
       return prefetchCommand(config, refs, platforms, values.server);
+    }
+    case 'haproxy': {
+      const replicas = (values.replica ?? []).map((r) => {
+        const eq = r.indexOf('=');
+        if (eq <= 0) throw new UsageError(`--replica ${r}: expected NAME=HOST:PORT`);
+        return { name: r.slice(0, eq), address: r.slice(eq + 1) };
+      });
+      if (replicas.length === 0) throw new UsageError('haproxy: name the replicas with --replica NAME=HOST:PORT (once each)');
+      const config = loadConfig(values.config, process.env, { upstreamAuth: false, adminToken: false });
+      try {
+        process.stdout.write(haproxyConfig(config, { bind: values.bind ?? ':5000', replicas, checkInterval: values['check-interval'] }));
+      } catch (err) {
+        throw new UsageError(`haproxy: ${(err as Error).message}`);
+      }
+      return;
     }
     default:
       process.stderr.write(`unknown command ${command}\n${USAGE}`);

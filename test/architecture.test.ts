@@ -28,6 +28,8 @@ const MAY_IMPORT: Record<string, readonly string[] | '*'> = {
   cache: ['core', 'telemetry', 'storage', 'upstream', 'cache'],
   // access control: between http/ and cache/, which never knows who asked (docs/architecture.md).
   access: ['core', 'telemetry', 'access'],
+  // fleet configuration for existing balancers (HAProxy): derived from the config alone.
+  fleet: ['core', 'fleet'],
   // version.ts: the package version, a leaf with no imports of ours; the status page shows it.
   http: ['core', 'telemetry', 'storage', 'upstream', 'cache', 'access', 'http', 'version.ts'],
   'cli.ts': '*',

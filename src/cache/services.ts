@@ -44,7 +44,7 @@ export interface OpenOptions {
 
 export async function openCache(config: Config, log: Logger, options: OpenOptions): Promise<Services> {
   const clock = options.clock ?? systemClock;
-  const metrics = new Metrics();
+  const metrics = new Metrics(config.server.replica);
   const store = new BlobStore(config.storage.root, config.cache.fillMemory);
   await store.createLayout();
   // Before anything is swept or opened: a second process on a live directory is refused here.

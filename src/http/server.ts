@@ -8,6 +8,7 @@
  *   requests on connections over the per-address limit are answered 503 in the spec's envelope
  *   and the connection closed (Node closes those over maxConnections outright).
  * Manifest hits go to the warm path (warm-path.ts) before Fastify sees the request.
+ * With server.replica every answer names it (X-Ocicache-Replica).
  * With server.tls it is an HTTPS server with the same limits (tls.ts: the files, their reload and
  * client certificates); Fastify's req.protocol then says https (it reads socket.encrypted).
  */
@@ -17,6 +18,9 @@ import type { Socket } from 'node:net';
 import type { Config } from '../core/config.js';
 import { OciError } from '../core/errors.js';
 import { httpsOptions, watchTls, type TlsLog } from './tls.js';
+
+/** Names the replica that answered (server.replica). */
+export const REPLICA_HEADER = 'x-ocicache-replica';
 
 /** How often Node checks connections against headersTimeout and requestTimeout. */
 const CHECK_INTERVAL_MS = 1000;
@@ -29,7 +33,10 @@ export function createHttpServer(
 ): Server {
   let over: WeakSet<Socket> | undefined;
   const options = { headersTimeout: config.headersTimeout, requestTimeout: config.requestTimeout, connectionsCheckingInterval: CHECK_INTERVAL_MS };
+  const replica = config.replica;
   const listener = (req: IncomingMessage, res: ServerResponse): void => {
+    // Which replica of a fleet answered, on every answer: the way to see where a balancer hashed a request.
+    if (replica !== undefined) res.setHeader(REPLICA_HEADER, replica);
     if (over?.has(req.socket)) refuse(res, config.maxConnectionsPerAddress);
     else if (!warm(req, res)) handler(req, res);
   };

@@ -114,7 +114,7 @@ table{border-collapse:collapse}td,th{padding:.3em .8em;border-bottom:1px solid #
 .ok{color:#1a7f37}.insecure{color:#b00020}.offline{color:#666}.breaker-open,.limited{color:#b35900;font-weight:600}dt{font-weight:600}dd{margin:0 0 .5em}
 </style></head><body>
 <h1>ocicache ${escape(version)}</h1>
-<p id="uptime">Up ${duration(Date.now() - stats.startedAt)}${s.config.offline ? ' · <strong>offline mode</strong>' : ''}</p>
+<p id="uptime">${s.config.server.replica !== undefined ? `Replica <strong id="replica">${escape(s.config.server.replica)}</strong> · ` : ''}Up ${duration(Date.now() - stats.startedAt)}${s.config.offline ? ' · <strong>offline mode</strong>' : ''}</p>
 <h2>Upstreams</h2>
 <table id="upstreams"><thead><tr><th>name</th><th>url</th><th>state</th><th>hit ratio</th></tr></thead><tbody>
 ${rows.join('\n')}

@@ -72,9 +72,11 @@ export class Metrics {
     return new Gauge({ name, help, labelNames, registers: [this.registry] });
   }
 
-  constructor() {
+  constructor(replica?: string) {
     collectDefaultMetrics({ register: this.registry, prefix: 'ocicache_' });
     this.storageWritable.set(1);
+    // Which replica of a fleet these metrics are from (server.replica), for dashboards that join on it.
+    if (replica !== undefined) this.gauge('ocicache_replica_info', 'Always 1: the replica name this process answers as (server.replica).', ['replica']).set({ replica }, 1);
   }
 }
 
