@@ -43,6 +43,11 @@ export interface UpstreamConfig {
   maxRetryAfter: number;
   /** TLS towards this upstream (caFile, clientCertFile and clientKeyFile, insecure); undefined: Node's defaults. */
   tls: UpstreamTls | undefined;
+  /**
+   * Reached through a parent cache (the `parent` section): `url`, `auth` and `tls` are then the
+   * parent's, every request carries `ns=<name>`, and answers must say `OCI-Namespace: <name>`.
+   */
+  viaParent: boolean;
 }
 
 export interface UpstreamTls {
@@ -167,5 +172,44 @@ export function upstream(raw: unknown, i: number, defaults: { tagTtl: number; po
     }),
     ...policy(o, path, defaults.policy),
     tls: upstreamTls(o, path, url, needs.upstreamAuth),
+    viaParent: false,
   };
+}
+
+/** The `parent` section: another ocicache (or fleet) that this one asks for every upstream. */
+export interface ParentConfig {
+  url: URL;
+  /** Credentials for the parent's own access control; never an upstream's. */
+  auth?: UpstreamAuth;
+  tls: UpstreamTls | undefined;
+}
+
+export function parentConfig(raw: unknown, env: NodeJS.ProcessEnv, needs: SecretNeeds): ParentConfig | undefined {
+  if (raw === undefined || raw === null) return undefined;
+  const o = section({ parent: raw }, 'parent', 'parent', ['url', 'auth', ...TLS_KEYS]);
+  let url: URL;
+  try {
+    url = new URL(str(o, 'url', 'parent'));
+  } catch {
+    throw new ConfigError('parent.url', `must be an absolute http(s) URL, got ${JSON.stringify(o.url)}`);
+  }
+  if (url.protocol !== 'https:' && url.protocol !== 'http:') throw new ConfigError('parent.url', 'must use http or https');
+  if (url.username || url.password || url.search) throw new ConfigError('parent.url', 'must be the parent\'s base URL: no credentials (use auth), no query');
+  let auth: UpstreamAuth | undefined;
+  if (o.auth !== undefined) {
+    const a = section(o, 'auth', 'parent.auth', ['username', 'password', 'passwordEnv', 'passwordFile']);
+    auth = { username: str(a, 'username', 'parent.auth'), password: needs.upstreamAuth ? readSecret(a, 'parent.auth', env) : '' };
+  }
+  return { url, auth, tls: upstreamTls(o, 'parent', url, needs.upstreamAuth) };
+}
+
+/**
+ * An upstream as a cache with a parent reaches it: through the parent, with the parent's
+ * credentials and trust. It may hold no credentials of its own (the parent does), and what the
+ * upstream's redirects and token realms would allow is the parent's business.
+ */
+export function throughParent(u: UpstreamConfig, i: number, parent: ParentConfig): UpstreamConfig {
+  if (u.auth !== undefined) throw new ConfigError(`upstreams[${i}].auth`, 'a cache with a parent holds no upstream credentials (the parent does): remove auth');
+  if (u.tls !== undefined) throw new ConfigError(`upstreams[${i}]`, 'caFile, clientCertFile, clientKeyFile and insecure are the parent\'s with a parent: set them under parent');
+  return { ...u, url: parent.url, auth: parent.auth, tls: parent.tls, tokenRealms: [], redirectHosts: [], viaParent: true };
 }

@@ -228,10 +228,14 @@ export class UpstreamClient {
     const { upstream, name } = target;
     const url = new URL(upstream.url);
     url.pathname = `${url.pathname.replace(/\/+$/, '')}/v2/${name}/${suffix}`;
-    url.search = query?.toString() ?? '';
+    const search = new URLSearchParams(query);
+    // Through a parent cache: the distribution spec's registry proxying, the upstream named by ns.
+    if (upstream.viaParent) search.set('ns', upstream.name);
+    url.search = search.toString();
     const scope = `repository:${name}:pull`;
     type First = { value: T } | { challenges: Challenge[] };
     const first = await this.dispatch(upstream, kind, url, method, headers, this.auth.cached(upstream, scope), bounds, async (res): Promise<First> => {
+      if (upstream.viaParent) checkNamespace(upstream, res);
       if (res.statusCode !== 401) return { value: await read(res) };
       await res.body.dump();
       return { challenges: parseWwwAuthenticate(res.headers['www-authenticate']) };
@@ -248,7 +252,10 @@ export class UpstreamClient {
       throw transportError(upstream, err, bounds.client?.aborted);
     }
     if (authorization === undefined) throw new OciError('DENIED', `upstream ${upstream.name} requires authentication`);
-    return this.dispatch(upstream, kind, url, method, headers, authorization, bounds, read);
+    return this.dispatch(upstream, kind, url, method, headers, authorization, bounds, (res) => {
+      if (upstream.viaParent) checkNamespace(upstream, res);
+      return read(res);
+    });
   }
 
   /**
@@ -362,6 +369,18 @@ export class UpstreamClient {
     if (res.statusCode === 404 && expect.remember !== undefined) this.notFound.remember(expect.remember, err);
     throw err;
   }
+}
+
+/**
+ * A parent cache's content answer must say it is `upstream`'s (OCI-Namespace, echoed for `ns`;
+ * the parent may name it by an alias of ours): content of one upstream is never taken for
+ * another's. The body is left to the caller, which destroys it when this throws.
+ */
+function checkNamespace(upstream: UpstreamConfig, res: Dispatcher.ResponseData): void {
+  if (res.statusCode < 200 || res.statusCode >= 300) return;
+  const said = header(res.headers, 'oci-namespace')?.toLowerCase();
+  if (said !== undefined && (said === upstream.name || upstream.aliases.includes(said))) return;
+  throw new OciError('UNKNOWN', `the parent cache answered for ${upstream.name} with OCI-Namespace ${JSON.stringify(said ?? null)}`, { status: 502 });
 }
 
 /** A HEAD's answer: its headers are the descriptor. */

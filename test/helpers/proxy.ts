@@ -30,6 +30,8 @@ export interface ProxyOptions {
   admin?: Record<string, unknown>;
   /** The `access` section (client authentication and rules); default: off. */
   access?: Record<string, unknown>;
+  /** The `parent` section (a parent cache for every upstream); default: none. */
+  parent?: Record<string, unknown>;
   timeouts?: Record<string, unknown>;
   root?: string;
   env?: NodeJS.ProcessEnv;
@@ -63,6 +65,7 @@ export async function startProxy(t: Scope, options: ProxyOptions): Promise<Proxy
       defaultUpstream: options.defaultUpstream,
       upstreams: options.upstreams,
       access: options.access,
+      parent: options.parent,
     },
     options.env ?? {},
   );
