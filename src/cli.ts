@@ -4,7 +4,7 @@
  * haproxy.
  * Without --config every command reads $OCICACHE_CONFIG or the embedded config/default.yaml.
  */
-import { readFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import { pino } from 'pino';
 import { request } from 'undici';
@@ -35,6 +35,8 @@ const USAGE = `usage: ocicache <command> [--config FILE] [options]
       --replica NAME=HOST:PORT   a replica, once per replica (NAME: stable, e.g. the pod name)
       --bind ADDR           where HAProxy listens (default :5000)
       --check-interval D    how often HAProxy checks each replica's /readyz (default 2s)
+      --dns                 replica hosts are DNS names to keep resolving (a StatefulSet's pods)
+      --out FILE            write the configuration to FILE instead of standard output
   version               print the version
 
   --config FILE         config file (default: $OCICACHE_CONFIG, else config/default.yaml)
@@ -183,6 +185,8 @@ async function main(argv: string[]): Promise<void> {
       replica: { type: 'string', multiple: true },
       bind: { type: 'string' },
       'check-interval': { type: 'string' },
+      dns: { type: 'boolean' },
+      out: { type: 'string' },
     },
     allowPositionals: true,
   });
@@ -225,7 +229,9 @@ async function main(argv: string[]): Promise<void> {
       if (replicas.length === 0) throw new UsageError('haproxy: name the replicas with --replica NAME=HOST:PORT (once each)');
       const config = loadConfig(values.config, process.env, { upstreamAuth: false, adminToken: false });
       try {
-        process.stdout.write(haproxyConfig(config, { bind: values.bind ?? ':5000', replicas, checkInterval: values['check-interval'] }));
+        const text = haproxyConfig(config, { bind: values.bind ?? ':5000', replicas, checkInterval: values['check-interval'], dns: values.dns });
+        if (values.out === undefined) process.stdout.write(text);
+        else writeFileSync(values.out, text);
       } catch (err) {
         throw new UsageError(`haproxy: ${(err as Error).message}`);
       }

@@ -387,3 +387,45 @@ test('the Grafana dashboard only queries metrics that ocicache exposes', async (
   assert.ok(used.size >= 10);
   for (const name of used) assert.ok(exposed.has(name), `${name} is not in /metrics`);
 });
+
+test('helm chart: fleet mode renders replicas behind an HAProxy balancer whose config `ocicache haproxy` makes at pod start', async (t) => {
+  if (!helmBinary(t)) return;
+  const haproxyBin = need(t, 'haproxy', 'apt-get install haproxy');
+  if (!haproxyBin) return;
+  const { docs, configText } = await render(['--set', 'fleet.enabled=true', '--set', 'replicaCount=3']);
+  const sts = docs.find((d) => d.kind === 'StatefulSet')!;
+  const balancer = docs.find((d) => d.kind === 'Deployment' && d.metadata.name === 'cache-ocicache-balancer')!;
+  const services = Object.fromEntries(docs.filter((d) => d.kind === 'Service').map((d) => [d.metadata.name, d.spec]));
+  // Clients reach the balancer; the replicas have stable names under a headless Service.
+  assert.equal(services['cache-ocicache']!.selector['app.kubernetes.io/component'], 'balancer');
+  assert.deepEqual([services['cache-ocicache-replicas']!.clusterIP, services['cache-ocicache-replicas']!.selector['app.kubernetes.io/component']], ['None', 'cache']);
+  assert.deepEqual([sts.spec.replicas, sts.spec.serviceName, sts.spec.template.metadata.labels['app.kubernetes.io/component']], [3, 'cache-ocicache-replicas', 'cache']);
+  assert.deepEqual(sts.spec.template.spec.containers[0].env, [{ name: 'OCICACHE_REPLICA', valueFrom: { fieldRef: { fieldPath: 'metadata.name' } } }]);
+  assert.equal(balancer.spec.replicas, 2);
+  assert.equal(balancer.spec.template.spec.containers[0].image, 'haproxy:3.0');
+
+  // The init container's arguments, run by the real CLI against the rendered config: HAProxy accepts the result.
+  const init = balancer.spec.template.spec.initContainers[0];
+  const args: string[] = init.args;
+  assert.deepEqual(args.filter((a, i) => args[i - 1] === '--replica'), [0, 1, 2].map((i) => `cache-ocicache-${i}=cache-ocicache-${i}.cache-ocicache-replicas.registry.svc.cluster.local:5000`));
+  const dir = tempDir(t, 'helm-fleet');
+  writeFileSync(join(dir, 'config.yaml'), configText);
+  const out = join(dir, 'haproxy.cfg');
+  const local = args.map((a) => (a === '/etc/ocicache/config.yaml' ? join(dir, 'config.yaml') : a === '/etc/haproxy/haproxy.cfg' ? out : a));
+  const { runCli } = await import('./helpers/cli.js');
+  const made = await runCli(local);
+  assert.equal(made.code, 0, made.stderr);
+  const check = await exec(haproxyBin, ['-c', '-f', out]);
+  assert.equal(check.code, 0, check.stdout + check.stderr);
+  assert.match(readFileSync(out, 'utf8'), /^ {2}server cache-ocicache-2 cache-ocicache-2\.cache-ocicache-replicas\.registry\.svc\.cluster\.local:5000$/m);
+
+  // What the chart cannot do, it refuses, naming it.
+  for (const [set, message] of [
+    [['--set', 'fleet.enabled=true', '--set', 'mode=node'], /fleet\.enabled needs mode: central/],
+    [['--set', 'fleet.enabled=true', '--set', 'tls.existingSecret=x'], /fleet\.enabled with tls\.existingSecret/],
+  ] as const) {
+    const r = await helm(['template', 'cache', CHART, ...set]);
+    assert.notEqual(r.code, 0);
+    assert.match(r.stderr, message);
+  }
+});

@@ -34,6 +34,12 @@ export interface HaproxyOptions {
   replicas: Replica[];
   /** How often a replica's /readyz is checked. */
   checkInterval?: string;
+  /**
+   * Replica addresses are DNS names that may not resolve yet (a StatefulSet's pods behind a
+   * headless Service): resolve them through /etc/resolv.conf's servers, and keep re-resolving;
+   * a replica without an address waits, out of the ring, instead of stopping HAProxy's start.
+   */
+  dns?: boolean;
 }
 
 const DIGEST_AT_END = '/(blobs|manifests|referrers)/sha(256:[a-f0-9]{64}|512:[a-f0-9]{128})$';
@@ -102,7 +108,7 @@ defaults
   timeout client 10m
   timeout server 10m
 
-frontend ocicache
+${options.dns ? 'resolvers dns\n  parse-resolv-conf\n  hold valid 10s\n\n' : ''}frontend ocicache
   bind ${options.bind}
 ${lines.join('\n')}
   default_backend replicas
@@ -117,7 +123,7 @@ backend replicas
   option redispatch 1
   retries 2
   retry-on conn-failure empty-response
-  default-server check inter ${options.checkInterval ?? '2s'} fall 2 rise 2
+  default-server check inter ${options.checkInterval ?? '2s'} fall 2 rise 2${options.dns ? ' resolvers dns init-addr last,libc,none' : ''}
 ${options.replicas.map((r) => `  server ${r.name} ${r.address}`).join('\n')}
 `;
 }

@@ -140,6 +140,12 @@ containers:
     image: "{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}"
     imagePullPolicy: {{ .Values.image.pullPolicy }}
     args: ["serve", "--config", "/etc/ocicache/config.yaml"]
+    {{- if .Values.fleet.enabled }}
+    env:
+      # The replica's name in answers (X-Ocicache-Replica), metrics and the status page.
+      - name: OCICACHE_REPLICA
+        valueFrom: {fieldRef: {fieldPath: metadata.name}}
+    {{- end }}
     ports:
       - name: http
         containerPort: 5000
@@ -267,4 +273,21 @@ tolerations:
 affinity:
   {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- end -}}
+
+{{/* Fleet mode: the headless Service that gives each replica a stable DNS name. */}}
+{{- define "ocicache.replicasService" -}}
+{{ include "ocicache.fullname" . }}-replicas
+{{- end -}}
+
+{{/* The fleet's checks: central mode only, and the balancer hashes paths, so it must see them (no TLS to the replicas yet). */}}
+{{- define "ocicache.checkFleet" -}}
+{{- if .Values.fleet.enabled -}}
+{{- if ne .Values.mode "central" -}}
+{{- fail "fleet.enabled needs mode: central (the replicas are the StatefulSet's)" -}}
+{{- end -}}
+{{- if .Values.tls.existingSecret -}}
+{{- fail "fleet.enabled with tls.existingSecret: the balancer hashes request paths, so TLS would end at HAProxy; not in the chart yet: terminate TLS in front of the balancer" -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
