@@ -15,9 +15,9 @@ import { run, startContainerd } from './helpers/daemons.js';
 import { startDistribution } from './helpers/distribution.js';
 import { startFakeUpstream } from './helpers/fake-upstream.js';
 import { startFleet } from './helpers/fleet.js';
-import { fetchBody, ociError, startProxy } from './helpers/proxy.js';
+import { fetchBody, metric, metricsText, ociError, pullImage, startProxy } from './helpers/proxy.js';
 import { image, multiArch, OCI_MANIFEST, Pusher, sha256 } from './helpers/seed.js';
-import { stopChild, tempDir } from './helpers/tools.js';
+import { freePort, stopChild, tempDir } from './helpers/tools.js';
 
 /** The node tier's config: the public names of the upstreams, never dialled; the parent does. */
 const NODE_UPSTREAMS = [
@@ -111,7 +111,36 @@ test('node tier: an answer from the parent that names another namespace is refus
     [{ parent: { url: parent.url }, upstreams: [{ name: 'docker.io', url: 'https://registry-1.docker.io', auth: { username: 'u', passwordEnv: 'PW' } }] }, 'config: upstreams[0].auth: a cache with a parent holds no upstream credentials (the parent does): remove auth'],
     [{ parent: { url: 'ftp://parent' }, upstreams: NODE_UPSTREAMS }, 'config: parent.url: must use http or https'],
     [{ parent: { url: `${parent.url}?ns=x` }, upstreams: NODE_UPSTREAMS }, "config: parent.url: must be the parent's base URL: no credentials (use auth), no query"],
-    [{ parent: { url: parent.url, fallback: true }, upstreams: NODE_UPSTREAMS }, 'config: parent.fallback: unknown key (known: url, auth, caFile, clientCertFile, clientKeyFile, insecure)'],
+    [{ parent: { url: parent.url, fallback: 'yes' }, upstreams: NODE_UPSTREAMS }, 'config: parent.fallback: must be true or false'],
+    [{ parent: { url: parent.url, retries: 2 }, upstreams: NODE_UPSTREAMS }, 'config: parent.retries: unknown key (known: url, auth, fallback, caFile, clientCertFile, clientKeyFile, insecure)'],
   ];
   for (const [doc, message] of cases) assert.throws(() => buildConfig(doc, { PW: 'p' }), { message });
+});
+
+test('node tier: with parent.fallback a node whose parent is unreachable asks the upstream itself; without it, 503', async (t) => {
+  const hub = await startDistribution(t);
+  if (!hub) return;
+  const app = image({ 'who.txt': Buffer.from('straight from the upstream\n') });
+  await new Pusher({ url: hub.url }).pushImage('team/app', 'v1', app);
+  const dead = `http://127.0.0.1:${await freePort()}`;
+  const upstreams = [{ name: 'docker.io', url: hub.url }];
+  const cases: Array<[string, Record<string, unknown>, number]> = [
+    ['fallback', { url: dead, fallback: true }, 200],
+    ['no fallback', { url: dead }, 503],
+  ];
+  for (const [what, parent, status] of cases) {
+    const node = await startProxy(t, { upstreams, parent });
+    const before: number = hub.accessLog.length;
+    const r = await fetchBody(`${node.url}/v2/team/app/manifests/v1?ns=docker.io`, { accept: OCI_MANIFEST });
+    assert.equal(r.status, status, what);
+    if (status === 200) {
+      assert.equal(sha256(r.body!), app.digest);
+      const pulled = await pullImage(node.url, 'team/app', 'v1');
+      for (const b of pulled.blobs) assert.deepEqual([b.status, b.sha256], [200, b.digest]);
+      assert.ok(hub.accessLog.length > before, 'the upstream was asked');
+      assert.equal(metric(await metricsText(node), 'ocicache_parent_fallbacks_total', { upstream: 'docker.io' }) > 0, true);
+    } else {
+      assert.equal(hub.accessLog.length, before, 'the upstream was not asked');
+    }
+  }
 });

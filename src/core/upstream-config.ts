@@ -48,6 +48,8 @@ export interface UpstreamConfig {
    * parent's, every request carries `ns=<name>`, and answers must say `OCI-Namespace: <name>`.
    */
   viaParent: boolean;
+  /** With a parent and parent.fallback: the upstream as it is reached without the parent. */
+  direct?: UpstreamConfig;
 }
 
 export interface UpstreamTls {
@@ -182,11 +184,13 @@ export interface ParentConfig {
   /** Credentials for the parent's own access control; never an upstream's. */
   auth?: UpstreamAuth;
   tls: UpstreamTls | undefined;
+  /** When the parent cannot be reached (refused, down, its breaker open), ask the upstream itself, without credentials. */
+  fallback: boolean;
 }
 
 export function parentConfig(raw: unknown, env: NodeJS.ProcessEnv, needs: SecretNeeds): ParentConfig | undefined {
   if (raw === undefined || raw === null) return undefined;
-  const o = section({ parent: raw }, 'parent', 'parent', ['url', 'auth', ...TLS_KEYS]);
+  const o = section({ parent: raw }, 'parent', 'parent', ['url', 'auth', 'fallback', ...TLS_KEYS]);
   let url: URL;
   try {
     url = new URL(str(o, 'url', 'parent'));
@@ -200,7 +204,7 @@ export function parentConfig(raw: unknown, env: NodeJS.ProcessEnv, needs: Secret
     const a = section(o, 'auth', 'parent.auth', ['username', 'password', 'passwordEnv', 'passwordFile']);
     auth = { username: str(a, 'username', 'parent.auth'), password: needs.upstreamAuth ? readSecret(a, 'parent.auth', env) : '' };
   }
-  return { url, auth, tls: upstreamTls(o, 'parent', url, needs.upstreamAuth) };
+  return { url, auth, tls: upstreamTls(o, 'parent', url, needs.upstreamAuth), fallback: bool(o, 'fallback', 'parent', false) };
 }
 
 /**
@@ -211,5 +215,5 @@ export function parentConfig(raw: unknown, env: NodeJS.ProcessEnv, needs: Secret
 export function throughParent(u: UpstreamConfig, i: number, parent: ParentConfig): UpstreamConfig {
   if (u.auth !== undefined) throw new ConfigError(`upstreams[${i}].auth`, 'a cache with a parent holds no upstream credentials (the parent does): remove auth');
   if (u.tls !== undefined) throw new ConfigError(`upstreams[${i}]`, 'caFile, clientCertFile, clientKeyFile and insecure are the parent\'s with a parent: set them under parent');
-  return { ...u, url: parent.url, auth: parent.auth, tls: parent.tls, tokenRealms: [], redirectHosts: [], viaParent: true };
+  return { ...u, url: parent.url, auth: parent.auth, tls: parent.tls, tokenRealms: [], redirectHosts: [], viaParent: true, ...(parent.fallback ? { direct: u } : {}) };
 }

@@ -17,6 +17,7 @@ import { Gate } from './gate.js';
 import { NotFoundMemory } from './not-found.js';
 import { contentLength, header, notAManifest, readLimited, statusError, tooLarge, transportError, untilAborted, type Body } from './responses.js';
 import { Authorizer } from './tokens.js';
+import { checkNamespace, parentUnreachable } from './parent.js';
 import { redirectRule } from './trust.js';
 import { parseWwwAuthenticate, type Challenge } from './www-authenticate.js';
 
@@ -70,6 +71,9 @@ export class UpstreamClient {
   private readonly gates = new Map<string, Gate>();
   private readonly notFound: NotFoundMemory;
 
+  /** With parent.fallback: the same API without the parent, for when the parent cannot be reached. */
+  private readonly direct: UpstreamClient | undefined;
+
   constructor(
     private readonly config: Pick<Config, 'timeouts' | 'upstreams' | 'offline' | 'cache'>,
     private readonly metrics: Metrics,
@@ -77,6 +81,8 @@ export class UpstreamClient {
     /** The DNS lookup and extra TLS trust anchors; the system's unless a test gives others. */
     network: Network = {},
   ) {
+    const direct = config.upstreams.flatMap((u) => (u.direct ? [u.direct] : []));
+    this.direct = direct.length > 0 ? new UpstreamClient({ ...config, upstreams: direct }, metrics, now, network) : undefined;
     this.notFound = new NotFoundMemory(config.cache.notFoundTtl, now, metrics);
     for (const u of config.upstreams) this.gates.set(u.name, new Gate(u, config.offline, config.timeouts.manifest, metrics, now));
     // Redirects are followed hop by hop as trust.ts redirectRule says. Cross-origin hops (a blob's
@@ -87,6 +93,7 @@ export class UpstreamClient {
 
   async close(): Promise<void> {
     await this.exchanger.close();
+    await this.direct?.close();
   }
 
   /** The gate of an upstream: offline, breaker and rate-limit state (for the manifest decisions and the status page). */
@@ -225,6 +232,28 @@ export class UpstreamClient {
     bounds: Bounds,
     read: (res: Dispatcher.ResponseData) => Promise<T>,
   ): Promise<T> {
+    const direct = target.upstream.direct;
+    if (!direct || !this.direct) return this.sendOnce(target, kind, method, suffix, headers, query, bounds, read);
+    try {
+      return await this.sendOnce(target, kind, method, suffix, headers, query, bounds, read);
+    } catch (err) {
+      // The upstream itself, through a client with gates of its own (parent.ts).
+      if (!parentUnreachable(err, this.gate(target.upstream.name)) || bounds.client?.aborted) throw err;
+      this.metrics.parentFallbacks.inc({ upstream: target.upstream.name });
+      return this.direct.send({ ...target, upstream: direct }, kind, method, suffix, headers, query, bounds, read);
+    }
+  }
+
+  private async sendOnce<T>(
+    target: Target,
+    kind: RequestKind,
+    method: 'GET' | 'HEAD',
+    suffix: string,
+    headers: Record<string, string>,
+    query: URLSearchParams | undefined,
+    bounds: Bounds,
+    read: (res: Dispatcher.ResponseData) => Promise<T>,
+  ): Promise<T> {
     const { upstream, name } = target;
     const url = new URL(upstream.url);
     url.pathname = `${url.pathname.replace(/\/+$/, '')}/v2/${name}/${suffix}`;
@@ -305,7 +334,7 @@ export class UpstreamClient {
     this.metrics.upstreamRequests.inc({ upstream: upstream.name, kind, status: String(res.statusCode) });
     res.body.once('close', permit.release);
     if (res.body.destroyed) permit.release();
-    this.recordRateLimit(gate, res, bounds.repository);
+    gate.observe(res.statusCode, res.headers, bounds.repository);
     const answered = res.statusCode >= 500 ? 'failed' : 'ok';
     try {
       const value = await read(res);
@@ -318,20 +347,6 @@ export class UpstreamClient {
       res.body.on('error', () => undefined).destroy();
       throw transportError(upstream, err, client?.aborted);
     }
-  }
-
-  /**
-   * 429 → honour Retry-After, for the repository asked about unless the answer says the whole
-   * upstream is limited: Docker Hub's account-wide pull limit reports `ratelimit-remaining: 0`
-   * (docs/upstreams.md, "Rate limits"). Docker Hub's ratelimit-* headers ("100;w=21600") → gauges.
-   */
-  private recordRateLimit(gate: Gate, res: Dispatcher.ResponseData, repository: string): void {
-    const name = gate.upstream.name;
-    const limit = /^\s*(\d+)/.exec(header(res.headers, 'ratelimit-limit') ?? '');
-    const remaining = /^\s*(\d+)/.exec(header(res.headers, 'ratelimit-remaining') ?? '');
-    if (res.statusCode === 429) gate.rateLimited(header(res.headers, 'retry-after'), remaining && Number(remaining[1]) === 0 ? undefined : repository);
-    if (limit) this.metrics.ratelimitLimit.set({ upstream: name }, Number(limit[1]));
-    if (remaining) this.metrics.ratelimitRemaining.set({ upstream: name }, Number(remaining[1]));
   }
 
   /**
@@ -369,18 +384,6 @@ export class UpstreamClient {
     if (res.statusCode === 404 && expect.remember !== undefined) this.notFound.remember(expect.remember, err);
     throw err;
   }
-}
-
-/**
- * A parent cache's content answer must say it is `upstream`'s (OCI-Namespace, echoed for `ns`;
- * the parent may name it by an alias of ours): content of one upstream is never taken for
- * another's. The body is left to the caller, which destroys it when this throws.
- */
-function checkNamespace(upstream: UpstreamConfig, res: Dispatcher.ResponseData): void {
-  if (res.statusCode < 200 || res.statusCode >= 300) return;
-  const said = header(res.headers, 'oci-namespace')?.toLowerCase();
-  if (said !== undefined && (said === upstream.name || upstream.aliases.includes(said))) return;
-  throw new OciError('UNKNOWN', `the parent cache answered for ${upstream.name} with OCI-Namespace ${JSON.stringify(said ?? null)}`, { status: 502 });
 }
 
 /** A HEAD's answer: its headers are the descriptor. */

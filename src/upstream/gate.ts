@@ -7,6 +7,7 @@
  * multiply them, and must go quiet after a 429 (docs/upstreams.md, "Thundering herds" and "Rate
  * limits: 429, Retry-After and `ratelimit-*`").
  */
+import type { IncomingHttpHeaders } from 'node:http';
 import { LRUCache } from 'lru-cache';
 import type { Clock } from '../core/clock.js';
 import type { UpstreamConfig } from '../core/config.js';
@@ -138,6 +139,24 @@ export class Gate {
         this.queue.shift()?.resolve();
       },
     };
+  }
+
+  /**
+   * What an answer says about rate limits. 429: honour Retry-After, for the repository asked about
+   * unless the answer says the whole upstream is limited: Docker Hub's account-wide pull limit
+   * reports `ratelimit-remaining: 0` (docs/upstreams.md, "Rate limits"). Docker Hub's ratelimit-*
+   * headers ("100;w=21600") go to gauges.
+   */
+  observe(status: number, headers: IncomingHttpHeaders, repository: string): void {
+    const first = (name: string): string => {
+      const v = headers[name];
+      return (Array.isArray(v) ? v[0] : v) ?? '';
+    };
+    const limit = /^\s*(\d+)/.exec(first('ratelimit-limit'));
+    const remaining = /^\s*(\d+)/.exec(first('ratelimit-remaining'));
+    if (status === 429) this.rateLimited(first('retry-after') || undefined, remaining && Number(remaining[1]) === 0 ? undefined : repository);
+    if (limit) this.metrics.ratelimitLimit.set({ upstream: this.upstream.name }, Number(limit[1]));
+    if (remaining) this.metrics.ratelimitRemaining.set({ upstream: this.upstream.name }, Number(remaining[1]));
   }
 
   /**

@@ -25,8 +25,9 @@ export interface Running {
   err(): string;
 }
 
-export function startCli(args: string[], env: NodeJS.ProcessEnv = {}): Running {
-  const child = spawn(process.execPath, [...CLI, ...args], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+/** Runs `ocicache args` from the sources, or as `argv` says (e.g. npm start's flags and dist/cli.js). */
+export function startCli(args: string[], env: NodeJS.ProcessEnv = {}, argv: string[] = CLI): Running {
+  const child = spawn(process.execPath, [...argv, ...args], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
   let stdout = '';
   let stderr = '';
   child.stdout!.on('data', (d: Buffer) => (stdout += d.toString()));

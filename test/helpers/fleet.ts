@@ -34,11 +34,15 @@ export interface Fleet {
   settled(up: string[]): Promise<void>;
 }
 
-async function startReplica(config: string, r: Replica): Promise<void> {
-  const proc = startCli(['serve', '--config', config], { OCICACHE_PORT: String(r.port), OCICACHE_STORAGE_ROOT: r.root, OCICACHE_REPLICA: r.name });
+async function startReplica(config: string, r: Replica, argv?: string[]): Promise<void> {
+  const proc = startCli(['serve', '--config', config], { OCICACHE_PORT: String(r.port), OCICACHE_STORAGE_ROOT: r.root, OCICACHE_REPLICA: r.name }, argv);
   r.proc = proc;
   for (let i = 0; i < 400; i++) {
-    if (proc.out().includes('"msg":"ocicache ready"')) return;
+    const ready = await request(`http://127.0.0.1:${r.port}/readyz`).then(
+      async (res) => (await res.body.dump(), res.statusCode === 200),
+      () => false,
+    );
+    if (ready) return;
     if (proc.child.exitCode !== null) break;
     await sleep(25);
   }
@@ -57,10 +61,10 @@ export async function replicaFor(url: string, path: string, headers: Record<stri
  * `count` replicas of the config `doc` (its server and storage are set per replica) behind
  * HAProxy; all stopped when the test ends. undefined when haproxy is missing (a skip; CI fails).
  */
-export async function startFleet(t: Scope, dir: string, doc: Record<string, unknown>, count = 3): Promise<Fleet | undefined> {
+export async function startFleet(t: Scope, dir: string, doc: Record<string, unknown>, count = 3, options: { argv?: string[]; log?: string } = {}): Promise<Fleet | undefined> {
   const haproxyBin = need(t, 'haproxy', 'apt-get install haproxy');
   if (!haproxyBin) return undefined;
-  const config = writeConfig(dir, { ...doc, server: { host: '127.0.0.1', port: 0 }, log: { level: 'info' } });
+  const config = writeConfig(dir, { ...doc, server: { host: '127.0.0.1', port: 0 }, log: { level: options.log ?? 'info' } });
   const replicas: Replica[] = [];
   for (let i = 0; i < count; i++) {
     const root = join(dir, `replica-${i}`);
@@ -68,7 +72,7 @@ export async function startFleet(t: Scope, dir: string, doc: Record<string, unkn
     replicas.push({ name: `cache-${i}`, port: await freePort(), root, proc: undefined });
   }
   t.after(() => Promise.all(replicas.map((r) => r.proc && stopChild(r.proc.child, 'SIGKILL'))));
-  await Promise.all(replicas.map((r) => startReplica(config, r)));
+  await Promise.all(replicas.map((r) => startReplica(config, r, options.argv)));
 
   const port = await freePort();
   const generated = await runCli(['haproxy', '--config', config, '--bind', `127.0.0.1:${port}`, '--check-interval', '200ms', ...replicas.flatMap((r) => ['--replica', `${r.name}=127.0.0.1:${r.port}`])]);
@@ -103,7 +107,7 @@ export async function startFleet(t: Scope, dir: string, doc: Record<string, unkn
     },
     async restart(name) {
       const r = replicas.find((x) => x.name === name)!;
-      await startReplica(config, r);
+      await startReplica(config, r, options.argv);
       await fleet.settled(replicas.filter((x) => x.proc?.child.exitCode === null).map((x) => x.name));
     },
     async settled(up) {
