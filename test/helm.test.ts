@@ -429,3 +429,17 @@ test('helm chart: fleet mode renders replicas behind an HAProxy balancer whose c
     assert.match(r.stderr, message);
   }
 });
+
+test('helm chart: a node tier chained to the fleet (node mode with config.parent) renders a config ocicache accepts', async (t) => {
+  if (!helmBinary(t)) return;
+  const parent = 'config.parent={"url":"http://ocicache.registry.svc.cluster.local:5000","fallback":false}';
+  const { docs, configText } = await render(['-f', join(CHART, 'values-node.yaml'), '--set-json', parent]);
+  assert.ok(docs.some((d) => d.kind === 'DaemonSet'));
+  const config = buildConfig(parse(configText), {}, { upstreamAuth: false, adminToken: false });
+  assert.equal(config.parent?.url.href, 'http://ocicache.registry.svc.cluster.local:5000/');
+  assert.ok(config.upstreams.every((u) => u.viaParent && u.url.href === config.parent!.url.href), 'every upstream goes through the parent');
+  // The balancer pod runs HAProxy under the official image's numeric uid, so runAsNonRoot can be checked.
+  const fleet = await render(['--set', 'fleet.enabled=true', '--set', 'replicaCount=3']);
+  const balancer = fleet.docs.find((d) => d.kind === 'Deployment')!.spec.template.spec;
+  assert.deepEqual([balancer.securityContext.runAsNonRoot, balancer.containers[0].securityContext.runAsUser], [true, 99]);
+});

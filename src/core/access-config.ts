@@ -40,6 +40,7 @@ export interface UpstreamKeys {
   name: string;
   aliases: string[];
   auth?: unknown;
+  credentials?: unknown;
 }
 
 const KEYS = ['htpasswd', 'clientCertificates', 'tokenKeyFile', 'tokenTtl', 'realm', 'groups', 'rules'];
@@ -141,7 +142,7 @@ export function buildAccessConfig(raw: unknown, upstreams: UpstreamKeys[]): Acce
     // An upstream's credentials serve whoever may read it: letting anyone at all do so must be said.
     if (allow.includes('anonymous') && !exposeCredentials) {
       const covered = ups === '*' ? upstreams : upstreams.filter((u) => ups.includes(u.name));
-      const withAuth = covered.find((u) => u.auth !== undefined);
+      const withAuth = covered.find((u) => u.auth !== undefined || u.credentials !== undefined);
       if (withAuth) {
         throw new ConfigError(path, `lets anonymous read ${withAuth.name}, whose auth credentials would then serve anyone: set exposeCredentials: true on this rule if that is intended`);
       }

@@ -10,7 +10,7 @@ import { parse as parseYaml } from 'yaml';
 import { buildAccessConfig, type AccessConfig } from './access-config.js';
 import { ConfigError } from './config-error.js';
 import { bool, duration, hostKey, int, percent, readSecret, section, size, str, type Obj, type SecretNeeds } from './config-values.js';
-import { parentConfig, POLICY_KEYS, policy, throughParent, upstream, type ParentConfig, type UpstreamConfig } from './upstream-config.js';
+import { credentialSource, parentConfig, POLICY_KEYS, policy, throughParent, upstream, type ParentConfig, type UpstreamConfig } from './upstream-config.js';
 
 export type { UpstreamAuth, UpstreamConfig, UpstreamTls } from './upstream-config.js';
 export type { SecretNeeds } from './config-values.js';
@@ -57,6 +57,11 @@ export interface Config {
   timeouts: { connect: number; manifest: number; blobIdle: number; fill: number };
   defaultUpstream?: string;
   upstreams: UpstreamConfig[];
+  /**
+   * Credentials found at run time (upstream/credentials.ts): a helper gets helperTimeout to answer,
+   * and what a file or helper gave is used for ttl, or until the upstream refuses it.
+   */
+  credentials: { helperTimeout: number; ttl: number };
   /** Another ocicache asked for every upstream (upstream-config.ts throughParent); undefined: the upstreams themselves. */
   parent: ParentConfig | undefined;
   /** Client authentication and authorisation (access-config.ts); undefined: off, everything is served to anyone. */
@@ -144,7 +149,7 @@ const ALL_SECRETS: SecretNeeds = { upstreamAuth: true, adminToken: true };
 /** Parse and validate a config document; pure apart from reading credential files. */
 export function buildConfig(doc: unknown, env: NodeJS.ProcessEnv = process.env, needs: SecretNeeds = ALL_SECRETS): Config {
   const root = section({ root: doc ?? {} }, 'root', '(top level)', [
-    'server', 'log', 'storage', 'cache', 'timeouts', 'offline', 'upstreamDefaults', 'admin', 'defaultUpstream', 'upstreams', 'access', 'parent',
+    'server', 'log', 'storage', 'cache', 'timeouts', 'offline', 'upstreamDefaults', 'admin', 'defaultUpstream', 'upstreams', 'access', 'parent', 'credentials',
   ]);
   applyEnv(root, env);
   const server = section(root, 'server', 'server', ['host', 'port', 'shutdownTimeout', 'trustProxy', 'headersTimeout', 'requestTimeout', 'idleTimeout', 'maxConnections', 'maxConnectionsPerAddress', 'tls', 'replica']);
@@ -179,8 +184,10 @@ export function buildConfig(doc: unknown, env: NodeJS.ProcessEnv = process.env, 
   const tagTtl = duration(cache.tagTtl ?? '5m', 'cache.tagTtl');
 
   if (!Array.isArray(root.upstreams) || root.upstreams.length === 0) throw new ConfigError('upstreams', 'must list at least one upstream');
+  const credentialsSection = section(root, 'credentials', 'credentials', ['dockerConfig', 'helper', 'helperTimeout', 'ttl']);
+  const defaultCredentials = credentialSource(credentialsSection, 'credentials');
   const parent = parentConfig(root.parent, env, needs);
-  const upstreams = root.upstreams.map((u, i) => upstream(u, i, { tagTtl, policy: defaultPolicy }, env, needs)).map((u, i) => (parent ? throughParent(u, i, parent) : u));
+  const upstreams = root.upstreams.map((u, i) => upstream(u, i, { tagTtl, policy: defaultPolicy, credentials: defaultCredentials }, env, needs)).map((u, i) => (parent ? throughParent(u, i, parent) : u));
   const seen = new Map<string, string>();
   for (const [i, u] of upstreams.entries()) {
     for (const key of [u.name, ...u.aliases]) {
@@ -236,6 +243,10 @@ export function buildConfig(doc: unknown, env: NodeJS.ProcessEnv = process.env, 
     },
     defaultUpstream,
     upstreams,
+    credentials: {
+      helperTimeout: duration(credentialsSection.helperTimeout ?? '10s', 'credentials.helperTimeout'),
+      ttl: duration(credentialsSection.ttl ?? '10m', 'credentials.ttl'),
+    },
     parent,
     access: accessConfig(root.access, upstreams, tls),
   });

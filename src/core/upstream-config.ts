@@ -13,6 +13,14 @@ export interface UpstreamAuth {
   password: string;
 }
 
+/**
+ * Credentials found at run time rather than written in the config: a Docker config file (the
+ * format of a kubernetes.io/dockerconfigjson pull secret: `auths`, `credHelpers`, `credsStore`),
+ * re-read when it changes, or a docker-credential-helpers program (`docker-credential-<helper> get`).
+ * upstream/credentials.ts reads them.
+ */
+export type CredentialSource = { dockerConfig: string } | { helper: string };
+
 export interface UpstreamConfig {
   /** The key clients use (`ns=<name>`, `/v2/<name>/…`), e.g. `docker.io`. */
   name: string;
@@ -21,7 +29,10 @@ export interface UpstreamConfig {
   /** Docker Hub's rule: a one-segment name means `library/<name>`. */
   dockerHubLibrary: boolean;
   tagTtl: number;
+  /** Credentials written in the config (password from an env variable or a file), read at start-up. */
   auth?: UpstreamAuth;
+  /** Credentials found at run time (auth.dockerConfig, auth.helper, or the top-level credentials.dockerConfig). */
+  credentials?: CredentialSource;
   /** Extra token realm origins that may receive this upstream's credentials. */
   tokenRealms: string[];
   /** Hosts (`registry.example.com`, `*.example.com`) its manifests, tag lists and referrers may be redirected to, and any redirect may reach at any address. */
@@ -128,7 +139,26 @@ function upstreamTls(o: Obj, path: string, url: URL, read: boolean): UpstreamTls
   return { ca, cert, key, insecure };
 }
 
-export function upstream(raw: unknown, i: number, defaults: { tagTtl: number; policy: Policy }, env: NodeJS.ProcessEnv, needs: SecretNeeds): UpstreamConfig {
+/** auth.dockerConfig or auth.helper (or the same keys of the top-level `credentials`); undefined when neither is set. */
+export function credentialSource(a: Obj, path: string): CredentialSource | undefined {
+  if (a.dockerConfig !== undefined && a.helper !== undefined) throw new ConfigError(path, 'dockerConfig or helper, not both');
+  if (a.dockerConfig !== undefined) return { dockerConfig: str(a, 'dockerConfig', path) };
+  if (a.helper !== undefined) {
+    const helper = str(a, 'helper', path);
+    // The program is docker-credential-<helper>, found on PATH: a name, never a path or arguments.
+    if (!/^[A-Za-z0-9][A-Za-z0-9_.-]*$/.test(helper)) throw new ConfigError(`${path}.helper`, `must be a helper name such as ecr-login (docker-credential-ecr-login on PATH), got ${JSON.stringify(helper)}`);
+    return { helper };
+  }
+  return undefined;
+}
+
+export function upstream(
+  raw: unknown,
+  i: number,
+  defaults: { tagTtl: number; policy: Policy; credentials?: CredentialSource },
+  env: NodeJS.ProcessEnv,
+  needs: SecretNeeds,
+): UpstreamConfig {
   const path = `upstreams[${i}]`;
   if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw new ConfigError(path, 'must be a mapping');
   const o = section({ u: raw }, 'u', path, ['name', 'url', 'aliases', 'dockerHubLibrary', 'tagTtl', 'auth', 'tokenRealms', 'redirectHosts', ...TLS_KEYS, ...POLICY_KEYS]);
@@ -148,9 +178,19 @@ export function upstream(raw: unknown, i: number, defaults: { tagTtl: number; po
   const redirectHosts = o.redirectHosts ?? [];
   if (!Array.isArray(redirectHosts)) throw new ConfigError(`${path}.redirectHosts`, 'must be a list of host names');
   let auth: UpstreamAuth | undefined;
+  let credentials: CredentialSource | undefined = defaults.credentials;
   if (o.auth !== undefined) {
-    const a = section(o, 'auth', `${path}.auth`, ['username', 'password', 'passwordEnv', 'passwordFile']);
-    auth = { username: str(a, 'username', `${path}.auth`), password: needs.upstreamAuth ? readSecret(a, `${path}.auth`, env) : '' };
+    const a = section(o, 'auth', `${path}.auth`, ['username', 'password', 'passwordEnv', 'passwordFile', 'dockerConfig', 'helper']);
+    const found = credentialSource(a, `${path}.auth`);
+    if (found) {
+      if (a.username !== undefined || a.passwordEnv !== undefined || a.passwordFile !== undefined || a.password !== undefined) {
+        throw new ConfigError(`${path}.auth`, 'username and a password, dockerConfig, or helper: one of them');
+      }
+      credentials = found;
+    } else {
+      credentials = undefined;
+      auth = { username: str(a, 'username', `${path}.auth`), password: needs.upstreamAuth ? readSecret(a, `${path}.auth`, env) : '' };
+    }
   }
   return {
     name,
@@ -159,6 +199,7 @@ export function upstream(raw: unknown, i: number, defaults: { tagTtl: number; po
     dockerHubLibrary: bool(o, 'dockerHubLibrary', path, false),
     tagTtl: o.tagTtl === undefined ? defaults.tagTtl : duration(o.tagTtl, `${path}.tagTtl`),
     auth,
+    ...(credentials ? { credentials } : {}),
     tokenRealms: tokenRealms.map((r, j) => {
       try {
         return new URL(String(r)).origin;
@@ -213,7 +254,7 @@ export function parentConfig(raw: unknown, env: NodeJS.ProcessEnv, needs: Secret
  * upstream's redirects and token realms would allow is the parent's business.
  */
 export function throughParent(u: UpstreamConfig, i: number, parent: ParentConfig): UpstreamConfig {
-  if (u.auth !== undefined) throw new ConfigError(`upstreams[${i}].auth`, 'a cache with a parent holds no upstream credentials (the parent does): remove auth');
+  if (u.auth !== undefined || u.credentials !== undefined) throw new ConfigError(`upstreams[${i}].auth`, 'a cache with a parent holds no upstream credentials (the parent does): remove auth');
   if (u.tls !== undefined) throw new ConfigError(`upstreams[${i}]`, 'caFile, clientCertFile, clientKeyFile and insecure are the parent\'s with a parent: set them under parent');
   return { ...u, url: parent.url, auth: parent.auth, tls: parent.tls, tokenRealms: [], redirectHosts: [], viaParent: true, ...(parent.fallback ? { direct: u } : {}) };
 }

@@ -16,6 +16,7 @@ import { Exchanger, type Network } from './exchange.js';
 import { Gate } from './gate.js';
 import { NotFoundMemory } from './not-found.js';
 import { contentLength, header, notAManifest, readLimited, statusError, tooLarge, transportError, untilAborted, type Body } from './responses.js';
+import { Credentials } from './credentials.js';
 import { Authorizer } from './tokens.js';
 import { checkNamespace, parentUnreachable } from './parent.js';
 import { redirectRule } from './trust.js';
@@ -75,7 +76,7 @@ export class UpstreamClient {
   private readonly direct: UpstreamClient | undefined;
 
   constructor(
-    private readonly config: Pick<Config, 'timeouts' | 'upstreams' | 'offline' | 'cache'>,
+    private readonly config: Pick<Config, 'timeouts' | 'upstreams' | 'offline' | 'cache' | 'credentials'>,
     private readonly metrics: Metrics,
     now: Clock = systemClock,
     /** The DNS lookup and extra TLS trust anchors; the system's unless a test gives others. */
@@ -88,7 +89,7 @@ export class UpstreamClient {
     // Redirects are followed hop by hop as trust.ts redirectRule says. Cross-origin hops (a blob's
     // 307 to a CDN or S3) lose Authorization (exchange.ts); S3 refuses requests carrying both.
     this.exchanger = new Exchanger(config.timeouts.connect, network);
-    this.auth = new Authorizer(this.exchanger, config.timeouts.manifest, metrics, (name) => this.gate(name));
+    this.auth = new Authorizer(this.exchanger, config.timeouts.manifest, metrics, (name) => this.gate(name), new Credentials(config.credentials, now));
   }
 
   async close(): Promise<void> {
@@ -263,13 +264,15 @@ export class UpstreamClient {
     url.search = search.toString();
     const scope = `repository:${name}:pull`;
     type First = { value: T } | { challenges: Challenge[] };
-    const first = await this.dispatch(upstream, kind, url, method, headers, this.auth.cached(upstream, scope), bounds, async (res): Promise<First> => {
+    const sent = this.auth.cached(upstream, scope);
+    const first = await this.dispatch(upstream, kind, url, method, headers, sent, bounds, async (res): Promise<First> => {
       if (upstream.viaParent) checkNamespace(upstream, res);
       if (res.statusCode !== 401) return { value: await read(res) };
       await res.body.dump();
       return { challenges: parseWwwAuthenticate(res.headers['www-authenticate']) };
     });
     if (!('challenges' in first)) return first.value;
+    if (sent !== undefined) this.auth.refused(upstream);
     // The token fetch is shared by every request for this scope and has its own deadline; each
     // waiter still gives up at its own.
     const token = this.auth.authorize(upstream, first.challenges, scope);

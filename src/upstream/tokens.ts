@@ -1,15 +1,16 @@
 /**
- * Authorizing requests to upstreams: Basic credentials, or a bearer token fetched from the realm
+ * Authorizing requests to upstreams: Basic credentials (credentials.ts finds them), or a bearer token fetched from the realm
  * a 401's challenge names (distribution token authentication), kept per (upstream, scope) until
  * it expires. One token fetch per scope at a time, shared by every request waiting for it, so it
  * has its own deadline (timeouts.manifest) rather than any one request's.
  */
 import { LRUCache } from 'lru-cache';
 import type { Dispatcher } from 'undici';
-import type { UpstreamConfig } from '../core/config.js';
+import type { UpstreamAuth, UpstreamConfig } from '../core/config.js';
 import { OciError } from '../core/errors.js';
 import { SingleFlight } from '../core/single-flight.js';
 import type { Metrics } from '../telemetry/metrics.js';
+import { Credentials } from './credentials.js';
 import type { Exchanger } from './exchange.js';
 import type { Gate } from './gate.js';
 import { header, readLimited, statusError, transportError } from './responses.js';
@@ -31,7 +32,13 @@ export class Authorizer {
     private readonly timeout: number,
     private readonly metrics: Metrics,
     private readonly gate: (upstream: string) => Gate,
+    private readonly credentials: Credentials,
   ) {}
+
+  /** The upstream refused the credentials sent to it: credentials found at run time are fetched again at the next authorize(). */
+  refused(upstream: UpstreamConfig): void {
+    this.credentials.invalidate(upstream);
+  }
 
   /** The Authorization value known for (upstream, scope), if any. */
   cached(upstream: UpstreamConfig, scope: string): string | undefined {
@@ -47,9 +54,20 @@ export class Authorizer {
   private async answer(upstream: UpstreamConfig, challenges: Challenge[], scope: string, cacheKey: string): Promise<string | undefined> {
     const bearer = challenges.find((c) => c.scheme === 'bearer');
     const basic = challenges.find((c) => c.scheme === 'basic');
-    const credentials = upstream.auth ? `Basic ${Buffer.from(`${upstream.auth.username}:${upstream.auth.password}`).toString('base64')}` : undefined;
+    const auth = await this.credentials.get(upstream);
+    const credentials = basicOf(auth);
     if (bearer?.params.realm) {
-      const token = await this.fetchToken(upstream, bearer, scope, credentials);
+      let token: { value: string; ttl: number };
+      try {
+        token = await this.fetchToken(upstream, bearer, scope, credentials);
+      } catch (err) {
+        // Credentials found at run time may have been rotated since they were read: once more, fresh.
+        if (!(err instanceof TokenRefused) || !Credentials.dynamic(upstream)) throw err;
+        this.credentials.invalidate(upstream);
+        const fresh = basicOf(await this.credentials.get(upstream));
+        if (fresh === credentials) throw err;
+        token = await this.fetchToken(upstream, bearer, scope, fresh);
+      }
       this.cache.set(cacheKey, `Bearer ${token.value}`, { ttl: token.ttl });
       return `Bearer ${token.value}`;
     }
@@ -99,7 +117,7 @@ export class Authorizer {
     try {
       if (res.statusCode !== 200) {
         await res.body.dump();
-        if (res.statusCode === 401 || res.statusCode === 403) throw new OciError('DENIED', `token server refused access to ${upstream.name}`);
+        if (res.statusCode === 401 || res.statusCode === 403) throw new TokenRefused(upstream);
         // A token server serves every repository: its 429 holds for the whole upstream.
         const wait = res.statusCode === 429 ? this.gate(upstream.name).rateLimited(header(res.headers, 'retry-after')) : 0;
         throw statusError(upstream, 'token', res.statusCode, 'UNKNOWN', undefined, wait);
@@ -120,6 +138,17 @@ export class Authorizer {
     // Renew a little before expiry so an in-flight request never carries a dead token.
     return { value, ttl: Math.max(1000, (seconds - Math.min(30, seconds / 4)) * 1000) };
   }
+}
+
+/** The token server refused the credentials (401/403). */
+class TokenRefused extends OciError {
+  constructor(upstream: UpstreamConfig) {
+    super('DENIED', `token server refused access to ${upstream.name}`);
+  }
+}
+
+function basicOf(auth: UpstreamAuth | undefined): string | undefined {
+  return auth ? `Basic ${Buffer.from(`${auth.username}:${auth.password}`).toString('base64')}` : undefined;
 }
 
 function key(upstream: UpstreamConfig, scope: string): string {

@@ -32,6 +32,8 @@ export interface ProxyOptions {
   access?: Record<string, unknown>;
   /** The `parent` section (a parent cache for every upstream); default: none. */
   parent?: Record<string, unknown>;
+  /** The `credentials` section (Docker config and helper settings); default: none. */
+  credentials?: Record<string, unknown>;
   timeouts?: Record<string, unknown>;
   root?: string;
   env?: NodeJS.ProcessEnv;
@@ -66,6 +68,7 @@ export async function startProxy(t: Scope, options: ProxyOptions): Promise<Proxy
       upstreams: options.upstreams,
       access: options.access,
       parent: options.parent,
+      credentials: options.credentials,
     },
     options.env ?? {},
   );
