@@ -11,6 +11,7 @@ import { request } from 'undici';
 import { buildApp } from './http/app.js';
 import { ConfigError, loadConfig, type Config } from './core/config.js';
 import { formatBytes } from './core/units.js';
+import type { KeptEntry } from './cache/keep.js';
 import { prefetch, type PrefetchEvent } from './cache/prefetch.js';
 import { openCache, type Services } from './cache/services.js';
 import { CacheInUse } from './storage/lock.js';
@@ -30,6 +31,8 @@ const USAGE = `usage: ocicache <command> [--config FILE] [options]
       --file FILE         read references from FILE too, one per line (# comments allowed)
       --server URL        ask a running ocicache (POST URL/admin/prefetch) instead of opening the
                           cache directory; the admin token comes from $OCICACHE_ADMIN_TOKEN
+  kept                  list the keep list's images and what the cache holds for them
+      --server URL        ask a running ocicache (GET URL/admin/keep; $OCICACHE_ADMIN_TOKEN)
   haproxy               print an HAProxy configuration for replicas of this config behind one
                         consistent-hash balancer (README, "Running a fleet")
       --replica NAME=HOST:PORT   a replica, once per replica (NAME: stable, e.g. the pod name)
@@ -135,6 +138,31 @@ async function prefetchCommand(config: Config | undefined, refs: string[], platf
 
 class UsageError extends Error {}
 
+/** Prints the keep list: each entry and what it holds, from the cache directory or a running server. */
+async function keptCommand(config: Config | undefined, server: string | undefined): Promise<void> {
+  let entries: KeptEntry[];
+  if (server === undefined) {
+    entries = await withCache(config!, async (s) => s.keeper.entries());
+  } else {
+    const token = process.env.OCICACHE_ADMIN_TOKEN;
+    let res: Awaited<ReturnType<typeof request>>;
+    try {
+      res = await request(new URL('/admin/keep', server), { headers: token ? { authorization: `Bearer ${token}` } : {} });
+    } catch (err) {
+      throw new UsageError(`cannot reach ${server}: ${(err as Error).message}`);
+    }
+    const text = await res.body.text();
+    if (res.statusCode !== 200) throw new UsageError(`${server} answered ${res.statusCode}: ${text}`);
+    entries = (JSON.parse(text) as { entries: KeptEntry[] }).entries;
+  }
+  if (entries.length === 0) process.stdout.write('keep: no images listed (config keep.images)\n');
+  for (const e of entries) {
+    const state = e.error ? `  last refresh failed: ${e.error}` : '';
+    if (e.refs.length === 0) process.stdout.write(`${e.pattern}  not fetched yet${state}\n`);
+    for (const r of e.refs) process.stdout.write(`${e.pattern}  ${r.ref}  ${r.digests} manifests and blobs kept${state}\n`);
+  }
+}
+
 
 async function serve(configFile: string | undefined): Promise<void> {
   const config = loadConfig(configFile);
@@ -219,6 +247,10 @@ async function main(argv: string[]): Promise<void> {
       const platforms = values.platform?.flatMap((p) => p.split(',')).map((p) => p.trim()).filter(Boolean);
       const config = values.server === undefined ? loadConfig(values.config, process.env, { upstreamAuth: true, adminToken: false }) : undefined;
       return prefetchCommand(config, refs, platforms, values.server);
+    }
+    case 'kept': {
+      const config = values.server === undefined ? loadConfig(values.config, process.env, { upstreamAuth: false, adminToken: false }) : undefined;
+      return keptCommand(config, values.server);
     }
     case 'haproxy': {
       const replicas = (values.replica ?? []).map((r) => {

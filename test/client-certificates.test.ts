@@ -8,7 +8,9 @@ import assert from 'node:assert/strict';
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
+import { once } from 'node:events';
 import { test, type TestContext } from 'node:test';
+import { connect as tlsConnect, TLSSocket } from 'node:tls';
 import { Agent, request } from 'undici';
 import { buildConfig } from '../src/core/config.js';
 import { run, startContainerd } from './helpers/daemons.js';
@@ -169,4 +171,25 @@ test('skopeo and containerd pull as the user their client certificate names (--s
   assert.match(bob.stderr + bob.stdout, /403|denied|bob may not read/i);
   const seen = new Set(w.log.map((l) => (JSON.parse(l) as { user?: string }).user).filter(Boolean));
   assert.deepEqual([...seen].sort(), ['alice', 'bob']);
+});
+
+test('a TLS 1.2 client cannot renegotiate, and a certificate whose check failed names nobody, even when `authorized` says otherwise', async (t) => {
+  const w = await world(t);
+  if (!w) return;
+  // Renegotiating could present another certificate after the first handshake: it is refused.
+  const socket = tlsConnect({ host: '127.0.0.1', port: w.port, ca: readFileSync(w.ca.crt), cert: readFileSync(w.alice.crt), key: readFileSync(w.alice.key), maxVersion: 'TLSv1.2' });
+  t.after(() => socket.destroy());
+  await once(socket, 'secureConnect');
+  socket.on('error', () => undefined);
+  socket.resume();
+  const closed = new Promise<boolean>((resolve) => {
+    socket.once('close', () => resolve(true));
+    setTimeout(() => resolve(false), 5000).unref();
+  });
+  socket.renegotiate({ rejectUnauthorized: false }, () => undefined);
+  assert.equal(await closed, true, 'the server closed the connection that tried to renegotiate');
+  // What Node leaves after a renegotiation with a certificate that failed its check: authorized still true, the error set.
+  const { certificateUser } = await import('../src/http/tls.js');
+  const swapped = Object.assign(Object.create(TLSSocket.prototype) as TLSSocket, { authorized: true, authorizationError: new Error('DEPTH_ZERO_SELF_SIGNED_CERT'), getPeerCertificate: () => ({ subject: { CN: 'admin' } }) });
+  assert.equal(certificateUser(swapped), null);
 });

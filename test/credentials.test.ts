@@ -11,6 +11,7 @@ import { delimiter, join } from 'node:path';
 import test, { type TestContext } from 'node:test';
 import { buildConfig } from '../src/core/config.js';
 import { startDistribution } from './helpers/distribution.js';
+import { startProxyWithFake } from './helpers/fake-upstream.js';
 import { fetchBody, ociError, startProxy } from './helpers/proxy.js';
 import { image, OCI_MANIFEST, Pusher, sha256 } from './helpers/seed.js';
 import { startTokenIssuer } from './helpers/token-issuer.js';
@@ -166,4 +167,34 @@ test('credential sources are validated, naming the key', () => {
   // The top-level credentials.dockerConfig serves every upstream without auth of its own.
   const config = buildConfig({ credentials: { dockerConfig: '/etc/ocicache/config.json' }, upstreams: [{ name: 'a.example', url: 'https://a.example' }, { name: 'b.example', url: 'https://b.example', auth: { helper: 'ecr-login' } }] }, {});
   assert.deepEqual(config.upstreams.map((u) => u.credentials), [{ dockerConfig: '/etc/ocicache/config.json' }, { helper: 'ecr-login' }]);
+});
+
+test('credentials are filed by the host the upstream URL names: an upstream called docker.io that points elsewhere gets no Docker Hub credentials', async (t) => {
+  const helper = credentialHelper(t);
+  const r = await basicRegistry(t);
+  if (!r) return;
+  const dir = tempDir(t, 'hub-config');
+  const file = join(dir, 'config.json');
+  // Docker Hub's entry holds the password this registry would accept: it must still not be sent here.
+  writeFileSync(file, JSON.stringify({ auths: { 'https://index.docker.io/v1/': { auth: b64(`${USER}:${PASSWORD}`) } } }));
+  const hubNamed = { name: 'docker.io', url: r.url, dockerHubLibrary: true };
+  const viaFile = await startProxy(t, { upstreams: [{ ...hubNamed, auth: { dockerConfig: file } }] });
+  const res = await fetchBody(`${viaFile.url}/v2/team/private/manifests/v1?ns=docker.io`, { accept: OCI_MANIFEST });
+  assert.notEqual(res.status, 200, 'no credentials were found for this host');
+  // A helper is asked for the host, not for Docker Hub's index URL.
+  helper.answer({ user: USER, secret: PASSWORD });
+  const viaHelper = await startProxy(t, { upstreams: [{ ...hubNamed, auth: { helper: 'ocitest' } }] });
+  assert.equal((await fetchBody(`${viaHelper.url}/v2/team/private/manifests/v1?ns=docker.io`, { accept: OCI_MANIFEST })).status, 200);
+  assert.deepEqual(helper.calls(), [r.host]);
+});
+
+test('a 401 to a bearer token (a repository the token does not cover) does not run the helper again', async (t) => {
+  const helper = credentialHelper(t);
+  helper.answer({ user: USER, secret: PASSWORD });
+  const { fake, proxy } = await startProxyWithFake(t, { auth: { helper: 'ocitest' } });
+  fake.route('/token', (_req, res) => res.writeHead(200, { 'content-type': 'application/json' }).end('{"token":"t","expires_in":300}'));
+  // As Docker Hub answers for a repository that does not exist: 401, whatever the token.
+  fake.route('/v2/nobody/here/manifests/v1', (_req, res) => res.writeHead(401, { 'www-authenticate': `Bearer realm="${fake.url}/token",service="fake",scope="repository:nobody/here:pull"` }).end());
+  for (let i = 0; i < 4; i++) assert.notEqual((await fetchBody(`${proxy.url}/v2/nobody/here/manifests/v1?ns=fake.example`, { accept: OCI_MANIFEST })).status, 200);
+  assert.equal(helper.calls().length, 1, 'the helper ran once');
 });

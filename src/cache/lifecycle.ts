@@ -256,7 +256,7 @@ export class Lifecycle {
       total = 0;
       const rows = this.db.oldestBlobs(limit);
       for (const row of rows) {
-        if (this.pins.has(row.digest)) continue;
+        if (this.pins.has(row.digest) || this.db.protectsKept(row.digest)) continue;
         out.push(row);
         total += row.size;
         if (total >= bytes) break;
@@ -268,7 +268,8 @@ export class Lifecycle {
 
   private async evict(rows: BlobRow[], reason: EvictionReason, result: PassResult): Promise<void> {
     for (const row of rows) {
-      if (this.pins.has(row.digest)) continue;
+      // Pinned: being read or filled. Kept: the keep list's images are never evicted or expired.
+      if (this.pins.has(row.digest) || this.db.protectsKept(row.digest)) continue;
       // Rows first, in one transaction with the manifests that point to the blob; then the file.
       // A crash in between leaves a verified file without a row, which is adopted or swept later.
       let dropped: Dropped = { manifests: [], tags: 0 };

@@ -15,6 +15,7 @@ import { CacheLock } from '../storage/lock.js';
 import { Metrics } from '../telemetry/metrics.js';
 import { UpstreamClient } from '../upstream/client.js';
 import { Blobs } from './blobs.js';
+import { Keeper } from './keep.js';
 import { Lifecycle } from './lifecycle.js';
 import { Manifests } from './manifests.js';
 
@@ -28,6 +29,8 @@ export interface Services {
   lifecycle: Lifecycle;
   manifests: Manifests;
   blobs: Blobs;
+  /** The keep list: started by the server (start()), idle in one-shot commands. */
+  keeper: Keeper;
   /** Finishes fills (up to `graceMs`), flushes access times, closes connections and the index. */
   close(graceMs: number): Promise<void>;
 }
@@ -65,17 +68,29 @@ export async function openCache(config: Config, log: Logger, options: OpenOption
   const lifecycle = new Lifecycle(config, db, store, metrics, log, clock);
   const blobs = new Blobs(config, store, db, upstream, lifecycle, metrics, log);
   const manifests = new Manifests(db, lifecycle.guard, upstream, log, clock);
+  const upstreams = new UpstreamIndex(config);
+  let keeper: Keeper;
+  try {
+    keeper = new Keeper({ manifests, blobs, upstreams, metrics, db, log }, config.keep, config.storage.maxSize, clock);
+  } catch (err) {
+    await upstream.close();
+    db.close();
+    lock.release();
+    throw err;
+  }
   return {
     config,
     metrics,
     store,
     db,
     upstream,
-    upstreams: new UpstreamIndex(config),
+    upstreams,
     lifecycle,
     manifests,
     blobs,
+    keeper,
     close: async (graceMs) => {
+      await keeper.close();
       await blobs.close(graceMs);
       await lifecycle.close();
       await upstream.close();

@@ -8,6 +8,7 @@ import { dirname, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parse as parseYaml } from 'yaml';
 import { buildAccessConfig, type AccessConfig } from './access-config.js';
+import { buildKeepConfig, type KeepConfig } from './keep-config.js';
 import { ConfigError } from './config-error.js';
 import { bool, duration, hostKey, int, percent, readSecret, section, size, str, type Obj, type SecretNeeds } from './config-values.js';
 import { credentialSource, parentConfig, POLICY_KEYS, policy, throughParent, upstream, type ParentConfig, type UpstreamConfig } from './upstream-config.js';
@@ -62,6 +63,8 @@ export interface Config {
    * and what a file or helper gave is used for ttl, or until the upstream refuses it.
    */
   credentials: { helperTimeout: number; ttl: number };
+  /** Images never evicted, fetched at start-up and refreshed (cache/keep.ts); undefined: none. */
+  keep: KeepConfig | undefined;
   /** Another ocicache asked for every upstream (upstream-config.ts throughParent); undefined: the upstreams themselves. */
   parent: ParentConfig | undefined;
   /** Client authentication and authorisation (access-config.ts); undefined: off, everything is served to anyone. */
@@ -149,7 +152,7 @@ const ALL_SECRETS: SecretNeeds = { upstreamAuth: true, adminToken: true };
 /** Parse and validate a config document; pure apart from reading credential files. */
 export function buildConfig(doc: unknown, env: NodeJS.ProcessEnv = process.env, needs: SecretNeeds = ALL_SECRETS): Config {
   const root = section({ root: doc ?? {} }, 'root', '(top level)', [
-    'server', 'log', 'storage', 'cache', 'timeouts', 'offline', 'upstreamDefaults', 'admin', 'defaultUpstream', 'upstreams', 'access', 'parent', 'credentials',
+    'server', 'log', 'storage', 'cache', 'timeouts', 'offline', 'upstreamDefaults', 'admin', 'defaultUpstream', 'upstreams', 'access', 'parent', 'credentials', 'keep',
   ]);
   applyEnv(root, env);
   const server = section(root, 'server', 'server', ['host', 'port', 'shutdownTimeout', 'trustProxy', 'headersTimeout', 'requestTimeout', 'idleTimeout', 'maxConnections', 'maxConnectionsPerAddress', 'tls', 'replica']);
@@ -185,8 +188,9 @@ export function buildConfig(doc: unknown, env: NodeJS.ProcessEnv = process.env, 
 
   if (!Array.isArray(root.upstreams) || root.upstreams.length === 0) throw new ConfigError('upstreams', 'must list at least one upstream');
   const credentialsSection = section(root, 'credentials', 'credentials', ['dockerConfig', 'helper', 'helperTimeout', 'ttl']);
-  const defaultCredentials = credentialSource(credentialsSection, 'credentials');
   const parent = parentConfig(root.parent, env, needs);
+  const defaultCredentials = credentialSource(credentialsSection, 'credentials');
+  if (parent && defaultCredentials) throw new ConfigError('credentials', 'a cache with a parent holds no upstream credentials (the parent does): remove credentials.dockerConfig and credentials.helper');
   const upstreams = root.upstreams.map((u, i) => upstream(u, i, { tagTtl, policy: defaultPolicy, credentials: defaultCredentials }, env, needs)).map((u, i) => (parent ? throughParent(u, i, parent) : u));
   const seen = new Map<string, string>();
   for (const [i, u] of upstreams.entries()) {
@@ -248,6 +252,7 @@ export function buildConfig(doc: unknown, env: NodeJS.ProcessEnv = process.env, 
       ttl: duration(credentialsSection.ttl ?? '10m', 'credentials.ttl'),
     },
     parent,
+    keep: buildKeepConfig(root.keep),
     access: accessConfig(root.access, upstreams, tls),
   });
 }

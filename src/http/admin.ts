@@ -1,5 +1,6 @@
 /**
- * The admin API under /admin: POST /admin/prefetch (NDJSON progress) and POST /admin/gc. Off
+ * The admin API under /admin: POST /admin/prefetch (NDJSON progress), POST /admin/gc and
+ * GET /admin/keep. Off
  * unless admin.tokenEnv or admin.tokenFile is configured; every call needs that bearer token.
  */
 import { createHash, timingSafeEqual } from 'node:crypto';
@@ -73,6 +74,9 @@ export function registerAdmin(app: FastifyInstance, s: Services): void {
       void task.finally(() => running.delete(task));
       return reply.type('application/x-ndjson').send(out);
     });
+
+    // The keep list: every entry, what it resolved to, how its last refresh went (ocicache kept --server).
+    admin.get('/admin/keep', async () => ({ entries: s.keeper.entries() }));
 
     admin.post('/admin/gc', async () => {
       return { ...(await s.lifecycle.pass('gc')), limit: s.config.storage.maxSize ?? null };

@@ -101,6 +101,7 @@ export async function buildApp(config: Config, options: AppOptions = {}): Promis
     throw err;
   }
   services.lifecycle.start();
+  services.keeper.start();
   app.decorate('services', services);
 
   // We never read request bodies (every write is refused), so don't parse them either.

@@ -15,6 +15,7 @@
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { createServer as createHttpsServer } from 'node:https';
 import type { Socket } from 'node:net';
+import type { TLSSocket } from 'node:tls';
 import type { Config } from '../core/config.js';
 import { OciError } from '../core/errors.js';
 import { httpsOptions, watchTls, type TlsLog } from './tls.js';
@@ -43,6 +44,10 @@ export function createHttpServer(
   let server: Server;
   if (config.tls) {
     const https = createHttpsServer({ ...options, ...httpsOptions(config.tls) }, listener);
+    // A TLS 1.2 renegotiation could swap the client certificate after the first handshake (and
+    // Node never resets `authorized`): no connection renegotiates here, so none changes who it is.
+    // (An attempt is an error on the socket, and the HTTP server closes the connection.)
+    https.on('secureConnection', (socket: TLSSocket) => socket.disableRenegotiation());
     watchTls(https, config.tls, log);
     // An https.Server is a tls.Server with http.Server's request handling: everything below applies as is.
     server = https as unknown as Server;

@@ -83,6 +83,21 @@ function duration(ms: number): string {
 }
 
 /** `access`: with access control on, the page lists only images the viewer may pull (names can be private). */
+/** The keep list: each entry, what it resolved to, and how its last refresh went. */
+function kept(s: Services, visible: ((upstream: string, name: string) => boolean) | undefined): string {
+  const entries = s.keeper.entries().filter((e) => !visible || visible(e.upstream, e.name));
+  if (entries.length === 0) return '';
+  const rows = entries.map((e) => {
+    const refs = e.refs.length === 0 ? 'not fetched yet' : e.refs.map((r) => `${escape(r.ref)} (${r.digests})`).join('<br>');
+    const state = e.error ? `<span class="limited">${escape(e.error)}</span>` : e.refreshedAt ? `refreshed ${duration(Date.now() - e.refreshedAt)} ago` : 'refreshing';
+    return `<tr><td>${escape(e.pattern)}</td><td>${refs}</td><td>${state}</td></tr>`;
+  });
+  return `<h2>Kept images</h2>
+<table id="kept"><thead><tr><th>entry</th><th>images (manifests and blobs)</th><th>last refresh</th></tr></thead><tbody>
+${rows.join('\n')}
+</tbody></table>`;
+}
+
 export function registerStatus(app: FastifyInstance, s: Services, stats: Stats, version: string, access?: Access): void {
   app.get('/', { exposeHeadRoute: true }, async (req, reply) => {
     const rows = s.config.upstreams.map((u) => {
@@ -122,6 +137,7 @@ ${rows.join('\n')}
 <h2>Cache</h2>
 <dl id="cache"><dt>disk</dt><dd id="disk">${formatBytes(used)} in ${usage.count} blobs${fill}</dd>
 <dt>hit ratio</dt><dd id="hit-ratio">${percent(stats.hitRatio())} of manifest and blob requests since start</dd></dl>
+${kept(s, access ? (upstream, name) => viewer !== null && access.allowed(viewer, upstream, name) : undefined)}
 <h2>Most pulled images</h2>
 ${top.length === 0 ? '<p id="top-images">none yet</p>' : `<table id="top-images"><thead><tr><th>image</th><th>pulls</th></tr></thead><tbody>\n${top.map(([k, n]) => `<tr><td>${escape(k)}</td><td>${n}</td></tr>`).join('\n')}\n</tbody></table>`}
 <p><a href="/metrics">metrics</a> · <a href="/readyz">readiness</a></p>

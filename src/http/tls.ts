@@ -65,7 +65,8 @@ export function certificateUser(socket: Socket): CertificateUser {
   const peer = socket.getPeerCertificate();
   let user: CertificateUser;
   if (!peer || Object.keys(peer).length === 0) user = undefined;
-  else if (!socket.authorized) user = null;
+  // authorizationError too: Node sets `authorized` after a good handshake and never unsets it.
+  else if (!socket.authorized || socket.authorizationError) user = null;
   else user = typeof peer.subject?.CN === 'string' && peer.subject.CN !== '' ? peer.subject.CN : null;
   certificateUsers.set(socket, user);
   return user;

@@ -24,6 +24,7 @@
 import Database from 'better-sqlite3';
 import { LRUCache } from 'lru-cache';
 import { isMediaType, mediaTypeOf } from '../core/media-types.js';
+import { KeptIndex } from './kept.js';
 
 export interface ManifestRecord {
   digest: string;
@@ -60,6 +61,7 @@ const MIGRATIONS = [
      upstream TEXT NOT NULL, name TEXT NOT NULL, digest TEXT NOT NULL,
      PRIMARY KEY (upstream, name, digest)) WITHOUT ROWID;
    CREATE INDEX blob_repos_digest ON blob_repos (digest);`,
+  `CREATE TABLE kept (pattern TEXT NOT NULL, ref TEXT NOT NULL, digest TEXT NOT NULL, PRIMARY KEY (pattern, ref, digest)) WITHOUT ROWID;`,
 ];
 
 export interface BlobAccess {
@@ -89,6 +91,8 @@ export class Db {
   private readonly db: Database.Database;
   private readonly stmt;
   private readonly memory: LRUCache<string, ManifestRecord> | undefined;
+  /** The manifests and blobs of kept images (cache/keep.ts), protected from eviction and expiry. */
+  readonly kept: KeptIndex;
 
   constructor(file: string, options: DbOptions = {}) {
     const bytes = options.manifestMemory ?? 0;
@@ -99,6 +103,7 @@ export class Db {
     this.db.pragma('synchronous = NORMAL');
     this.db.pragma('busy_timeout = 5000');
     this.migrate();
+    this.kept = new KeptIndex(this.db);
     const db = this.db;
     this.stmt = {
       getManifest: db.prepare<[string], { digest: string; media_type: string; body: Buffer }>(
@@ -300,6 +305,12 @@ export class Db {
     })();
     this.forget(dropped.manifests);
     return dropped;
+  }
+
+  /** Whether dropping `digest` would drop something kept: itself, or a kept manifest pointing to it (directly or through an index). */
+  protectsKept(digest: string): boolean {
+    if (this.kept.size === 0) return false;
+    return this.kept.has(digest) || this.stmt.dependents.all(digest).some((r) => this.kept.has(r.digest));
   }
 
   /** Removes a manifest and everything that points to it (indexes, their tags), from SQLite and memory. */

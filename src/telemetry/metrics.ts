@@ -12,6 +12,8 @@ export class Metrics {
 
   readonly servedBytes = new HotCounter(this.registry, 'ocicache_served_bytes_total', 'Blob and manifest bytes sent to clients, by where they came from (cache or upstream).', ['upstream', 'source']);
 
+  readonly keptBytes = this.gauge('ocicache_kept_bytes', 'Bytes of blobs held for the keep list (never evicted), as of its last refresh.');
+
   readonly parentFallbacks = this.counter('ocicache_parent_fallbacks_total', 'Requests sent to the upstream itself because the parent cache could not be reached (parent.fallback).', ['upstream']);
 
   readonly upstreamRequests = this.counter('ocicache_upstream_requests_total', 'Requests sent to upstream registries, by kind and HTTP status ("error" for transport failures).', ['upstream', 'kind', 'status']);

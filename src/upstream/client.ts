@@ -57,6 +57,15 @@ interface Bounds {
   client?: AbortSignal;
 }
 
+/** One request to an upstream: its kind, method, the part of the repository's API, headers and query. */
+interface Ask {
+  kind: RequestKind;
+  method: 'GET' | 'HEAD';
+  suffix: string;
+  headers: Record<string, string>;
+  query?: URLSearchParams;
+}
+
 /** How a small exchange's answer is checked: the code of its 404, and the key it is remembered by (NotFoundMemory). */
 interface Expect {
   notFound: ErrorCode;
@@ -74,11 +83,13 @@ export class UpstreamClient {
 
   /** With parent.fallback: the same API without the parent, for when the parent cannot be reached. */
   private readonly direct: UpstreamClient | undefined;
+  /** When the parent last failed in transport, per upstream (parent.ts parentUnreachable). */
+  private readonly parentFailedAt = new Map<string, number>();
 
   constructor(
     private readonly config: Pick<Config, 'timeouts' | 'upstreams' | 'offline' | 'cache' | 'credentials'>,
     private readonly metrics: Metrics,
-    now: Clock = systemClock,
+    private readonly now: Clock = systemClock,
     /** The DNS lookup and extra TLS trust anchors; the system's unless a test gives others. */
     network: Network = {},
   ) {
@@ -113,7 +124,7 @@ export class UpstreamClient {
 
   async getManifest(target: Target, reference: string, accept = FULL_ACCEPT): Promise<ManifestResponse> {
     const expect = { notFound: 'MANIFEST_UNKNOWN' as const, remember: this.notFound.key(target, `manifest ${accept}`, reference) };
-    return this.small(target, 'manifest', 'GET', `manifests/${reference}`, { accept }, undefined, expect, undefined, async (res) => {
+    return this.small(target, { kind: 'manifest', method: 'GET', suffix: `manifests/${reference}`, headers: { accept } }, expect, undefined, async (res) => {
       const announced = contentLength(res.headers);
       if (announced !== undefined && announced > MAX_MANIFEST_BYTES) {
         res.body.on('error', () => undefined).destroy();
@@ -130,7 +141,7 @@ export class UpstreamClient {
 
   async headManifest(target: Target, reference: string, accept = FULL_ACCEPT): Promise<HeadResponse> {
     const expect = { notFound: 'MANIFEST_UNKNOWN' as const, remember: this.notFound.key(target, `manifest ${accept}`, reference) };
-    return this.small(target, 'manifest', 'HEAD', `manifests/${reference}`, { accept }, undefined, expect, undefined, async (res) => {
+    return this.small(target, { kind: 'manifest', method: 'HEAD', suffix: `manifests/${reference}`, headers: { accept } }, expect, undefined, async (res) => {
       const head = await headResponse(res);
       const refused = notAManifest(target.upstream, undefined, head.contentType);
       if (refused) throw refused;
@@ -140,7 +151,7 @@ export class UpstreamClient {
 
   async headBlob(target: Target, digest: string): Promise<HeadResponse> {
     const expect = { notFound: 'BLOB_UNKNOWN' as const, remember: this.notFound.key(target, 'blob', digest) };
-    return this.small(target, 'blob', 'HEAD', `blobs/${digest}`, {}, undefined, expect, undefined, headResponse);
+    return this.small(target, { kind: 'blob', method: 'HEAD', suffix: `blobs/${digest}`, headers: {} }, expect, undefined, headResponse);
   }
 
   /**
@@ -152,7 +163,7 @@ export class UpstreamClient {
     const expect = { notFound: 'BLOB_UNKNOWN' as const, remember: this.notFound.key(target, 'blob', digest) };
     this.notFound.check(target.upstream.name, expect.remember);
     const bounds = { repository: target.name, signal: () => signal };
-    const res = await this.send(target, 'blob', 'GET', `blobs/${digest}`, from > 0 ? { range: `bytes=${from}-` } : {}, undefined, bounds, async (r) => {
+    const res = await this.send(target, { kind: 'blob', method: 'GET', suffix: `blobs/${digest}`, headers: from > 0 ? { range: `bytes=${from}-` } : {} }, bounds, async (r) => {
       await this.expectOk(r, target, 'blob', expect);
       return r;
     });
@@ -169,7 +180,7 @@ export class UpstreamClient {
 
   /** `signal`: the client left; the request is its alone, so it ends with it. */
   async listTags(target: Target, query: URLSearchParams, signal?: AbortSignal): Promise<{ body: Buffer; hasNext: boolean }> {
-    return this.small(target, 'tags', 'GET', 'tags/list', { accept: 'application/json' }, query, { notFound: 'NAME_UNKNOWN' }, signal, async (res) => {
+    return this.small(target, { kind: 'tags', method: 'GET', suffix: 'tags/list', headers: { accept: 'application/json' }, query }, { notFound: 'NAME_UNKNOWN' }, signal, async (res) => {
       const body = await readLimited(target.upstream, res.body, MAX_SMALL_BODY, 'tag list');
       return { body, hasNext: /rel="?next"?/.test(header(res.headers, 'link') ?? '') };
     });
@@ -183,7 +194,7 @@ export class UpstreamClient {
     signal?: AbortSignal,
   ): Promise<{ body: Buffer; contentType: string | undefined; filtersApplied: string | undefined }> {
     const accept = { accept: 'application/vnd.oci.image.index.v1+json' };
-    return this.small(target, 'referrers', 'GET', `referrers/${digest}`, accept, query, { notFound: 'MANIFEST_UNKNOWN' }, signal, async (res) => {
+    return this.small(target, { kind: 'referrers', method: 'GET', suffix: `referrers/${digest}`, headers: accept, query }, { notFound: 'MANIFEST_UNKNOWN' }, signal, async (res) => {
       // A referrers answer is an image index: refused as a manifest would be.
       const body = await readLimited(target.upstream, res.body, MAX_MANIFEST_BYTES, 'referrers index', 'MANIFEST_INVALID');
       return { body, contentType: header(res.headers, 'content-type'), filtersApplied: header(res.headers, 'oci-filters-applied') };
@@ -197,11 +208,7 @@ export class UpstreamClient {
    */
   private async small<T>(
     target: Target,
-    kind: RequestKind,
-    method: 'GET' | 'HEAD',
-    suffix: string,
-    headers: Record<string, string>,
-    query: URLSearchParams | undefined,
+    ask: Ask,
     expect: Expect,
     client: AbortSignal | undefined,
     read: (res: Dispatcher.ResponseData) => Promise<T>,
@@ -213,8 +220,8 @@ export class UpstreamClient {
       return client ? AbortSignal.any([deadline, client]) : deadline;
     };
     const bounds: Bounds = { repository: target.name, signal: () => (signal ??= start()), client };
-    return this.send(target, kind, method, suffix, headers, query, bounds, async (res) => {
-      await this.expectOk(res, target, kind, expect);
+    return this.send(target, ask, bounds, async (res) => {
+      await this.expectOk(res, target, ask.kind, expect);
       return read(res);
     });
   }
@@ -223,39 +230,25 @@ export class UpstreamClient {
    * One request, with a cached Authorization; on 401, authorize from the challenge and retry once.
    * `read` runs on the final answer under the gate's permit (see dispatch).
    */
-  private async send<T>(
-    target: Target,
-    kind: RequestKind,
-    method: 'GET' | 'HEAD',
-    suffix: string,
-    headers: Record<string, string>,
-    query: URLSearchParams | undefined,
-    bounds: Bounds,
-    read: (res: Dispatcher.ResponseData) => Promise<T>,
-  ): Promise<T> {
+  private async send<T>(target: Target, ask: Ask, bounds: Bounds, read: (res: Dispatcher.ResponseData) => Promise<T>): Promise<T> {
     const direct = target.upstream.direct;
-    if (!direct || !this.direct) return this.sendOnce(target, kind, method, suffix, headers, query, bounds, read);
+    if (!direct || !this.direct) return this.sendOnce(target, ask, bounds, read);
     try {
-      return await this.sendOnce(target, kind, method, suffix, headers, query, bounds, read);
+      return await this.sendOnce(target, ask, bounds, read);
     } catch (err) {
       // The upstream itself, through a client with gates of its own (parent.ts).
-      if (!parentUnreachable(err, this.gate(target.upstream.name)) || bounds.client?.aborted) throw err;
+      const name = target.upstream.name;
+      if (err instanceof OciError && err.cause !== undefined) this.parentFailedAt.set(name, this.now());
+      const spent = bounds.client?.aborted || bounds.signal()?.aborted;
+      if (spent || !parentUnreachable(err, this.gate(name), this.parentFailedAt.get(name), this.now())) throw err;
       this.metrics.parentFallbacks.inc({ upstream: target.upstream.name });
-      return this.direct.send({ ...target, upstream: direct }, kind, method, suffix, headers, query, bounds, read);
+      return this.direct.send({ ...target, upstream: direct }, ask, bounds, read);
     }
   }
 
-  private async sendOnce<T>(
-    target: Target,
-    kind: RequestKind,
-    method: 'GET' | 'HEAD',
-    suffix: string,
-    headers: Record<string, string>,
-    query: URLSearchParams | undefined,
-    bounds: Bounds,
-    read: (res: Dispatcher.ResponseData) => Promise<T>,
-  ): Promise<T> {
+  private async sendOnce<T>(target: Target, ask: Ask, bounds: Bounds, read: (res: Dispatcher.ResponseData) => Promise<T>): Promise<T> {
     const { upstream, name } = target;
+    const { kind, method, suffix, headers, query } = ask;
     const url = new URL(upstream.url);
     url.pathname = `${url.pathname.replace(/\/+$/, '')}/v2/${name}/${suffix}`;
     const search = new URLSearchParams(query);
@@ -272,7 +265,10 @@ export class UpstreamClient {
       return { challenges: parseWwwAuthenticate(res.headers['www-authenticate']) };
     });
     if (!('challenges' in first)) return first.value;
-    if (sent !== undefined) this.auth.refused(upstream);
+    // Basic credentials refused: fetched again (once) if found at run time. A 401 to a bearer token
+    // is no verdict on them (Docker Hub answers it for a repository that does not exist): a new
+    // token is fetched, and the token server judges the credentials (tokens.ts).
+    if (sent?.startsWith('Basic ')) this.auth.refused(upstream);
     // The token fetch is shared by every request for this scope and has its own deadline; each
     // waiter still gives up at its own.
     const token = this.auth.authorize(upstream, first.challenges, scope);

@@ -29,13 +29,24 @@ interface DockerConfig {
   credsStore?: string;
 }
 
-/** The keys a Docker config may file an upstream's credentials under, most specific first. */
+/** Docker Hub's registry hosts: its credentials are filed under its v1 index URL (docker login writes them there). */
+const DOCKER_HUB = new Set(['registry-1.docker.io', 'index.docker.io', 'docker.io', 'registry.hub.docker.com']);
+
+/**
+ * The keys a Docker config may file an upstream's credentials under, most specific first: only
+ * forms of the host its URL names. Its name and aliases are what clients call it, not where the
+ * credentials go: an upstream named docker.io that points at a mirror must not get Docker Hub's.
+ */
 function serverKeys(upstream: UpstreamConfig): string[] {
-  const hosts = [upstream.url.host, upstream.name, ...upstream.aliases];
-  const keys = hosts.flatMap((h) => [h, `https://${h}`, `http://${h}`, `https://${h}/v1/`, `https://${h}/v2/`]);
-  // Docker Hub's credentials are filed under its v1 index URL (docker login writes them there).
-  if (upstream.dockerHubLibrary || hosts.some((h) => /(^|\.)docker\.io$/.test(h))) keys.push('https://index.docker.io/v1/', 'index.docker.io', 'docker.io');
+  const h = upstream.url.host;
+  const keys = [h, `https://${h}`, `http://${h}`, `https://${h}/v1/`, `https://${h}/v2/`];
+  if (DOCKER_HUB.has(upstream.url.hostname)) keys.push('https://index.docker.io/v1/', 'index.docker.io', 'docker.io');
   return keys;
+}
+
+/** The environment a helper runs with: ours, less our own secrets (the admin token and the like). */
+function helperEnv(): NodeJS.ProcessEnv {
+  return Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('OCICACHE_')));
 }
 
 export class Credentials {
@@ -126,31 +137,35 @@ export class Credentials {
     const fail = (why: string): OciError => new OciError('DENIED', `credential helper ${program} for upstream ${upstream.name} ${why}`);
     if (!/^[A-Za-z0-9][A-Za-z0-9_.-]*$/.test(name)) return Promise.reject(fail('has an invalid name'));
     // Docker asks helpers for Docker Hub by its v1 index URL, for others by host.
-    const server = upstream.dockerHubLibrary ? 'https://index.docker.io/v1/' : upstream.url.host;
+    const server = DOCKER_HUB.has(upstream.url.hostname) ? 'https://index.docker.io/v1/' : upstream.url.host;
     return new Promise((resolve, reject) => {
-      const child = spawn(program, ['get'], { stdio: ['pipe', 'pipe', 'pipe'] });
-      let out = '';
-      let err = '';
       let settled = false;
+      let timer: NodeJS.Timeout | undefined;
       const done = (f: () => void): void => {
         if (settled) return;
         settled = true;
         clearTimeout(timer);
         f();
       };
-      const timer = setTimeout(() => {
+      const child = spawn(program, ['get'], { stdio: ['pipe', 'pipe', 'pipe'], env: helperEnv() });
+      // First: a spawn that fails (ENOENT, EMFILE) reports it here, with no stdio to read.
+      child.once('error', (e: NodeJS.ErrnoException) => done(() => reject(fail(e.code === 'ENOENT' ? 'is not on PATH' : `could not run: ${e.message}`))));
+      let out = '';
+      let err = '';
+      child.stdout?.setEncoding('utf8');
+      child.stderr?.setEncoding('utf8');
+      child.stdout?.on('data', (d: string) => {
+        out += d;
+        if (out.length > MAX_HELPER_OUTPUT) child.kill('SIGKILL');
+      });
+      child.stderr?.on('data', (d: string) => {
+        if (err.length < MAX_HELPER_OUTPUT) err += d;
+      });
+      child.stdin?.on('error', () => undefined);
+      timer = setTimeout(() => {
         child.kill('SIGKILL');
         done(() => reject(fail(`did not answer within ${this.options.helperTimeout} ms`)));
       }, this.options.helperTimeout);
-      child.stdout.on('data', (d: Buffer) => {
-        out += d.toString();
-        if (out.length > MAX_HELPER_OUTPUT) child.kill('SIGKILL');
-      });
-      child.stderr.on('data', (d: Buffer) => {
-        if (err.length < MAX_HELPER_OUTPUT) err += d.toString();
-      });
-      child.stdin.on('error', () => undefined);
-      child.once('error', (e: NodeJS.ErrnoException) => done(() => reject(fail(e.code === 'ENOENT' ? 'is not on PATH' : `could not run: ${e.message}`))));
       child.once('close', (code) => {
         done(() => {
           if (code !== 0) {
@@ -168,7 +183,7 @@ export class Credentials {
           resolve({ username: json.Username, password: json.Secret });
         });
       });
-      child.stdin.end(`${server}\n`);
+      child.stdin?.end(`${server}\n`);
     });
   }
 }

@@ -25,10 +25,13 @@ export function checkNamespace(upstream: UpstreamConfig, res: Dispatcher.Respons
 /**
  * Whether `err` says the parent could not be reached, which is when parent.fallback asks the
  * upstream itself: a transport failure (refused, reset, timed out: client.ts transportError keeps
- * it as the cause), or the parent's breaker open after such failures. Not an answer from the
- * parent, right or wrong (a 404, a 502), and never for an upstream set offline.
+ * it as the cause), or the parent's breaker open while such a failure is recent (within its
+ * cooldown). Not an answer from the parent, right or wrong (a 404, a 502, a 503 of its own: a
+ * breaker opened by those does not count), and never for an upstream set offline.
  */
-export function parentUnreachable(err: unknown, gate: Gate): boolean {
+export function parentUnreachable(err: unknown, gate: Gate, lastTransportFailure: number | undefined, now: number): boolean {
   if (!(err instanceof OciError) || err.code !== 'UNAVAILABLE' || gate.offline) return false;
-  return err.cause !== undefined || gate.state !== 'closed';
+  if (err.cause !== undefined) return true;
+  const recent = lastTransportFailure !== undefined && now - lastTransportFailure <= gate.upstream.breakerCooldown;
+  return gate.state !== 'closed' && recent;
 }

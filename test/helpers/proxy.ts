@@ -34,6 +34,8 @@ export interface ProxyOptions {
   parent?: Record<string, unknown>;
   /** The `credentials` section (Docker config and helper settings); default: none. */
   credentials?: Record<string, unknown>;
+  /** The `keep` section (images never evicted); default: none. */
+  keep?: Record<string, unknown>;
   timeouts?: Record<string, unknown>;
   root?: string;
   env?: NodeJS.ProcessEnv;
@@ -69,6 +71,7 @@ export async function startProxy(t: Scope, options: ProxyOptions): Promise<Proxy
       access: options.access,
       parent: options.parent,
       credentials: options.credentials,
+      keep: options.keep,
     },
     options.env ?? {},
   );
