@@ -430,7 +430,7 @@ test('helm chart: fleet mode renders replicas behind an HAProxy balancer whose c
   }
 });
 
-test('helm chart: a node tier chained to the fleet (node mode with config.parent) renders a config ocicache accepts', async (t) => {
+test('helm chart: a node tier chained to the fleet (node mode with config.parent) and a keep list render configs ocicache accepts', async (t) => {
   if (!helmBinary(t)) return;
   const parent = 'config.parent={"url":"http://ocicache.registry.svc.cluster.local:5000","fallback":false}';
   const { docs, configText } = await render(['-f', join(CHART, 'values-node.yaml'), '--set-json', parent]);
@@ -438,6 +438,9 @@ test('helm chart: a node tier chained to the fleet (node mode with config.parent
   const config = buildConfig(parse(configText), {}, { upstreamAuth: false, adminToken: false });
   assert.equal(config.parent?.url.href, 'http://ocicache.registry.svc.cluster.local:5000/');
   assert.ok(config.upstreams.every((u) => u.viaParent && u.url.href === config.parent!.url.href), 'every upstream goes through the parent');
+  // The keep list passes through to the config.
+  const withKeep = await render(['--set-json', 'config.keep={"images":["registry.k8s.io/pause:3.*"],"platforms":["linux/amd64"],"refresh":"12h"}']);
+  assert.deepEqual(buildConfig(parse(withKeep.configText), {}, { upstreamAuth: false, adminToken: false }).keep, { images: ['registry.k8s.io/pause:3.*'], platforms: ['linux/amd64'], refresh: 12 * 3_600_000 });
   // The balancer pod runs HAProxy under the official image's numeric uid, so runAsNonRoot can be checked.
   const fleet = await render(['--set', 'fleet.enabled=true', '--set', 'replicaCount=3']);
   const balancer = fleet.docs.find((d) => d.kind === 'Deployment')!.spec.template.spec;
