@@ -129,12 +129,28 @@ export class Keeper {
   /** Fetches one ref and records its digests; the reason when something failed (then nothing changes). */
   private async fetch(pattern: string, ref: string): Promise<string | undefined> {
     const digests = new Set<string>();
+    const held: string[] = [];
     let failure: string | undefined;
-    await prefetch(this.s, [ref], this.config?.platforms, (e) => {
-      if (e.event === 'error' || e.result === 'failed') failure ??= e.error ?? 'failed';
-      else if ((e.event === 'manifest' || e.event === 'blob') && e.digest && e.result !== 'skipped') digests.add(e.digest);
-    });
-    if (failure === undefined) this.s.db.kept.set(pattern, ref, digests);
+    try {
+      await prefetch(
+        this.s,
+        [ref],
+        this.config?.platforms,
+        (e) => {
+          if (e.event === 'error' || e.result === 'failed') failure ??= e.error ?? 'failed';
+          else if ((e.event === 'manifest' || e.event === 'blob') && e.digest && e.result !== 'skipped') digests.add(e.digest);
+        },
+        undefined,
+        // Protected from eviction as soon as it lands, not only once the ref is recorded.
+        (digest) => {
+          held.push(digest);
+          this.s.db.kept.hold(digest);
+        },
+      );
+      if (failure === undefined) this.s.db.kept.set(pattern, ref, digests);
+    } finally {
+      this.s.db.kept.release(held);
+    }
     return failure;
   }
 

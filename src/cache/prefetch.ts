@@ -68,6 +68,8 @@ export async function prefetch(
   platforms: string[] | undefined,
   emit: (e: PrefetchEvent) => void,
   signal?: AbortSignal,
+  /** Called with each blob's digest before it is fetched (the keep list protects it from there on). */
+  before?: (digest: string) => void,
 ): Promise<PrefetchSummary> {
   const summary: PrefetchSummary = { refs: refs.length, failedRefs: 0, blobs: 0, fetched: 0, bytes: 0 };
   for (const ref of refs) {
@@ -102,6 +104,7 @@ export async function prefetch(
           }
           try {
             signal?.throwIfAborted();
+            before?.(checkDigest(d.digest!));
             const b = await s.blobs.ensure(target, checkDigest(d.digest!));
             summary.bytes += b.size;
             if (b.result === 'fetched') summary.fetched++;

@@ -8,6 +8,8 @@ import type Database from 'better-sqlite3';
 
 export class KeptIndex {
   private readonly digests = new Map<string, number>();
+  /** Blobs a refresh is fetching: protected from the moment they land, before their rows are written. */
+  private readonly held = new Set<string>();
   private readonly stmt;
 
   constructor(private readonly db: Database.Database) {
@@ -29,11 +31,20 @@ export class KeptIndex {
   }
 
   has(digest: string): boolean {
-    return this.digests.has(digest);
+    return this.digests.has(digest) || this.held.has(digest);
+  }
+
+  /** Protects `digest` until release(): a blob being fetched for the keep list, not yet recorded. */
+  hold(digest: string): void {
+    this.held.add(digest);
+  }
+
+  release(digests: Iterable<string>): void {
+    for (const d of digests) this.held.delete(d);
   }
 
   get size(): number {
-    return this.digests.size;
+    return this.digests.size + this.held.size;
   }
 
   /** Bytes of the kept blobs on disk. */
