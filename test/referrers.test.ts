@@ -7,8 +7,8 @@ import assert from 'node:assert/strict';
 import test from 'node:test';
 import { request } from 'undici';
 import { startFakeUpstream } from './helpers/fake-upstream.js';
-import { metric, metricsText, startProxy } from './helpers/proxy.js';
-import { OCI_INDEX, OCI_MANIFEST } from './helpers/seed.js';
+import { fetchBody, metric, metricsText, startProxy } from './helpers/proxy.js';
+import { OCI_INDEX, OCI_MANIFEST, sha256 } from './helpers/seed.js';
 
 const SUBJECT = `sha256:${'a'.repeat(64)}`;
 
@@ -68,4 +68,36 @@ test('referrers pass through with their filter header; they and tag lists are lo
   assert.equal(metric(text, 'ocicache_cache_requests_total', { upstream: 'docker.io', kind: 'tags', result: 'passthrough' }), 1);
   // Served bytes are blob and manifest bytes only.
   assert.equal(metric(text, 'ocicache_served_bytes_total', { upstream: 'docker.io' }), 0);
+});
+
+test('referrers are remembered per subject and filter and served STALE when the upstream cannot be asked; forgotten with their subject', async (t) => {
+  const fake = await startFakeUpstream(t);
+  const subject = Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: OCI_MANIFEST, config: { mediaType: 'application/vnd.oci.image.config.v1+json', digest: `sha256:${'c'.repeat(64)}`, size: 2 }, layers: [] }));
+  const subjectDigest = sha256(subject);
+  const signatures = Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: OCI_INDEX, manifests: [{ mediaType: OCI_MANIFEST, digest: `sha256:${'d'.repeat(64)}`, size: 321, artifactType: 'application/vnd.dev.cosign.artifact.sig.v1+json' }] }));
+  let up = true;
+  fake.route(`/v2/team/app/referrers/${subjectDigest}`, (req, res) => {
+    if (!up) return void req.socket.destroy();
+    res.writeHead(200, { 'content-type': OCI_INDEX, 'content-length': String(signatures.length) }).end(signatures);
+  });
+  fake.route(`/v2/team/app/manifests/${subjectDigest}`, (req, res) => {
+    if (!up) return void req.socket.destroy();
+    res.writeHead(200, { 'content-type': OCI_MANIFEST, 'content-length': String(subject.length), 'docker-content-digest': subjectDigest }).end(req.method === 'HEAD' ? undefined : subject);
+  });
+  const proxy = await startProxy(t, { upstreams: [{ name: 'fake.example', url: fake.url, breakerFailures: 0 }], timeouts: { manifest: '1s' } });
+  const referrers = (filter = ''): Promise<{ status: number; headers: Record<string, unknown>; body?: Buffer }> =>
+    fetchBody(`${proxy.url}/v2/team/app/referrers/${subjectDigest}?ns=fake.example${filter}`);
+  assert.equal((await fetchBody(`${proxy.url}/v2/team/app/manifests/${subjectDigest}?ns=fake.example`, { accept: OCI_MANIFEST })).status, 200);
+  const fresh = await referrers();
+  assert.deepEqual([fresh.status, fresh.headers['x-cache'], fresh.body], [200, 'PASSTHROUGH', signatures]);
+
+  up = false;
+  const stale = await referrers();
+  assert.deepEqual([stale.status, stale.headers['x-cache'], stale.headers['content-type'], stale.body], [200, 'STALE', OCI_INDEX, signatures]);
+  // Another filter was never asked: nothing to serve for it.
+  assert.equal((await referrers('&artifactType=application%2Fspdx%2Bjson')).status, 503);
+
+  // The subject's manifest dropped (as eviction drops it): its referrers go with it.
+  proxy.app.services.db.dropManifest(subjectDigest);
+  assert.equal((await referrers()).status, 503);
 });

@@ -243,16 +243,28 @@ export class Manifests {
     }
   }
 
-  /** Always asked of the upstream, for one client alone: `signal` (the client left) ends it. */
+  /**
+   * Asked of the upstream, for one client alone (`signal`: the client left, ends it). The answer
+   * is remembered per (upstream, repository, subject, filter), and served `stale` when the
+   * upstream cannot be asked (down, offline), so signatures can be checked offline.
+   */
   async getReferrers(
     target: Target,
     digest: string,
     artifactType: string | undefined,
     signal?: AbortSignal,
-  ): Promise<{ body: Buffer; contentType: string; filtersApplied: string | undefined }> {
+  ): Promise<{ body: Buffer; contentType: string; filtersApplied: string | undefined; cache: 'passthrough' | 'stale' }> {
     const query = new URLSearchParams();
     if (artifactType !== undefined) query.set('artifactType', artifactType);
-    const res = await this.upstream.getReferrers(target, digest, query, signal);
+    let res: Awaited<ReturnType<UpstreamClient['getReferrers']>>;
+    try {
+      res = await this.upstream.getReferrers(target, digest, query, signal);
+    } catch (err) {
+      const known = isUpstreamUnavailable(err) ? this.db.referrers.get(target.upstream.name, target.name, digest, artifactType ?? '') : undefined;
+      if (!known) throw err;
+      this.warnOnce(target.upstream.name, { upstream: target.upstream.name, name: target.name, err: (err as Error).message }, 'upstream unavailable, serving remembered referrers');
+      return { ...known, contentType: known.contentType, cache: 'stale' };
+    }
     // Passed through as sent, but only an image index: a client must not parse garbage as one.
     let index: unknown;
     try {
@@ -263,7 +275,9 @@ export class Manifests {
     if (typeof index !== 'object' || index === null || !Array.isArray((index as { manifests?: unknown }).manifests)) {
       throw new OciError('UNKNOWN', `upstream ${target.upstream.name} sent an invalid referrers index`, { status: 502 });
     }
-    return { body: res.body, contentType: res.contentType ?? 'application/vnd.oci.image.index.v1+json', filtersApplied: res.filtersApplied };
+    const answer = { body: res.body, contentType: res.contentType ?? 'application/vnd.oci.image.index.v1+json', filtersApplied: res.filtersApplied };
+    this.guard.write('referrers', () => this.db.referrers.put(target.upstream.name, target.name, digest, artifactType ?? '', answer, this.now()));
+    return { ...answer, cache: 'passthrough' };
   }
 }
 

@@ -169,8 +169,8 @@ export function registerRoutes(app: FastifyInstance, deps: RouteDeps): void {
   async function sendReferrers(req: FastifyRequest, reply: FastifyReply, p: Extract<ParsedPath, { target: unknown }>, query: URLSearchParams, head: boolean): Promise<FastifyReply> {
     const gone = clientGone(reply.raw);
     const r = await manifests.getReferrers(p.target, p.reference, query.get('artifactType') ?? undefined, gone.signal).finally(gone.done);
-    // Never cached: referrers are always asked of the upstream (manifests.getReferrers).
-    listed(req, reply, 'passthrough', r.body, head);
+    // Always asked of the upstream; the last answer is served (stale) only when it cannot be asked.
+    listed(req, reply, r.cache, r.body, head);
     reply.headers({ 'content-type': r.contentType, 'content-length': String(r.body.length) });
     if (r.filtersApplied !== undefined) reply.header('oci-filters-applied', r.filtersApplied);
     return head ? reply.send() : reply.send(r.body);

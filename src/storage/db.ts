@@ -25,6 +25,7 @@ import Database from 'better-sqlite3';
 import { LRUCache } from 'lru-cache';
 import { isMediaType, mediaTypeOf } from '../core/media-types.js';
 import { KeptIndex } from './kept.js';
+import { ReferrersIndex } from './referrers.js';
 
 export interface ManifestRecord {
   digest: string;
@@ -62,6 +63,11 @@ const MIGRATIONS = [
      PRIMARY KEY (upstream, name, digest)) WITHOUT ROWID;
    CREATE INDEX blob_repos_digest ON blob_repos (digest);`,
   `CREATE TABLE kept (pattern TEXT NOT NULL, ref TEXT NOT NULL, digest TEXT NOT NULL, PRIMARY KEY (pattern, ref, digest)) WITHOUT ROWID;`,
+  `CREATE TABLE referrers (
+     upstream TEXT NOT NULL, name TEXT NOT NULL, subject TEXT NOT NULL, artifact_type TEXT NOT NULL,
+     body BLOB NOT NULL, content_type TEXT NOT NULL, filters TEXT, checked_at INTEGER NOT NULL,
+     PRIMARY KEY (upstream, name, subject, artifact_type)) WITHOUT ROWID;
+   CREATE INDEX referrers_subject ON referrers (subject);`,
 ];
 
 export interface BlobAccess {
@@ -93,6 +99,8 @@ export class Db {
   private readonly memory: LRUCache<string, ManifestRecord> | undefined;
   /** The manifests and blobs of kept images (cache/keep.ts), protected from eviction and expiry. */
   readonly kept: KeptIndex;
+  /** The last referrers list per subject, for when the upstream cannot be asked; dropped with the subject. */
+  readonly referrers: ReferrersIndex;
 
   constructor(file: string, options: DbOptions = {}) {
     const bytes = options.manifestMemory ?? 0;
@@ -104,6 +112,7 @@ export class Db {
     this.db.pragma('busy_timeout = 5000');
     this.migrate();
     this.kept = new KeptIndex(this.db);
+    this.referrers = new ReferrersIndex(this.db);
     const db = this.db;
     this.stmt = {
       getManifest: db.prepare<[string], { digest: string; media_type: string; body: Buffer }>(
@@ -322,6 +331,7 @@ export class Db {
       this.stmt.deleteRefs.run(digest);
       tags += this.stmt.deleteTagsOf.run(digest).changes;
       this.stmt.deleteManifest.run(digest);
+      this.referrers.forget(digest);
       return { manifests: [digest, ...d.manifests], tags };
     })();
     this.forget(dropped.manifests);
@@ -340,6 +350,7 @@ export class Db {
       this.stmt.deleteManifestRepos.run(m);
       this.stmt.deleteRefs.run(m);
       this.stmt.deleteManifest.run(m);
+      this.referrers.forget(m);
     }
     return { manifests, tags };
   }
