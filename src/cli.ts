@@ -7,7 +7,7 @@
 import { readFileSync, writeFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import { pino } from 'pino';
-import { request } from 'undici';
+import { request, type Dispatcher } from 'undici';
 import { buildApp } from './http/app.js';
 import { ConfigError, loadConfig, type Config } from './core/config.js';
 import { formatBytes } from './core/units.js';
@@ -110,21 +110,7 @@ async function prefetchCommand(config: Config | undefined, refs: string[], platf
     await withCache(config!, (s) => prefetch(s, refs, platforms, printEvent));
     return;
   }
-  const token = process.env.OCICACHE_ADMIN_TOKEN;
-  let res: Awaited<ReturnType<typeof request>>;
-  try {
-    res = await request(new URL('/admin/prefetch', server), {
-      method: 'POST',
-      headers: { 'content-type': 'application/json', ...(token ? { authorization: `Bearer ${token}` } : {}) },
-      body: JSON.stringify({ references: refs, platforms }),
-    });
-  } catch (err) {
-    throw new UsageError(`cannot reach ${server}: ${(err as Error).message}`);
-  }
-  if (res.statusCode !== 200) {
-    const text = await res.body.text();
-    throw new UsageError(`${server} answered ${res.statusCode}: ${text}`);
-  }
+  const res = await adminRequest(server, '/admin/prefetch', { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ references: refs, platforms }) });
   let buffered = '';
   for await (const chunk of res.body) {
     buffered += (chunk as Buffer).toString('utf8');
@@ -138,22 +124,26 @@ async function prefetchCommand(config: Config | undefined, refs: string[], platf
 
 class UsageError extends Error {}
 
+/** A call to a running server's admin API with $OCICACHE_ADMIN_TOKEN; anything but a 200 is the user's error to read. */
+async function adminRequest(server: string, path: string, init: { method?: 'GET' | 'POST'; headers?: Record<string, string>; body?: string } = {}): Promise<Dispatcher.ResponseData> {
+  const token = process.env.OCICACHE_ADMIN_TOKEN;
+  let res: Dispatcher.ResponseData;
+  try {
+    res = await request(new URL(path, server), { ...init, headers: { ...init.headers, ...(token ? { authorization: `Bearer ${token}` } : {}) } });
+  } catch (err) {
+    throw new UsageError(`cannot reach ${server}: ${(err as Error).message}`);
+  }
+  if (res.statusCode !== 200) throw new UsageError(`${server} answered ${res.statusCode}: ${await res.body.text()}`);
+  return res;
+}
+
 /** Prints the keep list: each entry and what it holds, from the cache directory or a running server. */
 async function keptCommand(config: Config | undefined, server: string | undefined): Promise<void> {
   let entries: KeptEntry[];
   if (server === undefined) {
     entries = await withCache(config!, async (s) => s.keeper.entries());
   } else {
-    const token = process.env.OCICACHE_ADMIN_TOKEN;
-    let res: Awaited<ReturnType<typeof request>>;
-    try {
-      res = await request(new URL('/admin/keep', server), { headers: token ? { authorization: `Bearer ${token}` } : {} });
-    } catch (err) {
-      throw new UsageError(`cannot reach ${server}: ${(err as Error).message}`);
-    }
-    const text = await res.body.text();
-    if (res.statusCode !== 200) throw new UsageError(`${server} answered ${res.statusCode}: ${text}`);
-    entries = (JSON.parse(text) as { entries: KeptEntry[] }).entries;
+    entries = ((await (await adminRequest(server, '/admin/keep')).body.json()) as { entries: KeptEntry[] }).entries;
   }
   if (entries.length === 0) process.stdout.write('keep: no images listed (config keep.images)\n');
   for (const e of entries) {

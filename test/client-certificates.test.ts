@@ -15,13 +15,11 @@ import { Agent, request } from 'undici';
 import { buildConfig } from '../src/core/config.js';
 import { run, startContainerd } from './helpers/daemons.js';
 import { startDistribution } from './helpers/distribution.js';
-import { pki, type Pki } from './helpers/pki.js';
+import { certDir, pki, tlsAgent, type Pair, type Pki } from './helpers/pki.js';
 import { localSnippet } from './helpers/readme.js';
 import { startProxy, type Proxy } from './helpers/proxy.js';
 import { image, OCI_MANIFEST, Pusher, type Image } from './helpers/seed.js';
 import { exec, need } from './helpers/tools.js';
-
-type Pair = { crt: string; key: string };
 
 interface World {
   p: Pki;
@@ -68,11 +66,7 @@ async function world(t: TestContext): Promise<World | undefined> {
 test('a verified client certificate names the user: its CN is matched by the rules like an htpasswd user', async (t) => {
   const w = await world(t);
   if (!w) return;
-  const agent = (cert?: Pair): Agent => {
-    const a = new Agent({ connect: { ca: readFileSync(w.ca.crt), ...(cert ? { cert: readFileSync(cert.crt), key: readFileSync(cert.key) } : {}) } });
-    t.after(() => a.close());
-    return a;
-  };
+  const agent = (cert?: Pair): Agent => tlsAgent(t, w.ca, cert);
   const manifest = `https://127.0.0.1:${w.port}/v2/team/app/manifests/v1?ns=docker.io`;
   const get = async (a: Agent, headers: Record<string, string> = {}): Promise<{ status: number; body: string; challenge: unknown }> => {
     const res = await request(manifest, { dispatcher: a, headers: { accept: OCI_MANIFEST, ...headers } });
@@ -137,19 +131,11 @@ test('skopeo and containerd pull as the user their client certificate names (--s
   const policy = join(w.p.dir, 'policy.json');
   writeFileSync(policy, JSON.stringify({ default: [{ type: 'insecureAcceptAnything' }] }));
   const ref = `docker://127.0.0.1:${w.port}/docker.io/team/app:v1`;
-  const certDir = (who: string, pair: Pair): string => {
-    const d = join(w.p.dir, `${who}.d`);
-    mkdirSync(d, { recursive: true });
-    writeFileSync(join(d, 'ca.crt'), readFileSync(w.ca.crt));
-    writeFileSync(join(d, 'client.cert'), readFileSync(pair.crt));
-    writeFileSync(join(d, 'client.key'), readFileSync(pair.key));
-    return d;
-  };
-  const asAlice = await exec(skopeo, ['--policy', policy, 'copy', '--preserve-digests', '--src-cert-dir', certDir('alice', w.alice), ref, `oci:${join(w.p.dir, 'out')}:v1`]);
+  const asAlice = await exec(skopeo, ['--policy', policy, 'copy', '--preserve-digests', '--src-cert-dir', certDir(join(w.p.dir, 'alice.d'), w.ca, w.alice), ref, `oci:${join(w.p.dir, 'out')}:v1`]);
   assert.equal(asAlice.code, 0, asAlice.stderr);
   const index = JSON.parse(readFileSync(join(w.p.dir, 'out', 'index.json'), 'utf8')) as { manifests: Array<{ digest: string }> };
   assert.equal(index.manifests[0]!.digest, w.img.digest);
-  const asBob = await exec(skopeo, ['--policy', policy, 'inspect', '--raw', '--cert-dir', certDir('bob', w.bob), ref]);
+  const asBob = await exec(skopeo, ['--policy', policy, 'inspect', '--raw', '--cert-dir', certDir(join(w.p.dir, 'bob.d'), w.ca, w.bob), ref]);
   assert.notEqual(asBob.code, 0);
   assert.match(asBob.stderr, /denied|bob may not read team\/app/i);
 

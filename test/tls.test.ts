@@ -20,7 +20,7 @@ import { redirectRule } from '../src/upstream/trust.js';
 import { startDistribution, type Distribution } from './helpers/distribution.js';
 import { startProxy, type Proxy } from './helpers/proxy.js';
 import { image, Pusher, type Image } from './helpers/seed.js';
-import { pki } from './helpers/pki.js';
+import { certDir, pki, tlsAgent, type Pair } from './helpers/pki.js';
 import { exec, need, tempDir, until } from './helpers/tools.js';
 
 const serialOf = (file: string): string => new X509Certificate(readFileSync(file)).serialNumber;
@@ -53,8 +53,7 @@ test('the proxy serves HTTPS: trusted with its CA, refused without it', async (t
   const server = await p.leaf(ca, 'server', 0x1001);
   const proxy = await startProxy(t, { server: { tls: { certFile: server.crt, keyFile: server.key } }, upstreams: [{ name: 'example.com', url: 'http://127.0.0.1:9' }] });
   const url = `https://127.0.0.1:${httpsPort(proxy)}/v2/`;
-  const trusting = new Agent({ connect: { ca: readFileSync(ca.crt) } });
-  t.after(() => trusting.close());
+  const trusting = tlsAgent(t, ca);
   const res = await request(url, { dispatcher: trusting });
   assert.equal(res.statusCode, 200);
   await res.body.dump();
@@ -91,8 +90,7 @@ test('server.tls: a changed pair is picked up without a restart; a broken one ke
   writeFileSync(certFile, '-----BEGIN CERTIFICATE-----\nnot a certificate\n');
   await until('the warning', () => log.lines.some((l) => l.includes('TLS certificate not reloaded')), 5000);
   assert.equal(await peerSerial(port, ca.crt), serialOf(second.crt));
-  const trusting = new Agent({ connect: { ca: readFileSync(ca.crt) } });
-  t.after(() => trusting.close());
+  const trusting = tlsAgent(t, ca);
   const res = await request(`https://127.0.0.1:${port}/v2/`, { dispatcher: trusting });
   assert.equal(res.statusCode, 200);
   await res.body.dump();
@@ -114,11 +112,7 @@ test('server.tls.clientCaFile: a client without a certificate from that CA canno
   const stranger = await p.leaf(otherCa, 'stranger', 0x4004);
   const proxy = await startProxy(t, { server: { tls: { certFile: server.crt, keyFile: server.key, clientCaFile: clientCa.crt } }, upstreams: [{ name: 'example.com', url: 'http://127.0.0.1:9' }] });
   const url = `https://127.0.0.1:${httpsPort(proxy)}/v2/`;
-  const agent = (cert?: { crt: string; key: string }): Agent => {
-    const a = new Agent({ connect: { ca: readFileSync(ca.crt), ...(cert ? { cert: readFileSync(cert.crt), key: readFileSync(cert.key) } : {}) } });
-    t.after(() => a.close());
-    return a;
-  };
+  const agent = (cert?: Pair): Agent => tlsAgent(t, ca, cert);
   await assert.rejects(request(url, { dispatcher: agent() }));
   await assert.rejects(request(url, { dispatcher: agent(stranger) }));
   const res = await request(url, { dispatcher: agent(client) });
@@ -266,16 +260,8 @@ test('skopeo pulls from the HTTPS proxy with a client certificate (--src-cert-di
   const server = await p.leaf(ca, 'server', 0x1001);
   const client = await p.leaf(ca, 'client', 0x3003);
   const proxy = await startProxy(t, { server: { tls: { certFile: server.crt, keyFile: server.key, clientCaFile: ca.crt } }, upstreams: [{ name: 'private.example', url: world.registry.url }] });
-  const certs = join(p.dir, 'certs.d');
-  const none = join(p.dir, 'none.d');
-  for (const [d, withClient] of [[certs, true], [none, false]] as const) {
-    await exec('mkdir', ['-p', d]);
-    writeFileSync(join(d, 'ca.crt'), readFileSync(ca.crt));
-    if (withClient) {
-      writeFileSync(join(d, 'client.cert'), readFileSync(client.crt));
-      writeFileSync(join(d, 'client.key'), readFileSync(client.key));
-    }
-  }
+  const certs = certDir(join(p.dir, 'certs.d'), ca, client);
+  const none = certDir(join(p.dir, 'none.d'), ca);
   const policy = join(p.dir, 'policy.json');
   writeFileSync(policy, JSON.stringify({ default: [{ type: 'insecureAcceptAnything' }] }));
   const ref = `docker://127.0.0.1:${httpsPort(proxy)}/private.example/team/app:v1`;
@@ -336,8 +322,7 @@ test('over HTTPS the token realm derived from the request says https', async (t)
   await app.listen({ host: '127.0.0.1', port: 0 });
   t.after(() => app.close());
   const port = (app.server.address() as AddressInfo).port;
-  const trusting = new Agent({ connect: { ca: readFileSync(ca.crt) } });
-  t.after(() => trusting.close());
+  const trusting = tlsAgent(t, ca);
   const res = await request(`https://127.0.0.1:${port}/v2/`, { dispatcher: trusting });
   await res.body.dump();
   assert.equal(res.statusCode, 401);

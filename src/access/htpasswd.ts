@@ -16,10 +16,11 @@
  * own highest cost, so its answer takes as long as a known user's wrong password.
  */
 import { createHash, randomBytes } from 'node:crypto';
-import { readFileSync, statSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import bcrypt from 'bcryptjs';
 import { LRUCache } from 'lru-cache';
 import { ConfigError } from '../core/config-error.js';
+import { fileStamp } from '../core/file-stamp.js';
 import { OciError } from '../core/errors.js';
 
 const RELOAD_CHECK_MS = 1000;
@@ -71,18 +72,13 @@ export class Htpasswd {
     private readonly onStale: (stale: boolean) => void = () => undefined,
   ) {
     try {
-      this.stamp = this.stat();
+      this.stamp = fileStamp(path);
       this.users = parseHtpasswd(readFileSync(path, 'utf8'));
     } catch (err) {
       throw new ConfigError('access.htpasswd', `${path}: ${(err as Error).message}`);
     }
     this.dummy = dummyFor(this.users);
     this.checkedAt = now();
-  }
-
-  private stat(): string {
-    const s = statSync(this.path);
-    return `${s.mtimeMs}:${s.size}:${s.ino}`;
   }
 
   /** Rereads the file if it changed; at most one stat a second. */
@@ -92,7 +88,7 @@ export class Htpasswd {
     this.checkedAt = now;
     let stamp = 'missing';
     try {
-      stamp = this.stat();
+      stamp = fileStamp(this.path);
       if (stamp === this.stamp) return;
       this.users = parseHtpasswd(readFileSync(this.path, 'utf8'));
       this.dummy = dummyFor(this.users);

@@ -263,7 +263,7 @@ export class Manifests {
       const known = isUpstreamUnavailable(err) ? this.db.referrers.get(target.upstream.name, target.name, digest, artifactType ?? '') : undefined;
       if (!known) throw err;
       this.warnOnce(target.upstream.name, { upstream: target.upstream.name, name: target.name, err: (err as Error).message }, 'upstream unavailable, serving remembered referrers');
-      return { ...known, contentType: known.contentType, cache: 'stale' };
+      return { ...known, cache: 'stale' };
     }
     // Passed through as sent, but only an image index: a client must not parse garbage as one.
     let index: unknown;

@@ -4,6 +4,7 @@
  * names a configured upstream is checked when the server starts (it needs the upstream index).
  */
 import { ConfigError } from './config-error.js';
+import { section } from './config-values.js';
 import { parseDuration } from './units.js';
 
 export interface KeepConfig {
@@ -28,9 +29,7 @@ function list(value: unknown, path: string, check: RegExp, example: string): str
 
 export function buildKeepConfig(raw: unknown): KeepConfig | undefined {
   if (raw === undefined || raw === null) return undefined;
-  if (typeof raw !== 'object' || Array.isArray(raw)) throw new ConfigError('keep', 'must be a mapping');
-  const o = raw as Record<string, unknown>;
-  for (const k of Object.keys(o)) if (!['images', 'platforms', 'refresh'].includes(k)) throw new ConfigError(`keep.${k}`, 'unknown key (known: images, platforms, refresh)');
+  const o = section({ keep: raw }, 'keep', 'keep', ['images', 'platforms', 'refresh']);
   const images = list(o.images, 'keep.images', IMAGE, 'an image reference such as registry.k8s.io/pause:3.10, docker.io/library/busybox:1.* or ghcr.io/org/app@sha256:…');
   const platforms = o.platforms === undefined ? undefined : list(o.platforms, 'keep.platforms', PLATFORM, 'a platform such as linux/amd64 or linux/arm64/v8');
   const refresh = parseDuration(o.refresh ?? '6h');

@@ -139,6 +139,11 @@ function upstreamTls(o: Obj, path: string, url: URL, read: boolean): UpstreamTls
   return { ca, cert, key, insecure };
 }
 
+/** A username and its password from passwordEnv or passwordFile (read only when `needs` says so). */
+function staticAuth(a: Obj, path: string, env: NodeJS.ProcessEnv, needs: SecretNeeds): UpstreamAuth {
+  return { username: str(a, 'username', path), password: needs.upstreamAuth ? readSecret(a, path, env) : '' };
+}
+
 /** auth.dockerConfig or auth.helper (or the same keys of the top-level `credentials`); undefined when neither is set. */
 export function credentialSource(a: Obj, path: string): CredentialSource | undefined {
   if (a.dockerConfig !== undefined && a.helper !== undefined) throw new ConfigError(path, 'dockerConfig or helper, not both');
@@ -189,7 +194,7 @@ export function upstream(
       credentials = found;
     } else {
       credentials = undefined;
-      auth = { username: str(a, 'username', `${path}.auth`), password: needs.upstreamAuth ? readSecret(a, `${path}.auth`, env) : '' };
+      auth = staticAuth(a, `${path}.auth`, env, needs);
     }
   }
   return {
@@ -240,11 +245,7 @@ export function parentConfig(raw: unknown, env: NodeJS.ProcessEnv, needs: Secret
   }
   if (url.protocol !== 'https:' && url.protocol !== 'http:') throw new ConfigError('parent.url', 'must use http or https');
   if (url.username || url.password || url.search) throw new ConfigError('parent.url', 'must be the parent\'s base URL: no credentials (use auth), no query');
-  let auth: UpstreamAuth | undefined;
-  if (o.auth !== undefined) {
-    const a = section(o, 'auth', 'parent.auth', ['username', 'password', 'passwordEnv', 'passwordFile']);
-    auth = { username: str(a, 'username', 'parent.auth'), password: needs.upstreamAuth ? readSecret(a, 'parent.auth', env) : '' };
-  }
+  const auth = o.auth === undefined ? undefined : staticAuth(section(o, 'auth', 'parent.auth', ['username', 'password', 'passwordEnv', 'passwordFile']), 'parent.auth', env, needs);
   return { url, auth, tls: upstreamTls(o, 'parent', url, needs.upstreamAuth), fallback: bool(o, 'fallback', 'parent', false) };
 }
 

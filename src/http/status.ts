@@ -82,7 +82,6 @@ function duration(ms: number): string {
   return `${Math.floor(s / 86400)}d`;
 }
 
-/** `access`: with access control on, the page lists only images the viewer may pull (names can be private). */
 /** The keep list: each entry, what it resolved to, and how its last refresh went. */
 function kept(s: Services, visible: ((upstream: string, name: string) => boolean) | undefined): string {
   const entries = s.keeper.entries().filter((e) => !visible || visible(e.upstream, e.name));
@@ -98,6 +97,7 @@ ${rows.join('\n')}
 </tbody></table>`;
 }
 
+/** `access`: with access control on, the page lists only images the viewer may pull (names can be private). */
 export function registerStatus(app: FastifyInstance, s: Services, stats: Stats, version: string, access?: Access): void {
   app.get('/', { exposeHeadRoute: true }, async (req, reply) => {
     const rows = s.config.upstreams.map((u) => {

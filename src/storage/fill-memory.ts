@@ -8,7 +8,7 @@
  * this, and less when many fills share the FillMemory (never less than MIN_WRITE_WINDOW).
  */
 const WRITE_WINDOW = 4 * 1024 * 1024;
-export const MIN_WRITE_WINDOW = 256 * 1024;
+const MIN_WRITE_WINDOW = 256 * 1024;
 
 /**
  * What all fills share, one budget of `limit` bytes: the write windows (chunks received but not yet

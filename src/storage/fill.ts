@@ -14,7 +14,7 @@ import { dirname } from 'node:path';
 import { Writable } from 'node:stream';
 import { DigestVerifier } from '../core/digest.js';
 import { OciError } from '../core/errors.js';
-import { FillMemory, MIN_WRITE_WINDOW } from './fill-memory.js';
+import { FillMemory } from './fill-memory.js';
 import { TailReader } from './tail-reader.js';
 
 export { TailReader };
@@ -25,6 +25,8 @@ export { TailReader };
  * thread-pool round trip per chunk).
  */
 const RETAIN_WINDOW = 16 * 1024 * 1024;
+/** What the sink queues while the write window is full, before the upstream is paused: about one chunk. */
+const SINK_QUEUE = 64 * 1024;
 
 /** filling → verified (digest and size checked: the last byte may go out) → committed (renamed into place), or failed. */
 type FillState = 'filling' | 'verified' | 'committed' | 'failed';
@@ -93,7 +95,7 @@ export class Fill extends EventEmitter {
    */
   sink(): Writable {
     return new Writable({
-      highWaterMark: 64 * 1024,
+      highWaterMark: SINK_QUEUE,
       write: (chunk: Buffer, _enc, cb) => {
         if (this.writeError) return cb(this.writeError);
         if (this.state !== 'filling') return cb(new Error('fill is closed'));

@@ -256,11 +256,17 @@ export class UpstreamClient {
     if (upstream.viaParent) search.set('ns', upstream.name);
     url.search = search.toString();
     const scope = `repository:${name}:pull`;
+    // A parent's answer must say it is this upstream's before anything reads it (parent.ts).
+    const answer = upstream.viaParent
+      ? (res: Dispatcher.ResponseData): Promise<T> => {
+          checkNamespace(upstream, res);
+          return read(res);
+        }
+      : read;
     type First = { value: T } | { challenges: Challenge[] };
     const sent = this.auth.cached(upstream, scope);
     const first = await this.dispatch(upstream, kind, url, method, headers, sent, bounds, async (res): Promise<First> => {
-      if (upstream.viaParent) checkNamespace(upstream, res);
-      if (res.statusCode !== 401) return { value: await read(res) };
+      if (res.statusCode !== 401) return { value: await answer(res) };
       await res.body.dump();
       return { challenges: parseWwwAuthenticate(res.headers['www-authenticate']) };
     });
@@ -280,10 +286,7 @@ export class UpstreamClient {
       throw transportError(upstream, err, bounds.client?.aborted);
     }
     if (authorization === undefined) throw new OciError('DENIED', `upstream ${upstream.name} requires authentication`);
-    return this.dispatch(upstream, kind, url, method, headers, authorization, bounds, (res) => {
-      if (upstream.viaParent) checkNamespace(upstream, res);
-      return read(res);
-    });
+    return this.dispatch(upstream, kind, url, method, headers, authorization, bounds, answer);
   }
 
   /**

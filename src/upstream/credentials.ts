@@ -12,9 +12,11 @@
  * never a crash.
  */
 import { spawn } from 'node:child_process';
-import { readFileSync, statSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import type { Clock } from '../core/clock.js';
+import { fileStamp } from '../core/file-stamp.js';
 import type { Config, UpstreamAuth, UpstreamConfig } from '../core/config.js';
+import type { CredentialSource } from '../core/upstream-config.js';
 import { OciError } from '../core/errors.js';
 import { SingleFlight } from '../core/single-flight.js';
 
@@ -61,7 +63,7 @@ export class Credentials {
 
   /** The credentials to present to `upstream` now; undefined: none (anonymous). */
   get(upstream: UpstreamConfig): Promise<UpstreamAuth | undefined> {
-    if (upstream.auth || !upstream.credentials) return Promise.resolve(upstream.auth);
+    if (!Credentials.dynamic(upstream)) return Promise.resolve(upstream.auth);
     const source = upstream.credentials;
     const stamp = 'dockerConfig' in source ? this.file(source.dockerConfig).stamp : '';
     const known = this.memo.get(upstream.name);
@@ -79,7 +81,7 @@ export class Credentials {
   }
 
   /** Whether credentials for `upstream` are found at run time (and so may change). */
-  static dynamic(upstream: UpstreamConfig): boolean {
+  static dynamic(upstream: UpstreamConfig): upstream is UpstreamConfig & { credentials: CredentialSource } {
     return !upstream.auth && upstream.credentials !== undefined;
   }
 
@@ -89,8 +91,7 @@ export class Credentials {
     if (known && now - known.checkedAt < FILE_CHECK_MS) return known;
     let stamp: string;
     try {
-      const st = statSync(path);
-      stamp = `${st.ino}:${st.mtimeMs}:${st.size}`;
+      stamp = fileStamp(path);
     } catch (err) {
       stamp = `missing:${(err as NodeJS.ErrnoException).code}`;
     }

@@ -7,12 +7,12 @@
  * multiply them, and must go quiet after a 429 (docs/upstreams.md, "Thundering herds" and "Rate
  * limits: 429, Retry-After and `ratelimit-*`").
  */
-import type { IncomingHttpHeaders } from 'node:http';
 import { LRUCache } from 'lru-cache';
 import type { Clock } from '../core/clock.js';
 import type { UpstreamConfig } from '../core/config.js';
 import { OciError } from '../core/errors.js';
 import type { Metrics } from '../telemetry/metrics.js';
+import { header, type Headers } from './responses.js';
 
 export type BreakerState = 'closed' | 'open' | 'half-open';
 const STATE_VALUE: Record<BreakerState, number> = { closed: 0, open: 1, 'half-open': 2 };
@@ -147,14 +147,10 @@ export class Gate {
    * reports `ratelimit-remaining: 0` (docs/upstreams.md, "Rate limits"). Docker Hub's ratelimit-*
    * headers ("100;w=21600") go to gauges.
    */
-  observe(status: number, headers: IncomingHttpHeaders, repository: string): void {
-    const first = (name: string): string => {
-      const v = headers[name];
-      return (Array.isArray(v) ? v[0] : v) ?? '';
-    };
-    const limit = /^\s*(\d+)/.exec(first('ratelimit-limit'));
-    const remaining = /^\s*(\d+)/.exec(first('ratelimit-remaining'));
-    if (status === 429) this.rateLimited(first('retry-after') || undefined, remaining && Number(remaining[1]) === 0 ? undefined : repository);
+  observe(status: number, headers: Headers, repository: string): void {
+    const limit = /^\s*(\d+)/.exec(header(headers, 'ratelimit-limit') ?? '');
+    const remaining = /^\s*(\d+)/.exec(header(headers, 'ratelimit-remaining') ?? '');
+    if (status === 429) this.rateLimited(header(headers, 'retry-after'), remaining && Number(remaining[1]) === 0 ? undefined : repository);
     if (limit) this.metrics.ratelimitLimit.set({ upstream: this.upstream.name }, Number(limit[1]));
     if (remaining) this.metrics.ratelimitRemaining.set({ upstream: this.upstream.name }, Number(remaining[1]));
   }

@@ -1,15 +1,36 @@
 /** Certificates made by the real openssl at run time: CAs and leaves for 127.0.0.1 and localhost. */
 import assert from 'node:assert/strict';
-import { writeFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { Agent } from 'undici';
 import { exec, need, tempDir, type Scope } from './tools.js';
+
+export type Pair = { crt: string; key: string };
+
+/** An undici agent that trusts `ca` and presents `client` when given; closed when the test ends. */
+export function tlsAgent(t: Scope, ca: Pair, client?: Pair): Agent {
+  const a = new Agent({ connect: { ca: readFileSync(ca.crt), ...(client ? { cert: readFileSync(client.crt), key: readFileSync(client.key) } : {}) } });
+  t.after(() => a.close());
+  return a;
+}
+
+/** A containers-style cert directory (skopeo's --cert-dir): ca.crt, and client.cert and client.key when given. */
+export function certDir(dir: string, ca: Pair, client?: Pair): string {
+  mkdirSync(dir, { recursive: true });
+  writeFileSync(join(dir, 'ca.crt'), readFileSync(ca.crt));
+  if (client) {
+    writeFileSync(join(dir, 'client.cert'), readFileSync(client.crt));
+    writeFileSync(join(dir, 'client.key'), readFileSync(client.key));
+  }
+  return dir;
+}
 
 export interface Pki {
   dir: string;
   openssl: string;
-  ca(name: string): Promise<{ crt: string; key: string }>;
+  ca(name: string): Promise<Pair>;
   /** A leaf certificate for 127.0.0.1 and localhost (server and client use) whose subject is CN=`name`, signed by `ca`. */
-  leaf(ca: { crt: string; key: string }, name: string, serial: number): Promise<{ crt: string; key: string }>;
+  leaf(ca: Pair, name: string, serial: number): Promise<Pair>;
 }
 
 export async function pki(t: Scope): Promise<Pki | undefined> {
