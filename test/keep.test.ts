@@ -12,6 +12,7 @@ import { request } from 'undici';
 import { buildConfig } from '../src/core/config.js';
 import { runCli, writeConfig } from './helpers/cli.js';
 import { startDistribution } from './helpers/distribution.js';
+import { startFakeUpstream } from './helpers/fake-upstream.js';
 import { blobFile, fetchBody, jsonBody, startProxy } from './helpers/proxy.js';
 import { image, OCI_INDEX, OCI_MANIFEST, Pusher, sha256, type Image } from './helpers/seed.js';
 import { tempDir, until } from './helpers/tools.js';
@@ -123,4 +124,36 @@ test('keep: the kept images alone over storage.maxSize are warned about; `ocicac
   bad({ images: ['docker.io/team/app'], refresh: '10s' }, 'config: keep.refresh: expected a duration of at least 1m such as 6h, got "10s"');
   // An image of no configured upstream is refused when the server starts.
   await assert.rejects(startProxy(t, { upstreams: doc.upstreams, keep: { images: ['quay.io/team/app:v1'] } }), /config: keep\.images\[0\]: /);
+});
+
+test('keep: an upstream whose tag list never ends (or does not move on) fails the entry within a bound, and the refresh goes on', async (t) => {
+  const fake = await startFakeUpstream(t);
+  // Every page: the next 1000 tags after `last`, and a Link to more, for ever.
+  fake.route('/v2/team/endless/tags/list', (req, res) => {
+    const last = new URL(req.url ?? '/', 'http://x').searchParams.get('last');
+    const from = last === null ? 0 : Number(last.slice(1)) + 1;
+    const tags = Array.from({ length: 1000 }, (_, i) => `v${String(from + i).padStart(9, '0')}`);
+    res.writeHead(200, { 'content-type': 'application/json', link: '</v2/team/endless/tags/list?n=1000>; rel="next"' }).end(JSON.stringify({ name: 'team/endless', tags }));
+  });
+  // The same page, for ever.
+  fake.route('/v2/team/stuck/tags/list', (_req, res) => {
+    res.writeHead(200, { 'content-type': 'application/json', link: '</v2/team/stuck/tags/list?n=1000>; rel="next"' }).end(JSON.stringify({ name: 'team/stuck', tags: ['v1', 'v2'] }));
+  });
+  const proxy = await startProxy(t, {
+    upstreams: [{ name: 'fake.example', url: fake.url }],
+    keep: { images: ['fake.example/team/endless:v*', 'fake.example/team/stuck:v*'] },
+    admin: { tokenEnv: 'ADMIN' },
+    env: { ADMIN: 'admin-token' },
+  });
+  type Entry = { pattern: string; refreshedAt?: number; error?: string };
+  const entries = async (): Promise<Entry[]> => jsonBody<{ entries: Entry[] }>(await fetchBody(`${proxy.url}/admin/keep`, { authorization: 'Bearer admin-token' })).entries;
+  await until('both entries refreshed', async () => (await entries()).every((e) => e.refreshedAt !== undefined), 60_000);
+  assert.deepEqual(
+    (await entries()).map((e) => [e.pattern, e.error]),
+    [
+      ['fake.example/team/endless:v*', "fake.example/team/endless: the upstream's tag list does not end within 100000 tags"],
+      ['fake.example/team/stuck:v*', "fake.example/team/stuck: the upstream's tag list does not end within 100000 tags"],
+    ],
+  );
+  assert.ok(fake.count('GET', '/v2/team/endless/tags/list') <= 100, `${fake.count('GET', '/v2/team/endless/tags/list')} pages asked`);
 });

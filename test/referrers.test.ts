@@ -101,3 +101,33 @@ test('referrers are remembered per subject and filter and served STALE when the 
   proxy.app.services.db.dropManifest(subjectDigest);
   assert.equal((await referrers()).status, 503);
 });
+
+test('what clients ask for cannot grow the referrers memory: only for a cached subject, at most 16 filters each', async (t) => {
+  const fake = await startFakeUpstream(t);
+  const subject = Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: OCI_MANIFEST, config: { mediaType: 'application/vnd.oci.image.config.v1+json', digest: `sha256:${'e'.repeat(64)}`, size: 2 }, layers: [] }));
+  const cached = sha256(subject);
+  const uncached = `sha256:${'f'.repeat(64)}`;
+  const empty = Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: OCI_INDEX, manifests: [] }));
+  let up = true;
+  for (const d of [cached, uncached]) {
+    fake.route(`/v2/team/app/referrers/${d}`, (req, res) => {
+      if (!up) return void req.socket.destroy();
+      res.writeHead(200, { 'content-type': OCI_INDEX, 'content-length': String(empty.length) }).end(empty);
+    });
+  }
+  fake.route(`/v2/team/app/manifests/${cached}`, (req, res) => res.writeHead(200, { 'content-type': OCI_MANIFEST, 'content-length': String(subject.length), 'docker-content-digest': cached }).end(req.method === 'HEAD' ? undefined : subject));
+  const proxy = await startProxy(t, { upstreams: [{ name: 'fake.example', url: fake.url, breakerFailures: 0 }], timeouts: { manifest: '1s' } });
+  const referrers = (d: string, filter = ''): Promise<{ status: number; headers: Record<string, unknown> }> => fetchBody(`${proxy.url}/v2/team/app/referrers/${d}?ns=fake.example${filter}`);
+  assert.equal((await fetchBody(`${proxy.url}/v2/team/app/manifests/${cached}?ns=fake.example`, { accept: OCI_MANIFEST })).status, 200);
+  const filters = Array.from({ length: 20 }, (_, i) => `&artifactType=application%2Fx.test${i}`);
+  for (const f of ['', ...filters]) assert.equal((await referrers(cached, f)).status, 200);
+  assert.equal((await referrers(uncached)).status, 200);
+
+  up = false;
+  // The unfiltered list and the first 15 filters were remembered; the rest, and the uncached subject, were not.
+  assert.equal((await referrers(cached)).headers['x-cache'], 'STALE');
+  const remembered = [];
+  for (const f of filters) remembered.push((await referrers(cached, f)).status);
+  assert.deepEqual(remembered, [...Array(15).fill(200), ...Array(5).fill(503)]);
+  assert.equal((await referrers(uncached)).status, 503);
+});

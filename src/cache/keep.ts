@@ -34,6 +34,8 @@ export interface KeptEntry {
 }
 
 const TAGS_PAGE = 1000;
+/** Most tags a glob is matched against: an upstream paging without end must not hold the refresh, or memory. */
+const MAX_TAGS = 100_000;
 
 /** `name:tag*` → [`name`, `tag*`] when the tag is a glob; undefined otherwise. */
 function globOf(pattern: string): [string, RegExp] | undefined {
@@ -121,7 +123,12 @@ export class Keeper {
       const page = await this.s.manifests.listTags(target, TAGS_PAGE, last);
       tags.push(...page.tags);
       if (!page.hasNext || page.tags.length === 0) break;
-      last = page.tags[page.tags.length - 1];
+      const next = page.tags[page.tags.length - 1]!;
+      // Pages come in tag order (distribution spec, "Listing Tags"): one that does not move on, or a list past the bound, ends here.
+      if ((last !== undefined && next <= last) || tags.length >= MAX_TAGS) {
+        throw new Error(`${base}: the upstream's tag list does not end within ${MAX_TAGS} tags`);
+      }
+      last = next;
     }
     return tags.filter((t) => re.test(t)).map((t) => `${base}:${t}`);
   }
