@@ -12,7 +12,7 @@ import { buildApp } from './http/app.js';
 import { ConfigError, loadConfig, type Config } from './core/config.js';
 import { formatBytes } from './core/units.js';
 import type { KeptEntry } from './cache/keep.js';
-import { prefetch, type PrefetchEvent } from './cache/prefetch.js';
+import { prefetch, type PrefetchEvent, type PrefetchOptions } from './cache/prefetch.js';
 import { openCache, type Services } from './cache/services.js';
 import { CacheInUse } from './storage/lock.js';
 import { problems, verify } from './cache/verify.js';
@@ -28,6 +28,8 @@ const USAGE = `usage: ocicache <command> [--config FILE] [options]
                         corrupt; exits 1 when anything was found
   prefetch REF...       fetch images into the cache (REF: [registry/]name[:tag|@digest])
       --platform LIST     only these platforms of a multi-platform image, e.g. linux/amd64,linux/arm64
+      --with-referrers    also each manifest's signatures, SBOMs and attestations (the referrers
+                          API, or the sha256-<hex> tags where the upstream has none)
       --file FILE         read references from FILE too, one per line (# comments allowed)
       --server URL        ask a running ocicache (POST URL/admin/prefetch) instead of opening the
                           cache directory; the admin token comes from $OCICACHE_ADMIN_TOKEN
@@ -101,16 +103,18 @@ function printEvent(e: PrefetchEvent): void {
   }
   const size = e.size === undefined ? '' : ` ${formatBytes(e.size)}`;
   const platform = e.platform ? ` (${e.platform})` : '';
-  process.stdout.write(`${e.ref}  ${e.event} ${e.digest}${size} ${e.result}${platform}${e.error ? `: ${e.error}` : ''}\n`);
+  const subject = e.subject ? ` (referrer of ${e.subject})` : '';
+  process.stdout.write(`${e.ref}  ${e.event} ${e.digest}${size} ${e.result}${platform}${subject}${e.error ? `: ${e.error}` : ''}\n`);
 }
 
-async function prefetchCommand(config: Config | undefined, refs: string[], platforms: string[] | undefined, server: string | undefined): Promise<void> {
+async function prefetchCommand(config: Config | undefined, refs: string[], options: PrefetchOptions, server: string | undefined): Promise<void> {
   if (refs.length === 0) throw new UsageError('prefetch needs at least one image reference (or --file)');
   if (server === undefined) {
-    await withCache(config!, (s) => prefetch(s, refs, platforms, printEvent));
+    await withCache(config!, (s) => prefetch(s, refs, options, printEvent));
     return;
   }
-  const res = await adminRequest(server, '/admin/prefetch', { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ references: refs, platforms }) });
+  const body = JSON.stringify({ references: refs, platforms: options.platforms, withReferrers: options.withReferrers });
+  const res = await adminRequest(server, '/admin/prefetch', { method: 'POST', headers: { 'content-type': 'application/json' }, body });
   let buffered = '';
   for await (const chunk of res.body) {
     buffered += (chunk as Buffer).toString('utf8');
@@ -198,6 +202,7 @@ async function main(argv: string[]): Promise<void> {
       config: { type: 'string', short: 'c' },
       help: { type: 'boolean', short: 'h' },
       platform: { type: 'string', multiple: true },
+      'with-referrers': { type: 'boolean' },
       file: { type: 'string', multiple: true },
       server: { type: 'string' },
       replica: { type: 'string', multiple: true },
@@ -236,7 +241,7 @@ async function main(argv: string[]): Promise<void> {
       }
       const platforms = values.platform?.flatMap((p) => p.split(',')).map((p) => p.trim()).filter(Boolean);
       const config = values.server === undefined ? loadConfig(values.config, process.env, { upstreamAuth: true, adminToken: false }) : undefined;
-      return prefetchCommand(config, refs, platforms, values.server);
+      return prefetchCommand(config, refs, { platforms, withReferrers: values['with-referrers'] }, values.server);
     }
     case 'kept': {
       const config = values.server === undefined ? loadConfig(values.config, process.env, { upstreamAuth: false, adminToken: false }) : undefined;

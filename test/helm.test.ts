@@ -439,8 +439,8 @@ test('helm chart: a node tier chained to the fleet (node mode with config.parent
   assert.equal(config.parent?.url.href, 'http://ocicache.registry.svc.cluster.local:5000/');
   assert.ok(config.upstreams.every((u) => u.viaParent && u.url.href === config.parent!.url.href), 'every upstream goes through the parent');
   // The keep list passes through to the config.
-  const withKeep = await render(['--set-json', 'config.keep={"images":["registry.k8s.io/pause:3.*"],"platforms":["linux/amd64"],"refresh":"12h"}']);
-  assert.deepEqual(buildConfig(parse(withKeep.configText), {}, { upstreamAuth: false, adminToken: false }).keep, { images: ['registry.k8s.io/pause:3.*'], platforms: ['linux/amd64'], refresh: 12 * 3_600_000 });
+  const withKeep = await render(['--set-json', 'config.keep={"images":["registry.k8s.io/pause:3.*"],"platforms":["linux/amd64"],"refresh":"12h","withReferrers":true}']);
+  assert.deepEqual(buildConfig(parse(withKeep.configText), {}, { upstreamAuth: false, adminToken: false }).keep, { images: ['registry.k8s.io/pause:3.*'], platforms: ['linux/amd64'], refresh: 12 * 3_600_000, withReferrers: true });
   // The balancer pod runs HAProxy under the official image's numeric uid, so runAsNonRoot can be checked.
   const fleet = await render(['--set', 'fleet.enabled=true', '--set', 'replicaCount=3']);
   const balancer = fleet.docs.find((d) => d.kind === 'Deployment')!.spec.template.spec;

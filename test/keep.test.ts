@@ -122,6 +122,7 @@ test('keep: the kept images alone over storage.maxSize are warned about; `ocicac
   bad({ images: ['docker.io/team/app:v1 extra'] }, 'config: keep.images[0]: must be an image reference such as registry.k8s.io/pause:3.10, docker.io/library/busybox:1.* or ghcr.io/org/app@sha256:…, got "docker.io/team/app:v1 extra"');
   bad({ images: ['docker.io/team/app'], platforms: ['amd64'] }, 'config: keep.platforms[0]: must be a platform such as linux/amd64 or linux/arm64/v8, got "amd64"');
   bad({ images: ['docker.io/team/app'], refresh: '10s' }, 'config: keep.refresh: expected a duration of at least 1m such as 6h, got "10s"');
+  bad({ images: ['docker.io/team/app'], withReferrers: 'yes' }, 'config: keep.withReferrers: expected true or false, got "yes"');
   // An image of no configured upstream is refused when the server starts.
   await assert.rejects(startProxy(t, { upstreams: doc.upstreams, keep: { images: ['quay.io/team/app:v1'] } }), /config: keep\.images\[0\]: /);
 });

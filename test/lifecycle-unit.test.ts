@@ -14,7 +14,8 @@ import { BlobStore } from '../src/storage/blob-store.js';
 import { Db } from '../src/storage/db.js';
 import { Metrics } from '../src/telemetry/metrics.js';
 import { metric, testClock, type TestClock } from './helpers/proxy.js';
-import { sha256 } from './helpers/seed.js';
+import { OCI_MANIFEST, sha256 } from './helpers/seed.js';
+import { childrenOf } from '../src/core/media-types.js';
 import { tempDir, until } from './helpers/tools.js';
 
 interface World {
@@ -132,6 +133,37 @@ test('least recently used goes first: a use moves a blob to the back of the line
   assert.deepEqual(await w.lifecycle.pass('size'), result({ blobs: 2, bytes: 600, used: 500 }));
   assert.deepEqual(w.indexed(), [a, d].sort());
   for (const x of [b, c]) assert.equal(existsSync(w.store.path(x)), false);
+});
+
+test('a referrer stays as long as its subject and goes with it, linked by its subject field or a sha256-<hex> tag', async (t) => {
+  const w = await world(t, { maxSize: 1000, highWatermark: 90, lowWatermark: 50 });
+  const manifest = (json: object, tag?: string): string => {
+    const body = Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: OCI_MANIFEST, ...json }));
+    const digest = sha256(body);
+    w.db.putManifest({ digest, mediaType: OCI_MANIFEST, body }, childrenOf(body), 'docker.io', 'team/app', tag, w.clock());
+    return digest;
+  };
+  // Read once, long ago: a signature (subject field) and a cosign signature (found by its tag).
+  const [sbomBlob, sigBlob] = [w.add(60), w.add(40)];
+  const [config, layer] = [w.add(50), w.add(300)];
+  const subject = manifest({ config: { digest: config }, layers: [{ digest: layer }] });
+  const sbom = manifest({ config: { digest: sbomBlob }, layers: [], subject: { mediaType: OCI_MANIFEST, digest: subject } });
+  const sig = manifest({ config: { digest: sigBlob }, layers: [] }, `${subject.replace(':', '-')}.sig`);
+  const fillers = [w.add(250), w.add(150)];
+  // The image is pulled again; a gc must bring 850 bytes down to 500.
+  w.clock.advance(1000);
+  for (const d of [config, layer]) w.lifecycle.touch(d, 0, 'docker.io');
+  assert.deepEqual(await w.lifecycle.pass('gc'), result({ blobs: 2, bytes: 400, used: 450 }));
+  // The referrers' blobs are as recent as the image's, so the fillers went, and everything is still served.
+  assert.deepEqual(w.indexed(), [sbomBlob, sigBlob, config, layer].sort());
+  for (const d of fillers) assert.equal(existsSync(w.store.path(d)), false);
+  for (const d of [subject, sbom, sig]) assert.ok(w.db.getManifest(d), d);
+
+  // Now the image is the least recently used: it goes, and its referrers with it.
+  const big = w.add(500);
+  assert.deepEqual(await w.lifecycle.pass('size'), result({ blobs: 4, bytes: 450, manifests: 3, tags: 1, used: 500 }));
+  assert.deepEqual(w.indexed(), [big]);
+  for (const d of [subject, sbom, sig]) assert.equal(w.db.getManifest(d), undefined, d);
 });
 
 test('expiry by age: each upstream keeps a blob for its own maxAge since it last used it', async (t) => {

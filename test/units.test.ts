@@ -15,6 +15,7 @@ import { parseV2Path, UpstreamIndex } from '../src/core/api-path.js';
 import { Stats } from '../src/http/status.js';
 import { parseWwwAuthenticate } from '../src/upstream/www-authenticate.js';
 import { tempDir } from './helpers/tools.js';
+import { subjectOfTag } from '../src/core/digest.js';
 
 test('WWW-Authenticate: quoted commas, several challenges, case', () => {
   const cases: Array<[string, Array<{ scheme: string; params: Record<string, string> }>]> = [
@@ -248,4 +249,22 @@ test('db: batched access times only update; a use recorded after eviction brings
   } finally {
     db.close();
   }
+});
+
+test('the subject a referrers-tag-schema tag names: sha256-<hex> and cosign suffixes only', () => {
+  const hex = 'a'.repeat(64);
+  const cases: Array<[string, string | undefined]> = [
+    [`sha256-${hex}`, `sha256:${hex}`],
+    [`sha256-${hex}.sig`, `sha256:${hex}`],
+    [`sha256-${hex}.att`, `sha256:${hex}`],
+    [`sha256-${hex}.sbom`, `sha256:${hex}`],
+    [`sha512-${'b'.repeat(128)}`, `sha512:${'b'.repeat(128)}`],
+    [`sha256-${'A'.repeat(64)}`, undefined],
+    [`sha256-${hex.slice(1)}`, undefined],
+    [`sha256-${hex}extra`, undefined],
+    [`sha256-${hex}.`, undefined],
+    [`md5-${'a'.repeat(32)}`, undefined],
+    ['latest', undefined],
+  ];
+  for (const [tag, subject] of cases) assert.equal(subjectOfTag(tag), subject, tag);
 });

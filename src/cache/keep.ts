@@ -2,7 +2,8 @@
  * The keep list (config `keep`): images that are never evicted by size or age. At start-up (in
  * the background, not delaying readiness) and every keep.refresh, each entry is resolved (a tag
  * glob against the upstream's tag list) and fetched through the cache like `ocicache prefetch`,
- * only the configured platforms of a multi-platform image; the digests of every manifest and blob
+ * only the configured platforms of a multi-platform image (and, with withReferrers, the referrers
+ * of each manifest: signatures, SBOMs, attestations); the digests of every manifest and blob
  * involved are then recorded (storage/kept.ts), and eviction skips them and whatever would drop
  * them (Lifecycle). An entry that fails to refresh (upstream down) keeps what it held; a tag that
  * no longer matches a glob, or an entry removed from the config, is kept no more. Kept blobs count
@@ -142,16 +143,18 @@ export class Keeper {
       await prefetch(
         this.s,
         [ref],
-        this.config?.platforms,
+        {
+          platforms: this.config?.platforms,
+          withReferrers: this.config?.withReferrers,
+          // Protected from eviction as soon as it lands, not only once the ref is recorded.
+          before: (digest) => {
+            held.push(digest);
+            this.s.db.kept.hold(digest);
+          },
+        },
         (e) => {
           if (e.event === 'error' || e.result === 'failed') failure ??= e.error ?? 'failed';
           else if ((e.event === 'manifest' || e.event === 'blob') && e.digest && e.result !== 'skipped') digests.add(e.digest);
-        },
-        undefined,
-        // Protected from eviction as soon as it lands, not only once the ref is recorded.
-        (digest) => {
-          held.push(digest);
-          this.s.db.kept.hold(digest);
         },
       );
       if (failure === undefined) this.s.db.kept.set(pattern, ref, digests);

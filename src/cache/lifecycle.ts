@@ -43,6 +43,8 @@ export class Lifecycle {
   private running: Promise<PassResult> | undefined;
   private timers: NodeJS.Timeout[] = [];
   private lastSoon = 0;
+  /** Whether any referrer is linked to a subject (asked once per pass). */
+  private referrersLinked = false;
   private rerun = false;
   private soonTimer: NodeJS.Timeout | undefined;
   /** Whether storage can take more; every index write of the cache goes through it. */
@@ -225,6 +227,7 @@ export class Lifecycle {
 
   private async runPass(reason: EvictionReason): Promise<PassResult> {
     this.flush();
+    this.referrersLinked = this.db.referrers.any();
     const result: PassResult = { blobs: 0, bytes: 0, manifests: 0, tags: 0, used: 0, danglingRows: 0 };
     this.used = this.db.usage().bytes;
     const now = this.now();
@@ -247,7 +250,16 @@ export class Lifecycle {
     return result;
   }
 
-  /** Least recently used, unpinned blobs adding up to at least `bytes`. */
+  /**
+   * Not evicted now: pinned (being read or filled); kept (the keep list's images are never evicted
+   * or expired); or a referrer's blob whose subject was used since (it is as recent as its subject,
+   * storage/referrers.ts, and takes its place in the line).
+   */
+  private spared(digest: string): boolean {
+    return this.pins.has(digest) || this.db.protectsKept(digest) || (this.referrersLinked && this.db.referrers.ageWithSubject(digest));
+  }
+
+  /** Least recently used blobs not spared, adding up to at least `bytes`. */
   private lruUntil(bytes: number): BlobRow[] {
     const out: BlobRow[] = [];
     let total = 0;
@@ -256,7 +268,7 @@ export class Lifecycle {
       total = 0;
       const rows = this.db.oldestBlobs(limit);
       for (const row of rows) {
-        if (this.pins.has(row.digest) || this.db.protectsKept(row.digest)) continue;
+        if (this.spared(row.digest)) continue;
         out.push(row);
         total += row.size;
         if (total >= bytes) break;
@@ -268,8 +280,7 @@ export class Lifecycle {
 
   private async evict(rows: BlobRow[], reason: EvictionReason, result: PassResult): Promise<void> {
     for (const row of rows) {
-      // Pinned: being read or filled. Kept: the keep list's images are never evicted or expired.
-      if (this.pins.has(row.digest) || this.db.protectsKept(row.digest)) continue;
+      if (this.spared(row.digest)) continue;
       // Rows first, in one transaction with the manifests that point to the blob; then the file.
       // A crash in between leaves a verified file without a row, which is adopted or swept later.
       let dropped: Dropped = { manifests: [], tags: 0 };

@@ -75,3 +75,15 @@ export class DigestVerifier {
     if (actual !== this.digest) throw new OciError('UNKNOWN', `upstream content for ${this.digest} hashes to ${actual}`, { status: 502 });
   }
 }
+
+/**
+ * The subject a tag of the referrers tag schema names: `sha256-<hex>` (distribution-spec
+ * "Referrers Tag Schema", an index of the referrers) and cosign's `sha256-<hex>.sig`, `.att` and
+ * `.sbom` (a signature, attestation or SBOM of that manifest). undefined for any other tag.
+ */
+export function subjectOfTag(tag: string): string | undefined {
+  const m = /^(sha256|sha512)-([a-f0-9]{64}|[a-f0-9]{128})(\.[A-Za-z0-9_-]+)?$/.exec(tag);
+  if (!m) return undefined;
+  const digest = `${m[1]}:${m[2]}`;
+  return isDigest(digest) ? digest : undefined;
+}

@@ -14,6 +14,8 @@ export interface KeepConfig {
   platforms: string[] | undefined;
   /** How often tags are resolved again and the images fetched. */
   refresh: number;
+  /** Also each kept manifest's referrers (signatures, SBOMs, attestations), kept with it. */
+  withReferrers: boolean;
 }
 
 const IMAGE = /^[a-z0-9][a-z0-9._:/-]*?(@sha(256:[a-f0-9]{64}|512:[a-f0-9]{128})|:[A-Za-z0-9_*?][A-Za-z0-9_.*?-]{0,127})?$/;
@@ -29,10 +31,11 @@ function list(value: unknown, path: string, check: RegExp, example: string): str
 
 export function buildKeepConfig(raw: unknown): KeepConfig | undefined {
   if (raw === undefined || raw === null) return undefined;
-  const o = section({ keep: raw }, 'keep', 'keep', ['images', 'platforms', 'refresh']);
+  const o = section({ keep: raw }, 'keep', 'keep', ['images', 'platforms', 'refresh', 'withReferrers']);
   const images = list(o.images, 'keep.images', IMAGE, 'an image reference such as registry.k8s.io/pause:3.10, docker.io/library/busybox:1.* or ghcr.io/org/app@sha256:…');
   const platforms = o.platforms === undefined ? undefined : list(o.platforms, 'keep.platforms', PLATFORM, 'a platform such as linux/amd64 or linux/arm64/v8');
   const refresh = parseDuration(o.refresh ?? '6h');
   if (refresh === undefined || refresh < 60_000) throw new ConfigError('keep.refresh', `expected a duration of at least 1m such as 6h, got ${JSON.stringify(o.refresh)}`);
-  return { images, platforms, refresh };
+  if (o.withReferrers !== undefined && typeof o.withReferrers !== 'boolean') throw new ConfigError('keep.withReferrers', `expected true or false, got ${JSON.stringify(o.withReferrers)}`);
+  return { images, platforms, refresh, withReferrers: o.withReferrers === true };
 }

@@ -4,6 +4,7 @@
  * re-serialisation would break Docker-Content-Digest (docs/upstreams.md, "Manifests are bytes,
  * not JSON").
  */
+import { isDigest } from './digest.js';
 export const OCI_INDEX = 'application/vnd.oci.image.index.v1+json';
 export const OCI_MANIFEST = 'application/vnd.oci.image.manifest.v1+json';
 export const DOCKER_LIST = 'application/vnd.docker.distribution.manifest.list.v2+json';
@@ -123,4 +124,10 @@ export function childrenOf(body: Uint8Array): string[] {
   for (const c of Array.isArray(m.manifests) ? m.manifests : []) add(c?.digest);
   for (const l of Array.isArray(m.fsLayers) ? m.fsLayers : []) add(l?.blobSum);
   return [...out];
+}
+
+/** The digest a manifest's `subject` names (image-spec manifest.md "subject"): it is a referrer of that manifest. */
+export function subjectOf(body: Uint8Array): string | undefined {
+  const d = parse(body)?.subject?.digest;
+  return typeof d === 'string' && isDigest(d) ? d : undefined;
 }

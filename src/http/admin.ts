@@ -46,24 +46,20 @@ export function registerAdmin(app: FastifyInstance, s: Services): void {
       }
     });
 
-    // Body: {"references": ["docker.io/library/alpine:3.20", ...], "platforms": ["linux/amd64"]}.
+    // Body: {"references": ["docker.io/library/alpine:3.20", ...], "platforms": ["linux/amd64"], "withReferrers": true}.
     admin.post('/admin/prefetch', async (req, reply) => {
-      const body = (req.body ?? {}) as { references?: unknown; platforms?: unknown };
+      const body = (req.body ?? {}) as { references?: unknown; platforms?: unknown; withReferrers?: unknown };
       const refs = stringList(body.references, 'references');
       if (!refs || refs.length === 0) throw new OciError('UNSUPPORTED', 'references must list at least one image', { status: 400 });
       const platforms = stringList(body.platforms, 'platforms');
+      if (body.withReferrers !== undefined && typeof body.withReferrers !== 'boolean') throw new OciError('UNSUPPORTED', 'withReferrers must be true or false', { status: 400 });
+      const withReferrers = body.withReferrers === true;
       const out = new PassThrough();
-      req.log.info({ reqId: req.id, references: refs, platforms }, 'prefetch started');
+      req.log.info({ reqId: req.id, references: refs, platforms, withReferrers }, 'prefetch started');
       // Progress as it happens, one JSON object per line; the work goes on if the caller leaves.
-      const task = prefetch(
-        s,
-        refs,
-        platforms,
-        (e) => {
-          if (!out.destroyed) out.write(`${JSON.stringify(e)}\n`);
-        },
-        stop.signal,
-      ).then(
+      const task = prefetch(s, refs, { platforms, withReferrers, signal: stop.signal }, (e) => {
+        if (!out.destroyed) out.write(`${JSON.stringify(e)}\n`);
+      }).then(
         (summary) => {
           req.log.info({ reqId: req.id, ...summary }, 'prefetch finished');
           out.end();

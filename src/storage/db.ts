@@ -13,9 +13,12 @@
  *   cached blob is served for a repository only when this table says the repository holds it. A
  *   manifest pointing to a digest is no proof: its `subject`, or a layer a registry did not check
  *   at push, can name any digest.
+ * - `subjects` links a referrer to its subject (by its `subject` field or a referrers-tag-schema
+ *   tag), beside a `refs` edge from referrer to subject: whatever drops a subject drops its
+ *   referrers, and eviction ages a referrer's blobs with its subject (storage/referrers.ts).
  * - Dropping a blob drops, in the same transaction, every manifest that points to it (directly or
  *   through an index) and the tags of those: no cached manifest ever points to an evicted blob.
- * Schema changes bump `user_version` and add a step to MIGRATIONS.
+ * Schema changes bump `user_version` and add a step to MIGRATIONS (storage/schema.ts).
  *
  * Recently read manifests are also kept in memory, in front of SQLite: the warm path of every pull
  * reads them. What drops a manifest row drops it there too, in the same call, so memory never
@@ -23,9 +26,11 @@
  */
 import Database from 'better-sqlite3';
 import { LRUCache } from 'lru-cache';
-import { isMediaType, mediaTypeOf } from '../core/media-types.js';
+import { subjectOfTag } from '../core/digest.js';
+import { isMediaType, mediaTypeOf, subjectOf } from '../core/media-types.js';
 import { KeptIndex } from './kept.js';
 import { ReferrersIndex } from './referrers.js';
+import { MIGRATIONS } from './schema.js';
 
 export interface ManifestRecord {
   digest: string;
@@ -38,37 +43,6 @@ export interface TagRecord {
   checkedAt: number;
 }
 
-const MIGRATIONS = [
-  `CREATE TABLE manifests (
-     digest TEXT PRIMARY KEY, media_type TEXT NOT NULL, body BLOB NOT NULL,
-     size INTEGER NOT NULL, created_at INTEGER NOT NULL);
-   CREATE TABLE manifest_repos (
-     upstream TEXT NOT NULL, name TEXT NOT NULL, digest TEXT NOT NULL,
-     PRIMARY KEY (upstream, name, digest)) WITHOUT ROWID;
-   CREATE INDEX manifest_repos_digest ON manifest_repos (digest);
-   CREATE TABLE tags (
-     upstream TEXT NOT NULL, name TEXT NOT NULL, tag TEXT NOT NULL,
-     digest TEXT NOT NULL, checked_at INTEGER NOT NULL,
-     PRIMARY KEY (upstream, name, tag)) WITHOUT ROWID;
-   CREATE INDEX tags_digest ON tags (digest);
-   CREATE TABLE refs (parent TEXT NOT NULL, child TEXT NOT NULL, PRIMARY KEY (parent, child)) WITHOUT ROWID;
-   CREATE INDEX refs_child ON refs (child);
-   CREATE TABLE blobs (digest TEXT PRIMARY KEY, size INTEGER NOT NULL, created_at INTEGER NOT NULL, last_access INTEGER NOT NULL);`,
-  `CREATE INDEX blobs_last_access ON blobs (last_access);
-   CREATE TABLE blob_access (
-     digest TEXT NOT NULL, upstream TEXT NOT NULL, last_access INTEGER NOT NULL,
-     PRIMARY KEY (digest, upstream)) WITHOUT ROWID;`,
-  `CREATE TABLE blob_repos (
-     upstream TEXT NOT NULL, name TEXT NOT NULL, digest TEXT NOT NULL,
-     PRIMARY KEY (upstream, name, digest)) WITHOUT ROWID;
-   CREATE INDEX blob_repos_digest ON blob_repos (digest);`,
-  `CREATE TABLE kept (pattern TEXT NOT NULL, ref TEXT NOT NULL, digest TEXT NOT NULL, PRIMARY KEY (pattern, ref, digest)) WITHOUT ROWID;`,
-  `CREATE TABLE referrers (
-     upstream TEXT NOT NULL, name TEXT NOT NULL, subject TEXT NOT NULL, artifact_type TEXT NOT NULL,
-     body BLOB NOT NULL, content_type TEXT NOT NULL, filters TEXT, checked_at INTEGER NOT NULL,
-     PRIMARY KEY (upstream, name, subject, artifact_type)) WITHOUT ROWID;
-   CREATE INDEX referrers_subject ON referrers (subject);`,
-];
 
 export interface BlobAccess {
   digest: string;
@@ -209,8 +183,17 @@ export class Db {
       this.stmt.putManifest.run(m.digest, m.mediaType, m.body, m.body.length, now);
       for (const c of children) this.stmt.putRef.run(m.digest, c);
       this.stmt.putSeen.run(upstream, name, m.digest);
-      if (tag !== undefined) this.stmt.putTag.run(upstream, name, tag, m.digest, now);
+      const subject = subjectOf(m.body);
+      if (subject !== undefined) this.referrers.link(upstream, name, m.digest, subject);
+      if (tag !== undefined) this.tagged(upstream, name, tag, m.digest, now);
     })();
+  }
+
+  /** A tag row, and the referrer link a tag of the referrers tag schema makes. */
+  private tagged(upstream: string, name: string, tag: string, digest: string, now: number): void {
+    this.stmt.putTag.run(upstream, name, tag, digest, now);
+    const subject = subjectOfTag(tag);
+    if (subject !== undefined) this.referrers.link(upstream, name, digest, subject);
   }
 
   isSeenIn(upstream: string, name: string, digest: string): boolean {
@@ -229,7 +212,7 @@ export class Db {
   /** Points a tag at a digest already in `manifests` and marks it checked now. */
   putTag(upstream: string, name: string, tag: string, digest: string, now: number): void {
     this.db.transaction(() => {
-      this.stmt.putTag.run(upstream, name, tag, digest, now);
+      this.tagged(upstream, name, tag, digest, now);
       this.stmt.putSeen.run(upstream, name, digest);
     })();
   }
@@ -366,6 +349,7 @@ export class Db {
       let n = this.db.prepare('DELETE FROM tags WHERE digest NOT IN (SELECT digest FROM manifests)').run().changes;
       n += this.db.prepare('DELETE FROM manifest_repos WHERE digest NOT IN (SELECT digest FROM manifests)').run().changes;
       n += this.db.prepare('DELETE FROM refs WHERE parent NOT IN (SELECT digest FROM manifests)').run().changes;
+      n += this.db.prepare('DELETE FROM subjects WHERE referrer NOT IN (SELECT digest FROM manifests)').run().changes;
       n += this.db.prepare('DELETE FROM blob_access WHERE digest NOT IN (SELECT digest FROM blobs)').run().changes;
       n += this.db.prepare('DELETE FROM blob_repos WHERE digest NOT IN (SELECT digest FROM blobs)').run().changes;
       return n;
