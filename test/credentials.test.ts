@@ -12,7 +12,8 @@ import test, { type TestContext } from 'node:test';
 import { buildConfig } from '../src/core/config.js';
 import { startDistribution } from './helpers/distribution.js';
 import { startProxyWithFake } from './helpers/fake-upstream.js';
-import { fetchBody, ociError, startProxy } from './helpers/proxy.js';
+import { fetchBody, ociError, startProxy, testClock } from './helpers/proxy.js';
+import { Credentials, secretExpiry } from '../src/upstream/credentials.js';
 import { image, OCI_MANIFEST, Pusher, sha256 } from './helpers/seed.js';
 import { startTokenIssuer } from './helpers/token-issuer.js';
 import { tempDir, until } from './helpers/tools.js';
@@ -153,6 +154,59 @@ test('a helper that hangs is killed after helperTimeout; one that fails or is mi
   const anonymous = await manifest(proxy.url);
   assert.notEqual(anonymous.status, 200);
   assert.notEqual(anonymous.status, 500);
+});
+
+test('a secret that says when it expires (a JWT exp) is asked for again 30 s before then, not after the ttl; at most once a second', async (t) => {
+  const helper = credentialHelper(t);
+  const clock = testClock();
+  const b64url = (o: object): string => Buffer.from(JSON.stringify(o)).toString('base64url');
+  const jwt = (inSeconds: number): string => `${b64url({ alg: 'RS256', typ: 'JWT' })}.${b64url({ sub: USER, exp: Math.floor(clock() / 1000) + inSeconds })}.c2lnbmF0dXJl`;
+  // The registry takes the token as a password (as ACR takes its refresh token); ttl is 10 minutes.
+  const secret = jwt(120);
+  const registry = await startDistribution(t, { basic: { username: USER, password: secret } });
+  if (!registry) return;
+  await new Pusher({ url: registry.url, basic: { username: USER, password: secret } }).pushImage('team/private', 'v1', image({ 'jwt.txt': Buffer.from('behind a JWT\n') }));
+  helper.answer({ user: USER, secret });
+  const proxy = await startProxy(t, { upstreams: [{ name: 'private.example', url: registry.url, auth: { helper: 'ocitest' } }], cache: { tagTtl: '0s' }, credentials: { ttl: '10m' }, clock });
+  const steps: Array<[string, number, number]> = [
+    ['first pull', 0, 1],
+    ['a minute later', 60_000, 1],
+    ['89 s after: 31 s before exp', 29_000, 1],
+    ['91 s after: within 30 s of exp', 2_000, 2],
+  ];
+  for (const [when, advance, calls] of steps) {
+    clock.advance(advance);
+    assert.equal((await manifest(proxy.url)).status, 200, when);
+    assert.equal(helper.calls().length, calls, when);
+  }
+
+  // A secret already within the margin is used, and asked for again a second later, not per request.
+  const credentials = new Credentials(buildConfig({ upstreams: [{ name: 'private.example', url: registry.url }] }, {}).credentials, clock);
+  const upstream = buildConfig({ upstreams: [{ name: 'private.example', url: registry.url, auth: { helper: 'ocitest' } }] }, {}).upstreams[0]!;
+  helper.answer({ user: USER, secret: jwt(10) });
+  const before = helper.calls().length;
+  for (const advance of [0, 500, 499]) {
+    clock.advance(advance);
+    assert.equal((await credentials.get(upstream))?.username, USER);
+  }
+  assert.equal(helper.calls().length - before, 1, 'kept for a second');
+  clock.advance(2);
+  await credentials.get(upstream);
+  assert.equal(helper.calls().length - before, 2, 'asked again after it');
+});
+
+test('secretExpiry: a JWT-shaped secret with a numeric exp, nothing else', () => {
+  const b64url = (o: unknown): string => Buffer.from(typeof o === 'string' ? o : JSON.stringify(o)).toString('base64url');
+  const cases: Array<[string, string, number | undefined]> = [
+    ['a JWT', `${b64url({ alg: 'RS256' })}.${b64url({ exp: 1_900_000_000 })}.sig`, 1_900_000_000_000],
+    ['an unsigned JWT', `${b64url({ alg: 'none' })}.${b64url({ exp: 1_900_000_000 })}.`, 1_900_000_000_000],
+    ['no exp', `${b64url({ alg: 'RS256' })}.${b64url({ sub: 'x' })}.sig`, undefined],
+    ['exp as a string', `${b64url({ alg: 'RS256' })}.${b64url({ exp: '1900000000' })}.sig`, undefined],
+    ['a payload that is not JSON', `${b64url({ alg: 'RS256' })}.${b64url('not json')}.sig`, undefined],
+    ['a password', 'correct horse battery staple', undefined],
+    ['a GCP access token', 'ya29.a0AfH6SMBx-example', undefined],
+  ];
+  for (const [what, secret, expiry] of cases) assert.equal(secretExpiry(secret), expiry, what);
 });
 
 test('credential sources are validated, naming the key', () => {

@@ -100,7 +100,7 @@ export class UpstreamClient {
     // Redirects are followed hop by hop as trust.ts redirectRule says. Cross-origin hops (a blob's
     // 307 to a CDN or S3) lose Authorization (exchange.ts); S3 refuses requests carrying both.
     this.exchanger = new Exchanger(config.timeouts.connect, network);
-    this.auth = new Authorizer(this.exchanger, config.timeouts.manifest, metrics, (name) => this.gate(name), new Credentials(config.credentials, now));
+    this.auth = new Authorizer(this.exchanger, config.timeouts.manifest, metrics, (name) => this.gate(name), new Credentials(config.credentials, now), now);
   }
 
   async close(): Promise<void> {

@@ -7,7 +7,9 @@
  * - a docker-credential-helpers program: `docker-credential-<name> get`, the server on stdin, JSON
  *   `{"Username", "Secret"}` on stdout (https://github.com/docker/docker-credential-helpers).
  * What a file or helper gave is kept for credentials.ttl, or until the upstream refuses it
- * (invalidate): then it is fetched again, once per refusal. A helper that hangs is killed after
+ * (invalidate): then it is fetched again, once per refusal. A secret that says when it expires (a
+ * JWT's `exp`, RFC 7519 §4.1.4: Azure's ACR refresh tokens, OIDC ID tokens) is kept no longer
+ * than EXPIRY_MARGIN before that. A helper that hangs is killed after
  * credentials.helperTimeout; one that fails is the upstream's authentication failure (DENIED),
  * never a crash.
  */
@@ -21,6 +23,23 @@ import { OciError } from '../core/errors.js';
 import { SingleFlight } from '../core/single-flight.js';
 
 const FILE_CHECK_MS = 1000;
+/** A secret that says when it expires is fetched again this long before (clocks differ; a pull takes time). */
+const EXPIRY_MARGIN = 30_000;
+/** ...but kept at least this long: a source that only has nearly expired secrets must not be asked per request. */
+const MIN_KEEP = 1000;
+const JWT = /^[A-Za-z0-9_-]+\.([A-Za-z0-9_-]+)\.[A-Za-z0-9_-]*$/;
+
+/** When `secret` expires (ms since the epoch), if it says so: a JWT with a numeric `exp`. */
+export function secretExpiry(secret: string): number | undefined {
+  const payload = JWT.exec(secret)?.[1];
+  if (payload === undefined) return undefined;
+  try {
+    const exp = (JSON.parse(Buffer.from(payload, 'base64url').toString('utf8')) as { exp?: unknown }).exp;
+    return typeof exp === 'number' && Number.isFinite(exp) ? exp * 1000 : undefined;
+  } catch {
+    return undefined;
+  }
+}
 const MAX_HELPER_OUTPUT = 64 * 1024;
 /** What the helpers print when they hold nothing for the server: anonymous, as Docker treats it. */
 const NOT_FOUND = /credentials not found/i;
@@ -52,7 +71,7 @@ function helperEnv(): NodeJS.ProcessEnv {
 }
 
 export class Credentials {
-  private readonly memo = new Map<string, { auth: UpstreamAuth | undefined; at: number; stamp: string }>();
+  private readonly memo = new Map<string, { auth: UpstreamAuth | undefined; until: number; stamp: string }>();
   private readonly flights = new SingleFlight<UpstreamAuth | undefined>();
   private readonly files = new Map<string, { checkedAt: number; stamp: string; config: DockerConfig | Error }>();
 
@@ -67,12 +86,26 @@ export class Credentials {
     const source = upstream.credentials;
     const stamp = 'dockerConfig' in source ? this.file(source.dockerConfig).stamp : '';
     const known = this.memo.get(upstream.name);
-    if (known && known.stamp === stamp && this.now() - known.at < this.options.ttl) return Promise.resolve(known.auth);
+    if (known && known.stamp === stamp && this.now() < known.until) return Promise.resolve(known.auth);
     return this.flights.do(upstream.name, async () => {
       const auth = 'helper' in source ? await this.helper(upstream, source.helper) : await this.fromFile(upstream, source.dockerConfig);
-      this.memo.set(upstream.name, { auth, at: this.now(), stamp });
+      this.memo.set(upstream.name, { auth, until: this.keepUntil(auth), stamp });
       return auth;
     });
+  }
+
+  /** credentials.ttl from now, or less when the secret expires sooner. */
+  private keepUntil(auth: UpstreamAuth | undefined): number {
+    const now = this.now();
+    const expiry = auth && secretExpiry(auth.password);
+    const until = now + this.options.ttl;
+    return expiry === undefined ? until : Math.min(until, Math.max(now + MIN_KEEP, expiry - EXPIRY_MARGIN));
+  }
+
+  /** How much longer what get() last gave for `upstream` is used, in ms; 0 when it must be fetched again. */
+  remaining(upstream: UpstreamConfig): number {
+    const known = this.memo.get(upstream.name);
+    return known ? Math.max(0, known.until - this.now()) : 0;
   }
 
   /** The upstream refused what get() gave: the next get() fetches them again. */

@@ -6,6 +6,7 @@
  */
 import { LRUCache } from 'lru-cache';
 import type { Dispatcher } from 'undici';
+import type { Clock } from '../core/clock.js';
 import type { UpstreamAuth, UpstreamConfig } from '../core/config.js';
 import { OciError } from '../core/errors.js';
 import { SingleFlight } from '../core/single-flight.js';
@@ -22,8 +23,8 @@ const DEFAULT_TOKEN_SECONDS = 60;
 const MAX_TOKEN_BODY = 1024 * 1024;
 
 export class Authorizer {
-  /** Authorization header values by (upstream, scope), kept until the token expires. */
-  private readonly cache = new LRUCache<string, string>({ max: 10_000, ttlAutopurge: false });
+  /** Authorization header values by (upstream, scope), kept until the token or the credentials expire. */
+  private readonly cache;
   private readonly flights = new SingleFlight<string | undefined>();
 
   constructor(
@@ -33,7 +34,10 @@ export class Authorizer {
     private readonly metrics: Metrics,
     private readonly gate: (upstream: string) => Gate,
     private readonly credentials: Credentials,
-  ) {}
+    now: Clock,
+  ) {
+    this.cache = new LRUCache<string, string>({ max: 10_000, ttlAutopurge: false, perf: { now } });
+  }
 
   /** The upstream refused the credentials sent to it: credentials found at run time are fetched again at the next authorize(). */
   refused(upstream: UpstreamConfig): void {
@@ -72,7 +76,8 @@ export class Authorizer {
       return `Bearer ${token.value}`;
     }
     if (basic && credentials) {
-      this.cache.set(cacheKey, credentials, { ttl: 3_600_000 });
+      // Credentials found at run time are sent only as long as credentials.ts keeps them: a rotated secret is used at once.
+      this.cache.set(cacheKey, credentials, { ttl: Credentials.dynamic(upstream) ? Math.max(1, this.credentials.remaining(upstream)) : 3_600_000 });
       return credentials;
     }
     return undefined;
