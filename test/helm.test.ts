@@ -7,54 +7,18 @@
  */
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { cpSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
-import { join, resolve } from 'node:path';
-import test, { type TestContext } from 'node:test';
-import { parse, parseAllDocuments } from 'yaml';
+import { cpSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import test from 'node:test';
+import { parse } from 'yaml';
 import { buildConfig } from '../src/core/config.js';
 import { buildApp } from '../src/http/app.js';
 import { metricsText, startProxy } from './helpers/proxy.js';
 import { readmeSnippet } from './helpers/readme.js';
+import { startDistribution } from './helpers/distribution.js';
+import { image, OCI_MANIFEST, Pusher } from './helpers/seed.js';
 import { exec, need, tempDir } from './helpers/tools.js';
-
-const HELM = resolve('.tools/helm');
-const CHART = resolve('helm/ocicache');
-
-type Doc = { apiVersion: string; kind: string; metadata: { name: string }; spec?: any; data?: Record<string, string> };
-
-function helmBinary(t: TestContext): string | undefined {
-  if (existsSync(HELM)) return HELM;
-  if (process.env.CI) throw new Error('.tools/helm missing: run scripts/build-helm.sh (required under CI)');
-  t.skip('.tools/helm missing: run scripts/build-helm.sh');
-  return undefined;
-}
-
-/** helm with its caches outside $HOME. */
-function helm(args: string[]): ReturnType<typeof exec> {
-  return exec(HELM, args, { ...process.env, HELM_CACHE_HOME: '/tmp/helm-cache', HELM_CONFIG_HOME: '/tmp/helm-config', HELM_DATA_HOME: '/tmp/helm-data' });
-}
-
-/** The kubernetes-models class for a document: core/v1 under v1/, groups under group/version/. */
-async function validate(doc: Doc): Promise<void> {
-  const path = doc.apiVersion.startsWith('monitoring.coreos.com/')
-    ? `@kubernetes-models/prometheus-operator/${doc.apiVersion}/${doc.kind}`
-    : `kubernetes-models/${doc.apiVersion}/${doc.kind}`;
-  const mod = (await import(path)) as Record<string, new (d: unknown) => { validate(): void }>;
-  const Model = mod[doc.kind] ?? mod.default;
-  assert.ok(Model, `no model for ${doc.apiVersion} ${doc.kind}`);
-  new Model(doc).validate();
-}
-
-/** Lints and renders the chart with `args`, checks every document against its Kubernetes schema, and returns them with the rendered config file. */
-async function render(args: string[]): Promise<{ docs: Doc[]; configText: string }> {
-  const lint = await helm(['lint', '--strict', CHART, ...args]);
-  assert.equal(lint.code, 0, lint.stdout + lint.stderr);
-  const out = await helm(['template', 'cache', CHART, '--namespace', 'registry', ...args]);
-  assert.equal(out.code, 0, out.stderr);
-  const docs = parseAllDocuments(out.stdout).map((d) => d.toJSON() as Doc).filter(Boolean);
-  for (const doc of docs) await validate(doc);
-  return { docs, configText: docs.find((d) => d.kind === 'ConfigMap' && d.metadata.name === 'cache-ocicache')!.data!['config.yaml']! };
-}
+import { CHART, helm, helmBinary, render, type Doc } from './helpers/helm.js';
 
 const FULL = `
 credentials:
@@ -137,6 +101,10 @@ test('helm chart: values.schema.json refuses bad values with a message that name
     ['mode=sideways', /mode.*(must be one of|value must be one of)/],
     ['config.storage.maxSize=lots', /maxSize/],
     ['node.cache.type=nfs', /type/],
+    ['credentials.pullSecret=Not_A_Secret_Name', /pullSecret/],
+    ['credentials.helpers[0].name=ecr-login,credentials.helpers[0].image=x', /helpers\/0/],
+    ['config.credentials.dockerConfig=/root/.docker/config.json', /dockerConfig/],
+    ['config.upstreams[0].name=a,config.upstreams[0].url=https://a.example,config.upstreams[0].auth.pullSecret=s,config.upstreams[0].auth.helper=h', /auth/],
   ] as const) {
     const out = await helm(['template', 'cache', CHART, '--set', set]);
     assert.notEqual(out.code, 0, set);
@@ -445,4 +413,91 @@ test('helm chart: a node tier chained to the fleet (node mode with config.parent
   const fleet = await render(['--set', 'fleet.enabled=true', '--set', 'replicaCount=3']);
   const balancer = fleet.docs.find((d) => d.kind === 'Deployment')!.spec.template.spec;
   assert.deepEqual([balancer.securityContext.runAsNonRoot, balancer.containers[0].securityContext.runAsUser], [true, 99]);
+});
+
+test('helm chart: pull secrets and credential helpers, mounted and put on the PATH as the rendered pod says, pull from a registry with Basic auth', async (t) => {
+  if (!helmBinary(t)) return;
+  const registry = await startDistribution(t, { basic: { username: 'puller', password: 'pull-pw' } });
+  if (!registry) return;
+  await new Pusher({ url: registry.url, basic: { username: 'puller', password: 'pull-pw' } }).pushImage('team/app', 'v1', image({ 'app.txt': Buffer.from('private\n') }));
+  const dir = tempDir(t, 'helm-credentials');
+  const values = join(dir, 'values.yaml');
+  // Three names for the one registry, each with its own way to the password.
+  writeFileSync(
+    values,
+    `
+credentials:
+  pullSecret: registry-pull-secret
+  helpers:
+    - {name: ocitest, image: registry.example/tools/ocitest:1, path: ${dir}/image/docker-credential-ocitest}
+serviceAccount:
+  create: true
+  annotations: {eks.amazonaws.com/role-arn: "arn:aws:iam::123456789012:role/ocicache-pull"}
+extraEnv:
+  - {name: AWS_REGION, value: eu-west-1}
+config:
+  credentials: {ttl: 5m}
+  defaultUpstream: everyone.example
+  upstreams:
+    - {name: everyone.example, url: ${registry.url}}
+    - {name: own-secret.example, url: ${registry.url}, auth: {pullSecret: team-pull-secret}}
+    - {name: helper.example, url: ${registry.url}, auth: {helper: ocitest}}
+`,
+  );
+  const { docs, configText } = await render(['-f', values]);
+  const pod = docs.find((d) => d.kind === 'StatefulSet')!.spec.template.spec;
+  const sa = docs.find((d) => d.kind === 'ServiceAccount')!;
+  assert.equal(pod.serviceAccountName, sa.metadata.name);
+  assert.deepEqual((sa as Doc & { metadata: { annotations: Record<string, string> } }).metadata.annotations, { 'eks.amazonaws.com/role-arn': 'arn:aws:iam::123456789012:role/ocicache-pull' });
+  const container = pod.containers[0];
+  const env = Object.fromEntries(container.env.map((e: { name: string; value: string }) => [e.name, e.value]));
+  assert.equal(env.AWS_REGION, 'eu-west-1');
+  // Each pull secret mounted whole (a rotated secret reaches the pod), read-only, where the config looks.
+  const mountOf = (secret: string): string => {
+    const volume = pod.volumes.find((v: { secret?: { secretName: string } }) => v.secret?.secretName === secret);
+    assert.deepEqual(volume.secret.items, [{ key: '.dockerconfigjson', path: '.dockerconfigjson' }], secret);
+    const mount = container.volumeMounts.find((m: { name: string }) => m.name === volume.name);
+    assert.deepEqual([mount.readOnly, mount.subPath], [true, undefined], secret);
+    return `${mount.mountPath}/.dockerconfigjson`;
+  };
+  const rendered = parse(configText);
+  assert.equal(rendered.credentials.dockerConfig, mountOf('registry-pull-secret'));
+  assert.equal(rendered.upstreams[1].auth.dockerConfig, mountOf('team-pull-secret'));
+
+  // The pod, played here: the Secrets' files where the mounts put them, the init container's
+  // command run as rendered, the PATH as rendered, the config as rendered; then pull through each.
+  const local = (path: string): string => path.replace(/^\/etc\/ocicache\//, `${dir}/etc/`).replace(/^\/helpers\b/, `${dir}/helpers`).replace(/^\/opt\/ocicache\/helpers\b/, `${dir}/helpers`);
+  const dockerConfig = JSON.stringify({ auths: { [registry.host]: { auth: Buffer.from('puller:pull-pw').toString('base64') } } });
+  for (const file of [rendered.credentials.dockerConfig, rendered.upstreams[1].auth.dockerConfig]) {
+    mkdirSync(dirname(local(file)), { recursive: true });
+    writeFileSync(local(file), dockerConfig);
+  }
+  mkdirSync(join(dir, 'image'));
+  mkdirSync(join(dir, 'helpers'));
+  writeFileSync(join(dir, 'image', 'docker-credential-ocitest'), '#!/bin/sh\nread server\necho \'{"ServerURL":"\'"$server"\'","Username":"puller","Secret":"pull-pw"}\'\n', { mode: 0o755 });
+  const [init] = pod.initContainers;
+  assert.deepEqual(init.volumeMounts, [{ name: 'helpers', mountPath: '/helpers' }]);
+  const copied = await exec(init.command[0], init.command.slice(1).map(local));
+  assert.equal(copied.code, 0, copied.stderr);
+  assert.ok(container.volumeMounts.some((m: { name: string; mountPath: string }) => m.name === 'helpers' && env.PATH.split(':')[0] === m.mountPath));
+  const path = process.env.PATH;
+  process.env.PATH = env.PATH.split(':').map(local).join(':');
+  t.after(() => void (process.env.PATH = path));
+  const config = buildConfig(
+    {
+      ...rendered,
+      storage: { root: join(dir, 'data') },
+      server: { host: '127.0.0.1', port: 0 },
+      log: { level: 'silent' },
+      credentials: { ...rendered.credentials, dockerConfig: local(rendered.credentials.dockerConfig) },
+      upstreams: rendered.upstreams.map((u: { auth?: { dockerConfig?: string } }) => (u.auth?.dockerConfig ? { ...u, auth: { dockerConfig: local(u.auth.dockerConfig) } } : u)),
+    },
+    {},
+  );
+  const app = await buildApp(config, { logger: false });
+  t.after(() => app.close());
+  for (const ns of ['everyone.example', 'own-secret.example', 'helper.example']) {
+    const res = await app.inject({ url: `/v2/team/app/manifests/v1?ns=${ns}`, headers: { accept: OCI_MANIFEST } });
+    assert.equal(res.statusCode, 200, `${ns}: ${res.body}`);
+  }
 });

@@ -7,6 +7,7 @@
 import { join } from 'node:path';
 import { UpstreamIndex } from '../core/api-path.js';
 import { systemClock, type Clock } from '../core/clock.js';
+import type { Network } from '../upstream/exchange.js';
 import type { Config } from '../core/config.js';
 import type { Logger } from '../core/logger.js';
 import { BlobStore } from '../storage/blob-store.js';
@@ -43,6 +44,8 @@ export interface OpenOptions {
   sweep: boolean;
   /** The time; tests pass their own to move it forward (default: the system's). */
   clock?: Clock;
+  /** How upstreams are reached (DNS lookup, extra trust anchors); the system's by default. */
+  network?: Network;
 }
 
 export async function openCache(config: Config, log: Logger, options: OpenOptions): Promise<Services> {
@@ -61,7 +64,7 @@ export async function openCache(config: Config, log: Logger, options: OpenOption
     lock.release();
     throw err;
   }
-  const upstream = new UpstreamClient(config, metrics, clock);
+  const upstream = new UpstreamClient(config, metrics, clock, options.network);
   for (const u of config.upstreams) {
     if (u.tls?.insecure) log.warn({ upstream: u.name, url: u.url.origin }, `upstream ${u.name} is insecure: its TLS certificate is NOT verified, so anyone on the path to ${u.url.host} can serve anything as it (set caFile instead)`);
   }

@@ -9,6 +9,7 @@ import { Access } from '../access/access.js';
 import { openCache, type Services } from '../cache/services.js';
 import type { Clock } from '../core/clock.js';
 import type { Config } from '../core/config.js';
+import type { Network } from '../upstream/exchange.js';
 import { OciError } from '../core/errors.js';
 import { LogStream, type RequestLine } from '../telemetry/log-stream.js';
 import { version } from '../version.js';
@@ -35,6 +36,8 @@ export interface AppOptions {
   logger?: boolean | Record<string, unknown>;
   /** The time, for tests that move it forward (default: the system's). */
   clock?: Clock;
+  /** How upstreams are reached: the DNS lookup and extra trust anchors (default: the system's). */
+  network?: Network;
 }
 
 /** pino from AppOptions.logger: our batched stdout writer by default, or what a test passes. */
@@ -51,7 +54,7 @@ function makeLogger(config: Config, option: AppOptions['logger']): { log: Logger
 
 export async function buildApp(config: Config, options: AppOptions = {}): Promise<FastifyInstance> {
   const { log, logStream } = makeLogger(config, options.logger);
-  const services = await openCache(config, log, { sweep: true, clock: options.clock });
+  const services = await openCache(config, log, { sweep: true, clock: options.clock, network: options.network });
   const stats = new Stats();
   const logRequest = (line: RequestLine): void => {
     if (!logStream) log.info(line, 'request');

@@ -8,6 +8,7 @@ import type { FastifyInstance } from 'fastify';
 import { request } from 'undici';
 import { buildApp } from '../../src/http/app.js';
 import type { Clock } from '../../src/core/clock.js';
+import type { Network } from '../../src/upstream/exchange.js';
 import { buildConfig, type Config } from '../../src/core/config.js';
 import { OCI_MANIFEST } from './seed.js';
 import type { Scope } from './tools.js';
@@ -43,6 +44,8 @@ export interface ProxyOptions {
   logger?: Record<string, unknown>;
   /** The proxy's time (testClock()): tests move it forward instead of sleeping. Default: the system's. */
   clock?: Clock;
+  /** How the proxy reaches upstreams: a DNS lookup for names the tests give (helpers/hosts.ts fakeLookup). */
+  network?: Network;
 }
 
 /** A clock that starts at the system's time and moves only when told to. */
@@ -75,7 +78,7 @@ export async function startProxy(t: Scope, options: ProxyOptions): Promise<Proxy
     },
     options.env ?? {},
   );
-  const app = await buildApp(config, { logger: options.logger ?? (process.env.OCICACHE_TEST_LOG ? { level: process.env.OCICACHE_TEST_LOG } : false), clock: options.clock });
+  const app = await buildApp(config, { logger: options.logger ?? (process.env.OCICACHE_TEST_LOG ? { level: process.env.OCICACHE_TEST_LOG } : false), clock: options.clock, network: options.network });
   await app.listen({ host: '127.0.0.1', port: 0 });
   t.after(async () => {
     await app.close();

@@ -47,6 +47,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $u := deepCopy $u -}}
 {{- if and $u.auth $u.auth.passwordSecretKey -}}
 {{- $_ := set $u "auth" (dict "username" $u.auth.username "passwordFile" (printf "/etc/ocicache/secrets/%s" $u.auth.passwordSecretKey)) -}}
+{{- else if and $u.auth $u.auth.pullSecret -}}
+{{- $_ := set $u "auth" (dict "dockerConfig" (printf "/etc/ocicache/pull-secrets/%s/.dockerconfigjson" $u.auth.pullSecret)) -}}
 {{- end -}}
 {{- if $u.caSecret -}}
 {{- $_ := set $u "caFile" (printf "/etc/ocicache/upstreams/%d/ca/ca.crt" $i) -}}
@@ -60,6 +62,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $ups = append $ups $u -}}
 {{- end -}}
 {{- $_ := set $c "upstreams" $ups -}}
+{{- if .Values.credentials.pullSecret -}}
+{{- $creds := deepCopy ($c.credentials | default dict) -}}
+{{- $_ := set $creds "dockerConfig" "/etc/ocicache/pull-secret/.dockerconfigjson" -}}
+{{- $_ := set $c "credentials" $creds -}}
+{{- end -}}
 {{- if .Values.admin.existingSecret -}}
 {{- $_ := set $c "admin" (dict "tokenFile" (printf "/etc/ocicache/admin/%s" .Values.admin.key)) -}}
 {{- end -}}
@@ -73,6 +80,39 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 {{- end -}}
 {{- toYaml $c -}}
+{{- end -}}
+
+{{/* The pull secrets upstreams name with auth.pullSecret, each once, as a JSON list. */}}
+{{- define "ocicache.pullSecrets" -}}
+{{- $names := list -}}
+{{- range .Values.config.upstreams -}}
+{{- if and .auth .auth.pullSecret -}}
+{{- $names = append $names .auth.pullSecret -}}
+{{- end -}}
+{{- end -}}
+{{- $names | uniq | toJson -}}
+{{- end -}}
+
+{{/* The cache container's environment: the replica's name in a fleet, the helpers' PATH, extraEnv. */}}
+{{- define "ocicache.env" -}}
+{{- $env := list -}}
+{{- if .Values.fleet.enabled -}}
+{{- /* The replica's name in answers (X-Ocicache-Replica), metrics and the status page. */ -}}
+{{- $env = append $env (dict "name" "OCICACHE_REPLICA" "valueFrom" (dict "fieldRef" (dict "fieldPath" "metadata.name"))) -}}
+{{- end -}}
+{{- if .Values.credentials.helpers -}}
+{{- $env = append $env (dict "name" "PATH" "value" "/opt/ocicache/helpers:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin") -}}
+{{- end -}}
+{{- $env = concat $env .Values.extraEnv -}}
+{{- if $env -}}{{- toYaml $env -}}{{- end -}}
+{{- end -}}
+
+{{- define "ocicache.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- .Values.serviceAccount.name | default (include "ocicache.fullname" .) -}}
+{{- else -}}
+{{- .Values.serviceAccount.name -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "ocicache.htpasswdSecret" -}}
@@ -135,16 +175,30 @@ terminationGracePeriodSeconds: {{ .Values.terminationGracePeriodSeconds }}
 {{- with .Values.priorityClassName }}
 priorityClassName: {{ . }}
 {{- end }}
+{{- with include "ocicache.serviceAccountName" . }}
+serviceAccountName: {{ . }}
+{{- end }}
+{{- with .Values.credentials.helpers }}
+initContainers:
+  {{- range . }}
+  # Puts docker-credential-{{ .name }} on the cache's PATH.
+  - name: helper-{{ .name }}
+    image: {{ .image | quote }}
+    command: {{ toJson (.command | default (list "cp" .path (printf "/helpers/docker-credential-%s" .name))) }}
+    securityContext:
+      {{- toYaml $.Values.securityContext | nindent 6 }}
+    volumeMounts:
+      - {name: helpers, mountPath: /helpers}
+  {{- end }}
+{{- end }}
 containers:
   - name: ocicache
     image: "{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}"
     imagePullPolicy: {{ .Values.image.pullPolicy }}
     args: ["serve", "--config", "/etc/ocicache/config.yaml"]
-    {{- if .Values.fleet.enabled }}
+    {{- with include "ocicache.env" . }}
     env:
-      # The replica's name in answers (X-Ocicache-Replica), metrics and the status page.
-      - name: OCICACHE_REPLICA
-        valueFrom: {fieldRef: {fieldPath: metadata.name}}
+      {{- . | nindent 6 }}
     {{- end }}
     ports:
       - name: http
@@ -170,6 +224,15 @@ containers:
       - {name: cache, mountPath: /data}
       {{- if or .Values.credentials.existingSecret .Values.credentials.passwords }}
       - {name: credentials, mountPath: /etc/ocicache/secrets, readOnly: true}
+      {{- end }}
+      {{- if .Values.credentials.pullSecret }}
+      - {name: pull-secret, mountPath: /etc/ocicache/pull-secret, readOnly: true}
+      {{- end }}
+      {{- range $i, $name := include "ocicache.pullSecrets" . | fromJsonArray }}
+      - {name: pull-secret-{{ $i }}, mountPath: /etc/ocicache/pull-secrets/{{ $name }}, readOnly: true}
+      {{- end }}
+      {{- if .Values.credentials.helpers }}
+      - {name: helpers, mountPath: /opt/ocicache/helpers, readOnly: true}
       {{- end }}
       {{- if .Values.admin.existingSecret }}
       - {name: admin, mountPath: /etc/ocicache/admin, readOnly: true}
@@ -213,6 +276,23 @@ volumes:
   - name: credentials
     secret:
       secretName: {{ include "ocicache.credentialsSecret" . }}
+  {{- end }}
+  {{- /* Pull secrets mounted whole (not subPath): a rotated secret reaches the pod, which rereads it. */}}
+  {{- with .Values.credentials.pullSecret }}
+  - name: pull-secret
+    secret:
+      secretName: {{ . }}
+      items: [{key: .dockerconfigjson, path: .dockerconfigjson}]
+  {{- end }}
+  {{- range $i, $name := include "ocicache.pullSecrets" . | fromJsonArray }}
+  - name: pull-secret-{{ $i }}
+    secret:
+      secretName: {{ $name }}
+      items: [{key: .dockerconfigjson, path: .dockerconfigjson}]
+  {{- end }}
+  {{- if .Values.credentials.helpers }}
+  - name: helpers
+    emptyDir: {sizeLimit: 256Mi}
   {{- end }}
   {{- if .Values.admin.existingSecret }}
   - name: admin
