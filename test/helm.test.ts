@@ -105,6 +105,8 @@ test('helm chart: values.schema.json refuses bad values with a message that name
     ['credentials.helpers[0].name=ecr-login,credentials.helpers[0].image=x', /helpers\/0/],
     ['config.credentials.dockerConfig=/root/.docker/config.json', /dockerConfig/],
     ['config.upstreams[0].name=a,config.upstreams[0].url=https://a.example,config.upstreams[0].auth.pullSecret=s,config.upstreams[0].auth.helper=h', /auth/],
+    ['credentials.helpers[0].name=gcr,credentials.helpers[0].image=x,credentials.helpers[0].path=/h,credentials.helpers[1].name=gcr,credentials.helpers[1].image=y,credentials.helpers[1].path=/h', /credentials\.helpers: gcr is listed twice/],
+    ['credentials.pullSecret=s,config.parent.url=http://parent:5000', /credentials\.pullSecret and credentials\.helpers are set, but config\.parent is too/],
   ] as const) {
     const out = await helm(['template', 'cache', CHART, '--set', set]);
     assert.notEqual(out.code, 0, set);

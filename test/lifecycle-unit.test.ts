@@ -166,6 +166,49 @@ test('a referrer stays as long as its subject and goes with it, linked by its su
   for (const d of [subject, sbom, sig]) assert.equal(w.db.getManifest(d), undefined, d);
 });
 
+test('a sha256-<hex> tag links only within its repository: it cannot pin another digest through a kept manifest, nor drop a manifest when that digest goes', async (t) => {
+  const w = await world(t, { maxSize: 1000, highWatermark: 90, lowWatermark: 50 });
+  const put = (json: object, name: string, tag?: string): string => {
+    const body = Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: OCI_MANIFEST, ...json }));
+    const digest = sha256(body);
+    w.db.putManifest({ digest, mediaType: OCI_MANIFEST, body }, childrenOf(body), 'docker.io', name, tag, w.clock());
+    return digest;
+  };
+  // A kept image, and someone's big image.
+  const pauseBlob = w.add(50);
+  const pause = put({ config: { digest: pauseBlob }, layers: [] }, 'library/pause', '3.10');
+  w.db.kept.set('docker.io/library/pause:3.10', 'docker.io/library/pause:3.10', [pause, pauseBlob]);
+  const bigBlob = w.add(800);
+  const big = put({ config: { digest: bigBlob }, layers: [] }, 'evil/app', 'v1');
+  // The same pause manifest pushed to their repository under the tag that names their image.
+  put({ config: { digest: pauseBlob }, layers: [] }, 'evil/app', `${big.replace(':', '-')}.sig`);
+  assert.equal(w.db.protectsKept(bigBlob), false, 'their image is not kept through the kept manifest');
+  assert.deepEqual(await w.lifecycle.pass('gc'), result({ blobs: 1, bytes: 800, manifests: 1, tags: 1, used: 50 }));
+  assert.ok(w.db.getManifest(pause), 'the kept manifest is still there');
+  assert.equal(w.db.getTag('docker.io', 'library/pause', '3.10')?.digest, pause);
+});
+
+test('what keeps a referrer with its subject is bounded: 16 referrers per subject and repository, of at most 16 MiB each', async (t) => {
+  const w = await world(t, {});
+  const subjectBlob = w.add(10);
+  const body = Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: OCI_MANIFEST, config: { digest: subjectBlob, size: 10 }, layers: [] }));
+  const subject = sha256(body);
+  w.db.putManifest({ digest: subject, mediaType: OCI_MANIFEST, body }, childrenOf(body), 'docker.io', 'team/app', 'v1', w.clock());
+  const referrer = (size: number): string => {
+    const blob = w.add(10);
+    const b = Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: OCI_MANIFEST, config: { digest: blob, size }, layers: [], subject: { digest: subject } }));
+    w.db.putManifest({ digest: sha256(b), mediaType: OCI_MANIFEST, body: b }, childrenOf(b), 'docker.io', 'team/app', undefined, w.clock());
+    return blob;
+  };
+  const large = referrer(17 * 1024 * 1024);
+  const small = Array.from({ length: 20 }, () => referrer(10));
+  w.lifecycle.touch(subjectBlob, 10, 'docker.io', w.clock() + 1000);
+  w.lifecycle.flush();
+  const inherited = w.db.subjects.inheritedAccess(16 * 1024 * 1024);
+  assert.equal(inherited.has(large), false, 'a referrer above 16 MiB is not kept with its subject');
+  assert.deepEqual(small.map((d) => inherited.has(d)), [...Array(15).fill(true), ...Array(5).fill(false)], 'the first 16 links, the large one among them');
+});
+
 test('expiry by age: each upstream keeps a blob for its own maxAge since it last used it', async (t) => {
   const w = await world(t, {}, [{ name: 'docker.io', maxAge: '1h' }, { name: 'ghcr.io', maxAge: '2h' }, { name: 'quay.io' }]);
   const hub = w.add(10, 'docker.io');

@@ -164,4 +164,13 @@ test('referrers by the API: each listed referrer must name the subject itself; o
   // The genuine referrer's blobs are cached; the stranger's were never fetched.
   for (const b of sbom.blobs) assert.equal(fake.count('GET', `/v2/team/app/blobs/${b.descriptor.digest}`), 1);
   assert.equal(fake.count('GET', `/v2/team/app/blobs/${stranger.blobs[1]!.descriptor.digest}`), 0);
+
+  // The keep list with referrers: the refused one is reported, and the image and its genuine referrer are kept all the same.
+  const kept = await startProxy(t, { upstreams: [{ name: 'fake.example', url: fake.url }], keep: { images: ['fake.example/team/app:v1'], withReferrers: true }, admin: { tokenEnv: 'ADMIN' }, env: { ADMIN: 'admin-token' } });
+  type Entries = { entries: Array<{ refs: Array<{ ref: string; digests: number }>; refreshedAt?: number; error?: string }> };
+  const entries = async (): Promise<Entries['entries']> => jsonBody<Entries>(await fetchBody(`${kept.url}/admin/keep`, { authorization: 'Bearer admin-token' })).entries;
+  await until('the keep list is fetched', async () => (await entries())[0]!.refreshedAt !== undefined, 30_000);
+  const [entry] = await entries();
+  assert.deepEqual(entry!.refs, [{ ref: 'fake.example/team/app:v1', digests: 1 + app.blobs.length + 1 + sbom.blobs.length }]);
+  assert.equal(entry!.error, `fake.example/team/app:v1: a referrer: upstream fake.example listed ${stranger.digest} as a referrer of ${app.digest}, but its subject is not that manifest`);
 });

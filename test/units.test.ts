@@ -238,9 +238,9 @@ test('db: batched access times only update; a use recorded after eviction brings
     assert.equal(db.hasBlob(digest), false);
     db.putBlob(digest, 10, 'docker.io', 'team/app', 1000);
     db.touchBlobs([{ digest, size: 10, upstream: 'ghcr.io', at: 2000 }]);
-    assert.deepEqual(db.oldestBlobs(10), [{ digest, size: 10 }]);
+    assert.deepEqual(db.oldestBlobs(10), [{ digest, size: 10, lastAccess: 2000 }]);
     assert.deepEqual(db.expiredBlobs({ 'docker.io': 1500, 'ghcr.io': 1500 }, 0), [], 'ghcr.io used it at 2000');
-    assert.deepEqual(db.expiredBlobs({ 'docker.io': 2500, 'ghcr.io': 2500 }, 0), [{ digest, size: 10 }]);
+    assert.deepEqual(db.expiredBlobs({ 'docker.io': 2500, 'ghcr.io': 2500 }, 0), [{ digest, size: 10, lastAccess: 2000 }]);
     assert.deepEqual(db.expiredBlobs({ 'docker.io': 2500 }, 0), [], 'ghcr.io has no maxAge: kept');
     db.dropBlob(digest);
     db.touchBlobs([{ digest, size: 10, upstream: 'docker.io', at: 3000 }]);

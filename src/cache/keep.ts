@@ -134,11 +134,12 @@ export class Keeper {
     return tags.filter((t) => re.test(t)).map((t) => `${base}:${t}`);
   }
 
-  /** Fetches one ref and records its digests; the reason when something failed (then nothing changes). */
+  /** Fetches one ref and records its digests; the reason when something failed (then nothing changes, unless only a referrer failed). */
   private async fetch(pattern: string, ref: string): Promise<string | undefined> {
     const digests = new Set<string>();
     const held: string[] = [];
     let failure: string | undefined;
+    let referrerFailure: string | undefined;
     try {
       await prefetch(
         this.s,
@@ -153,15 +154,18 @@ export class Keeper {
           },
         },
         (e) => {
-          if (e.event === 'error' || e.result === 'failed') failure ??= e.error ?? 'failed';
-          else if ((e.event === 'manifest' || e.event === 'blob') && e.digest && e.result !== 'skipped') digests.add(e.digest);
+          // A referrer that fails is reported; what the image and its other referrers hold is kept.
+          if (e.event === 'error' || e.result === 'failed') {
+            if (e.subject) referrerFailure ??= e.error ?? 'failed';
+            else failure ??= e.error ?? 'failed';
+          } else if ((e.event === 'manifest' || e.event === 'blob') && e.digest && e.result !== 'skipped') digests.add(e.digest);
         },
       );
       if (failure === undefined) this.s.db.kept.set(pattern, ref, digests);
     } finally {
       this.s.db.kept.release(held);
     }
-    return failure;
+    return failure ?? (referrerFailure && `a referrer: ${referrerFailure}`);
   }
 
   /** Every entry, what it holds and how its last refresh went (the status page, GET /admin/keep). */

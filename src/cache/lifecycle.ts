@@ -35,6 +35,11 @@ export interface PassResult {
 const FLUSH_MS = 5_000;
 /** How often expiry by age runs (when any upstream has a maxAge). */
 const EXPIRY_MS = 10 * 60_000;
+/** Referrers whose config and layers add up to more are not kept with their subject: signatures and SBOMs are small. */
+const REFERRER_MAX_BYTES = 16 * 1024 * 1024;
+/** What one pass spares for referrers' subjects: a share of storage.maxSize, at least the minimum. */
+const SUBJECT_CAP_SHARE = 0.05;
+const SUBJECT_CAP_MIN = 64 * 1024 * 1024;
 
 export class Lifecycle {
   private pending = new Map<string, BlobAccess>();
@@ -43,8 +48,9 @@ export class Lifecycle {
   private running: Promise<PassResult> | undefined;
   private timers: NodeJS.Timeout[] = [];
   private lastSoon = 0;
-  /** Whether any referrer is linked to a subject (asked once per pass). */
-  private referrersLinked = false;
+  /** For the pass running: blobs of referrers with when their subject was last used, and the bytes spared for that so far. */
+  private inherited = new Map<string, number>();
+  private sparedForSubjects = 0;
   private rerun = false;
   private soonTimer: NodeJS.Timeout | undefined;
   /** Whether storage can take more; every index write of the cache goes through it. */
@@ -227,7 +233,8 @@ export class Lifecycle {
 
   private async runPass(reason: EvictionReason): Promise<PassResult> {
     this.flush();
-    this.referrersLinked = this.db.referrers.any();
+    this.inherited = this.db.subjects.any() ? this.db.subjects.inheritedAccess(REFERRER_MAX_BYTES) : new Map();
+    this.sparedForSubjects = 0;
     const result: PassResult = { blobs: 0, bytes: 0, manifests: 0, tags: 0, used: 0, danglingRows: 0 };
     this.used = this.db.usage().bytes;
     const now = this.now();
@@ -252,11 +259,24 @@ export class Lifecycle {
 
   /**
    * Not evicted now: pinned (being read or filled); kept (the keep list's images are never evicted
-   * or expired); or a referrer's blob whose subject was used since (it is as recent as its subject,
-   * storage/referrers.ts, and takes its place in the line).
+   * or expired); or a referrer's blob whose subject was used since it was (it is as recent as its
+   * subject, storage/subjects.ts: its access time moves up to the subject's, and a later look finds
+   * it in its new place in the line), within the pass's cap on bytes spared that way.
    */
-  private spared(digest: string): boolean {
-    return this.pins.has(digest) || this.db.protectsKept(digest) || (this.referrersLinked && this.db.referrers.ageWithSubject(digest));
+  private spared(row: BlobRow): boolean {
+    if (this.pins.has(row.digest) || this.db.protectsKept(row.digest)) return true;
+    const at = this.inherited.get(row.digest);
+    if (at === undefined || at <= row.lastAccess || this.sparedForSubjects + row.size > this.subjectCap()) return false;
+    this.sparedForSubjects += row.size;
+    this.db.subjects.touch(row.digest, at);
+    this.inherited.delete(row.digest);
+    return true;
+  }
+
+  /** The most bytes one pass spares for referrers' subjects: what clients can make the cache fetch must not crowd out the rest. */
+  private subjectCap(): number {
+    const max = this.config.storage.maxSize;
+    return max === undefined ? SUBJECT_CAP_MIN : Math.max(SUBJECT_CAP_MIN, max * SUBJECT_CAP_SHARE);
   }
 
   /** Least recently used blobs not spared, adding up to at least `bytes`. */
@@ -268,7 +288,7 @@ export class Lifecycle {
       total = 0;
       const rows = this.db.oldestBlobs(limit);
       for (const row of rows) {
-        if (this.spared(row.digest)) continue;
+        if (this.spared(row)) continue;
         out.push(row);
         total += row.size;
         if (total >= bytes) break;
@@ -280,7 +300,7 @@ export class Lifecycle {
 
   private async evict(rows: BlobRow[], reason: EvictionReason, result: PassResult): Promise<void> {
     for (const row of rows) {
-      if (this.spared(row.digest)) continue;
+      if (this.spared(row)) continue;
       // Rows first, in one transaction with the manifests that point to the blob; then the file.
       // A crash in between leaves a verified file without a row, which is adopted or swept later.
       let dropped: Dropped = { manifests: [], tags: 0 };

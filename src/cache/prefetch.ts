@@ -6,8 +6,10 @@
  * With referrers, each manifest's signatures, SBOMs and attestations come along: the referrers
  * API (distribution-spec "Listing Referrers"), or, where the upstream has none (a 404), the
  * referrers tag schema: the `sha256-<hex>` index and cosign's `.sig`, `.att` and `.sbom` tags.
- * A referrer listed by the API is taken only when its own `subject` names the manifest: the
- * list is the upstream's word, the manifest's bytes are verified. They are cached like any
+ * A referrer listed by the API or the tag schema's index is taken only when its own `subject`
+ * names the manifest: the list is the upstream's word, the manifest's bytes are verified. At most
+ * MAX_REFERRERS per manifest. A referrer that fails is reported (events carry its `subject`) and
+ * does not fail the image: the keep list still keeps what it fetched. They are cached like any
  * manifest and linked to their subject (storage/referrers.ts).
  */
 import type { UpstreamIndex } from '../core/api-path.js';
@@ -64,6 +66,8 @@ type Services = { manifests: Manifests; blobs: Blobs; upstreams: UpstreamIndex; 
 
 /** Referrers of referrers (a signature of an SBOM) are followed this deep. */
 const REFERRER_DEPTH = 2;
+/** Referrers taken per manifest: an upstream's list must not make one image fetch without end. */
+const MAX_REFERRERS = 64;
 /** cosign's tags beside the referrers tag schema's own `sha256-<hex>`. */
 const TAG_SUFFIXES = ['', '.sig', '.att', '.sbom'];
 
@@ -147,8 +151,8 @@ class OneImage {
     return m;
   }
 
-  /** The config and layers of one image manifest. */
-  private async blobs(target: Target, body: Buffer, platform: string): Promise<void> {
+  /** The config and layers of one image manifest (of a referrer of `subject`). */
+  private async blobs(target: Target, body: Buffer, platform: string, subject?: string): Promise<void> {
     const json = JSON.parse(body.toString('utf8')) as { config?: Descriptor; layers?: Descriptor[] };
     const blobs = [json.config, ...(json.layers ?? [])].filter((d): d is Descriptor => typeof d?.digest === 'string');
     const { s, ref, summary, emit } = this;
@@ -156,7 +160,7 @@ class OneImage {
       summary.blobs++;
       // Foreign (non-distributable) layers live elsewhere by design; registries do not serve them.
       if (Array.isArray(d.urls) || /nondistributable|foreign/.test(d.mediaType ?? '')) {
-        emit({ event: 'blob', ref, digest: d.digest, platform, size: d.size, result: 'skipped' });
+        emit({ event: 'blob', ref, digest: d.digest, platform, subject, size: d.size, result: 'skipped' });
         return;
       }
       try {
@@ -167,55 +171,80 @@ class OneImage {
         if (b.result === 'fetched') summary.fetched++;
         s.metrics.prefetchBlobs.inc({ result: b.result });
         s.metrics.prefetchBytes.inc(b.size);
-        emit({ event: 'blob', ref, digest: d.digest, platform, size: b.size, result: b.result });
+        emit({ event: 'blob', ref, digest: d.digest, platform, subject, size: b.size, result: b.result });
       } catch (err) {
         this.failed = true;
         s.metrics.prefetchBlobs.inc({ result: 'failed' });
-        emit({ event: 'blob', ref, digest: d.digest, platform, size: d.size, result: 'failed', error: (err as Error).message });
+        emit({ event: 'blob', ref, digest: d.digest, platform, subject, size: d.size, result: 'failed', error: (err as Error).message });
       }
     });
   }
 
-  /** The referrers of `subject`, their blobs, and their own referrers up to REFERRER_DEPTH. */
+  /** The referrers of `subject`, their blobs, and their own referrers up to REFERRER_DEPTH. A failure is reported, and the next one tried. */
   private async referrers(target: Target, subject: string, depth: number): Promise<void> {
-    for (const { reference, listed } of await this.referrersOf(target, subject)) {
-      this.options.signal?.throwIfAborted();
-      let m;
-      try {
-        m = await this.s.manifests.get(target, reference, undefined, true);
-      } catch (err) {
-        // A tag of the schema that is not there is the common case, not a failure.
-        if (!listed && err instanceof OciError && err.status === 404) continue;
-        throw err;
-      }
-      if (this.seen.has(m.digest)) continue;
-      if (listed && subjectOf(m.body!) !== subject) {
-        this.failed = true;
-        this.emit({ event: 'error', ref: this.ref, digest: m.digest, subject, error: `upstream ${target.upstream.name} listed ${m.digest} as a referrer of ${subject}, but its subject is not that manifest` });
-        continue;
-      }
-      this.seen.add(m.digest);
-      this.emit({ event: 'manifest', ref: this.ref, digest: m.digest, mediaType: m.mediaType, size: m.size, subject, result: m.cache === 'hit' ? 'cached' : 'fetched' });
-      const found = [m.digest];
-      if (INDEX_TYPES.has(m.mediaType)) {
-        // The tag schema's index lists the referrers themselves.
-        for (const child of childrenOf(m.body!)) {
-          const c = await this.manifest(target, checkDigest(child.digest!), { subject });
-          found.push(c.digest);
-          if (!INDEX_TYPES.has(c.mediaType)) await this.blobs(target, c.body!, '');
-        }
-      } else {
-        await this.blobs(target, m.body!, '');
-      }
-      if (depth < REFERRER_DEPTH) for (const d of found) await this.referrers(target, d, depth + 1);
+    let found: Array<{ reference: string; listed: boolean }>;
+    try {
+      found = await this.referrersOf(target, subject);
+    } catch (err) {
+      this.referrerFailed(subject, undefined, err);
+      return;
     }
+    for (const { reference, listed } of found) {
+      this.options.signal?.throwIfAborted();
+      try {
+        const taken = await this.referrer(target, subject, reference, listed);
+        if (depth < REFERRER_DEPTH) for (const d of taken) await this.referrers(target, d, depth + 1);
+      } catch (err) {
+        if (this.options.signal?.aborted) throw err;
+        this.referrerFailed(subject, listed ? reference : undefined, err);
+      }
+    }
+  }
+
+  /**
+   * One referrer of `subject` (a digest the API listed, or a tag of the schema) with its blobs, or
+   * for the schema's index, each referrer it lists. The manifests taken; none when a tag is not there.
+   */
+  private async referrer(target: Target, subject: string, reference: string, listed: boolean): Promise<string[]> {
+    let m;
+    try {
+      m = await this.s.manifests.get(target, reference, undefined, true);
+    } catch (err) {
+      // A tag of the schema that is not there is the common case, not a failure.
+      if (!listed && err instanceof OciError && err.status === 404) return [];
+      throw err;
+    }
+    if (this.seen.has(m.digest)) return [];
+    if (listed && subjectOf(m.body!) !== subject) throw new OciError('MANIFEST_INVALID', `upstream ${target.upstream.name} listed ${m.digest} as a referrer of ${subject}, but its subject is not that manifest`);
+    this.seen.add(m.digest);
+    this.emit({ event: 'manifest', ref: this.ref, digest: m.digest, mediaType: m.mediaType, size: m.size, subject, result: m.cache === 'hit' ? 'cached' : 'fetched' });
+    if (!INDEX_TYPES.has(m.mediaType)) {
+      await this.blobs(target, m.body!, '', subject);
+      return [m.digest];
+    }
+    // The tag schema's index lists the referrers themselves, each checked like the API's.
+    const taken = [m.digest];
+    for (const child of childrenOf(m.body!).slice(0, MAX_REFERRERS)) {
+      try {
+        taken.push(...(await this.referrer(target, subject, checkDigest(child.digest!), true)));
+      } catch (err) {
+        if (this.options.signal?.aborted) throw err;
+        this.referrerFailed(subject, child.digest, err);
+      }
+    }
+    return taken;
+  }
+
+  private referrerFailed(subject: string, digest: string | undefined, err: unknown): void {
+    this.failed = true;
+    this.emit({ event: 'error', ref: this.ref, digest, subject, error: (err as Error).message });
   }
 
   /** What refers to `subject`: the referrers API's list, or the tag schema's tags where the upstream has no API. */
   private async referrersOf(target: Target, subject: string): Promise<Array<{ reference: string; listed: boolean }>> {
     try {
       const r = await this.s.manifests.getReferrers(target, subject, undefined, this.options.signal);
-      return childrenOf(r.body).map((d) => ({ reference: checkDigest(d.digest!), listed: true }));
+      return childrenOf(r.body).slice(0, MAX_REFERRERS).map((d) => ({ reference: checkDigest(d.digest!), listed: true }));
     } catch (err) {
       if (!(err instanceof OciError && err.status === 404)) throw err;
       const { algorithm, hex } = splitDigest(subject);

@@ -68,8 +68,8 @@ function parseAccepts(accept: string, mediaType: string): boolean {
 
 interface ManifestJson {
   mediaType?: unknown;
-  config?: { digest?: unknown };
-  layers?: Array<{ digest?: unknown }>;
+  config?: { digest?: unknown; size?: unknown };
+  layers?: Array<{ digest?: unknown; size?: unknown }>;
   manifests?: Array<{ digest?: unknown }>;
   subject?: { digest?: unknown };
   fsLayers?: Array<{ blobSum?: unknown }>;
@@ -124,6 +124,13 @@ export function childrenOf(body: Uint8Array): string[] {
   for (const c of Array.isArray(m.manifests) ? m.manifests : []) add(c?.digest);
   for (const l of Array.isArray(m.fsLayers) ? m.fsLayers : []) add(l?.blobSum);
   return [...out];
+}
+
+/** What a manifest's config and layers add up to, by their descriptors (0 for what has none). */
+export function blobBytesOf(body: Uint8Array): number {
+  const m = parse(body);
+  const size = (d: { size?: unknown } | undefined): number => (typeof d?.size === 'number' && Number.isSafeInteger(d.size) && d.size > 0 ? d.size : 0);
+  return size(m?.config) + (Array.isArray(m?.layers) ? m.layers.reduce((n, l) => n + size(l), 0) : 0);
 }
 
 /** The digest a manifest's `subject` names (image-spec manifest.md "subject"): it is a referrer of that manifest. */

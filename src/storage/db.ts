@@ -13,9 +13,9 @@
  *   cached blob is served for a repository only when this table says the repository holds it. A
  *   manifest pointing to a digest is no proof: its `subject`, or a layer a registry did not check
  *   at push, can name any digest.
- * - `subjects` links a referrer to its subject (by its `subject` field or a referrers-tag-schema
- *   tag), beside a `refs` edge from referrer to subject: whatever drops a subject drops its
- *   referrers, and eviction ages a referrer's blobs with its subject (storage/referrers.ts).
+ * - `subjects` links a referrer to its subject in one repository, by its `subject` field or by a
+ *   referrers-tag-schema tag (storage/subjects.ts); eviction keeps a referrer's blobs as recent as
+ *   its subject's. Only the subject field makes a `refs` edge (the bytes say it; a tag does not).
  * - Dropping a blob drops, in the same transaction, every manifest that points to it (directly or
  *   through an index) and the tags of those: no cached manifest ever points to an evicted blob.
  * Schema changes bump `user_version` and add a step to MIGRATIONS (storage/schema.ts).
@@ -27,10 +27,11 @@
 import Database from 'better-sqlite3';
 import { LRUCache } from 'lru-cache';
 import { subjectOfTag } from '../core/digest.js';
-import { isMediaType, mediaTypeOf, subjectOf } from '../core/media-types.js';
+import { blobBytesOf, isMediaType, mediaTypeOf, subjectOf } from '../core/media-types.js';
 import { KeptIndex } from './kept.js';
 import { ReferrersIndex } from './referrers.js';
 import { MIGRATIONS } from './schema.js';
+import { SubjectLinks } from './subjects.js';
 
 export interface ManifestRecord {
   digest: string;
@@ -54,6 +55,8 @@ export interface BlobAccess {
 export interface BlobRow {
   digest: string;
   size: number;
+  /** When it was last used (ms). */
+  lastAccess: number;
 }
 
 export interface Dropped {
@@ -75,6 +78,8 @@ export class Db {
   readonly kept: KeptIndex;
   /** The last referrers list per subject, for when the upstream cannot be asked; dropped with the subject. */
   readonly referrers: ReferrersIndex;
+  /** Referrer manifests linked to their subject, kept as long as it (storage/subjects.ts). */
+  readonly subjects: SubjectLinks;
 
   constructor(file: string, options: DbOptions = {}) {
     const bytes = options.manifestMemory ?? 0;
@@ -87,6 +92,7 @@ export class Db {
     this.migrate();
     this.kept = new KeptIndex(this.db);
     this.referrers = new ReferrersIndex(this.db);
+    this.subjects = new SubjectLinks(this.db);
     const db = this.db;
     this.stmt = {
       getManifest: db.prepare<[string], { digest: string; media_type: string; body: Buffer }>(
@@ -121,13 +127,13 @@ export class Db {
       ),
       blobSize: db.prepare<[string], { size: number }>('SELECT size FROM blobs WHERE digest = ?'),
       usedBytes: db.prepare<[], { total: number | null; count: number }>('SELECT sum(size) AS total, count(*) AS count FROM blobs'),
-      oldestBlobs: db.prepare<[number], BlobRow>('SELECT digest, size FROM blobs ORDER BY last_access LIMIT ?'),
-      allBlobs: db.prepare<[], BlobRow>('SELECT digest, size FROM blobs'),
+      oldestBlobs: db.prepare<[number], BlobRow>('SELECT digest, size, last_access AS lastAccess FROM blobs ORDER BY last_access LIMIT ?'),
+      allBlobs: db.prepare<[], BlobRow>('SELECT digest, size, last_access AS lastAccess FROM blobs'),
       // A blob expires when no upstream that used it still wants it: each access row is older than
       // that upstream's cut-off (no cut-off: kept). Blobs without access rows use the fallback.
       expiredBlobs: db.prepare<[string, number], BlobRow>(
         `WITH policy(upstream, cutoff) AS (SELECT key, value FROM json_each(?))
-         SELECT b.digest, b.size FROM blobs b
+         SELECT b.digest, b.size, b.last_access AS lastAccess FROM blobs b
          WHERE NOT EXISTS (
                  SELECT 1 FROM blob_access a LEFT JOIN policy p ON p.upstream = a.upstream
                  WHERE a.digest = b.digest AND (p.cutoff IS NULL OR a.last_access >= p.cutoff))
@@ -184,16 +190,19 @@ export class Db {
       for (const c of children) this.stmt.putRef.run(m.digest, c);
       this.stmt.putSeen.run(upstream, name, m.digest);
       const subject = subjectOf(m.body);
-      if (subject !== undefined) this.referrers.link(upstream, name, m.digest, subject);
+      if (subject !== undefined) this.subjects.link(upstream, name, subject, m.digest, '', blobBytesOf(m.body));
       if (tag !== undefined) this.tagged(upstream, name, tag, m.digest, now);
     })();
   }
 
-  /** A tag row, and the referrer link a tag of the referrers tag schema makes. */
+  /** A tag row, and the referrer link a tag of the referrers tag schema makes (replacing what it said before). */
   private tagged(upstream: string, name: string, tag: string, digest: string, now: number): void {
     this.stmt.putTag.run(upstream, name, tag, digest, now);
     const subject = subjectOfTag(tag);
-    if (subject !== undefined) this.referrers.link(upstream, name, digest, subject);
+    if (subject === undefined) return;
+    this.subjects.dropTag(upstream, name, tag);
+    const body = this.getManifest(digest)?.body;
+    this.subjects.link(upstream, name, subject, digest, tag, body ? blobBytesOf(body) : Number.MAX_SAFE_INTEGER);
   }
 
   isSeenIn(upstream: string, name: string, digest: string): boolean {
@@ -218,7 +227,10 @@ export class Db {
   }
 
   deleteTag(upstream: string, name: string, tag: string): void {
-    this.stmt.deleteTag.run(upstream, name, tag);
+    this.db.transaction(() => {
+      this.stmt.deleteTag.run(upstream, name, tag);
+      this.subjects.dropTag(upstream, name, tag);
+    })();
   }
 
   listTags(upstream: string, name: string): string[] {
@@ -315,6 +327,7 @@ export class Db {
       tags += this.stmt.deleteTagsOf.run(digest).changes;
       this.stmt.deleteManifest.run(digest);
       this.referrers.forget(digest);
+      this.subjects.forget(digest);
       return { manifests: [digest, ...d.manifests], tags };
     })();
     this.forget(dropped.manifests);
@@ -334,6 +347,7 @@ export class Db {
       this.stmt.deleteRefs.run(m);
       this.stmt.deleteManifest.run(m);
       this.referrers.forget(m);
+      this.subjects.forget(m);
     }
     return { manifests, tags };
   }

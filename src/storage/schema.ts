@@ -33,20 +33,30 @@ export const MIGRATIONS = [
      body BLOB NOT NULL, content_type TEXT NOT NULL, filters TEXT, checked_at INTEGER NOT NULL,
      PRIMARY KEY (upstream, name, subject, artifact_type)) WITHOUT ROWID;
    CREATE INDEX referrers_subject ON referrers (subject);`,
-  // Referrers linked to their subject (storage/referrers.ts); those cached before are linked from
-  // their subject field and their referrers-tag-schema tags.
+  // Referrers linked to their subject (storage/subjects.ts); those cached before are linked from
+  // their subject field and their sha256-<hex> referrers-tag-schema tags. `bytes`: what the
+  // referrer's config and layers add up to.
   `CREATE TABLE subjects (
-     referrer TEXT NOT NULL, subject TEXT NOT NULL, upstream TEXT NOT NULL, name TEXT NOT NULL,
-     PRIMARY KEY (referrer, subject, upstream, name)) WITHOUT ROWID;
+     upstream TEXT NOT NULL, name TEXT NOT NULL, subject TEXT NOT NULL, referrer TEXT NOT NULL, tag TEXT NOT NULL, bytes INTEGER NOT NULL,
+     PRIMARY KEY (upstream, name, subject, referrer, tag)) WITHOUT ROWID;
+   CREATE INDEX subjects_referrer ON subjects (referrer);
    CREATE INDEX subjects_subject ON subjects (subject);
+   CREATE INDEX subjects_tag ON subjects (upstream, name, tag);
+   CREATE TEMP VIEW sized AS
+     SELECT digest, CAST(body AS TEXT) AS json,
+            coalesce(json_extract(CAST(body AS TEXT), '$.config.size'), 0)
+              + coalesce((SELECT sum(json_extract(l.value, '$.size')) FROM json_each(CAST(body AS TEXT), '$.layers') l), 0) AS bytes
+     FROM manifests WHERE json_valid(CAST(body AS TEXT));
    INSERT OR IGNORE INTO subjects
-     SELECT m.digest, json_extract(CAST(m.body AS TEXT), '$.subject.digest'), r.upstream, r.name
-     FROM manifests m JOIN manifest_repos r ON r.digest = m.digest
-     WHERE json_valid(CAST(m.body AS TEXT)) AND json_type(CAST(m.body AS TEXT), '$.subject.digest') = 'text';
+     SELECT r.upstream, r.name, json_extract(m.json, '$.subject.digest'), m.digest, '', m.bytes
+     FROM sized m JOIN manifest_repos r ON r.digest = m.digest
+     WHERE json_type(m.json, '$.subject.digest') = 'text' AND json_extract(m.json, '$.subject.digest') GLOB 'sha256:*'
+       AND length(json_extract(m.json, '$.subject.digest')) = 71 AND NOT substr(json_extract(m.json, '$.subject.digest'), 8) GLOB '*[^0-9a-f]*';
    INSERT OR IGNORE INTO subjects
-     SELECT digest, 'sha256:' || substr(tag, 8, 64), upstream, name FROM tags
-     WHERE substr(tag, 1, 7) = 'sha256-' AND (length(tag) = 71 OR (length(tag) > 72 AND substr(tag, 72, 1) = '.'))
-       AND NOT substr(tag, 8, 64) GLOB '*[^0-9a-f]*';
+     SELECT t.upstream, t.name, 'sha256:' || substr(t.tag, 8, 64), t.digest, t.tag, coalesce(m.bytes, 0)
+     FROM tags t LEFT JOIN sized m ON m.digest = t.digest
+     WHERE substr(t.tag, 1, 7) = 'sha256-' AND t.tag IN (substr(t.tag, 1, 71), substr(t.tag, 1, 71) || '.sig', substr(t.tag, 1, 71) || '.att', substr(t.tag, 1, 71) || '.sbom')
+       AND length(t.tag) >= 71 AND NOT substr(t.tag, 8, 64) GLOB '*[^0-9a-f]*';
    DELETE FROM subjects WHERE referrer = subject;
-   INSERT OR IGNORE INTO refs (parent, child) SELECT referrer, subject FROM subjects;`,
+   DROP VIEW sized;`,
 ];

@@ -76,7 +76,8 @@ export class Authorizer {
       return `Bearer ${token.value}`;
     }
     if (basic && credentials) {
-      // Credentials found at run time are sent only as long as credentials.ts keeps them: a rotated secret is used at once.
+      // Credentials found at run time are sent only as long as credentials.ts keeps them (credentials.ttl, or less when
+      // they say they expire sooner); a rotated secret is used after that, or at the first refusal.
       this.cache.set(cacheKey, credentials, { ttl: Credentials.dynamic(upstream) ? Math.max(1, this.credentials.remaining(upstream)) : 3_600_000 });
       return credentials;
     }

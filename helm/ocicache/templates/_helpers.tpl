@@ -62,6 +62,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $ups = append $ups $u -}}
 {{- end -}}
 {{- $_ := set $c "upstreams" $ups -}}
+{{- include "ocicache.checkCredentials" . -}}
 {{- if .Values.credentials.pullSecret -}}
 {{- $creds := deepCopy ($c.credentials | default dict) -}}
 {{- $_ := set $creds "dockerConfig" "/etc/ocicache/pull-secret/.dockerconfigjson" -}}
@@ -80,6 +81,20 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 {{- end -}}
 {{- toYaml $c -}}
+{{- end -}}
+
+{{/* Credential values that cannot work together are refused with a message that names them. */}}
+{{- define "ocicache.checkCredentials" -}}
+{{- $names := list -}}
+{{- range .Values.credentials.helpers -}}
+{{- if has .name $names -}}
+{{- fail (printf "credentials.helpers: %s is listed twice" .name) -}}
+{{- end -}}
+{{- $names = append $names .name -}}
+{{- end -}}
+{{- if and .Values.config.parent (or .Values.credentials.pullSecret .Values.credentials.helpers) -}}
+{{- fail "credentials.pullSecret and credentials.helpers are set, but config.parent is too: a cache with a parent holds no upstream credentials (the parent does)" -}}
+{{- end -}}
 {{- end -}}
 
 {{/* The pull secrets upstreams name with auth.pullSecret, each once, as a JSON list. */}}
