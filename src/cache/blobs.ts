@@ -14,6 +14,7 @@ import type { CacheResult } from '../core/cache-result.js';
 import type { Config } from '../core/config.js';
 import { OciError } from '../core/errors.js';
 import type { Logger } from '../core/logger.js';
+import { countBytes, discard, skipBytes } from '../core/streams.js';
 import { isStorageError, type BlobStore } from '../storage/blob-store.js';
 import { DigestGuard } from '../storage/digest-guard.js';
 import type { Db } from '../storage/db.js';
@@ -22,6 +23,7 @@ import type { Metrics } from '../telemetry/metrics.js';
 import type { BlobResponse, UpstreamClient } from '../upstream/client.js';
 import { transportError } from '../upstream/responses.js';
 import type { Lifecycle } from './lifecycle.js';
+import type { RemoteBlobs } from './remote-blobs.js';
 
 export interface BlobResult {
   size: number | undefined;
@@ -30,6 +32,8 @@ export interface BlobResult {
   stream: (Readable & { bytesRead: number }) | undefined;
   /** present for GET of a cached blob: bytes [start, end) of an open file; the route owns it and calls `done` once */
   file?: { handle: FileHandle; start: number; end: number; done: () => Promise<void> };
+  /** present for GET of a blob in the bucket with storage.s3.redirect: where the client gets it (307) */
+  redirect?: string;
   cache: CacheResult;
 }
 
@@ -68,11 +72,18 @@ export class Blobs {
     private readonly lifecycle: Lifecycle,
     private readonly metrics: Metrics,
     private readonly log: Logger,
+    /** storage.backend s3: the bucket that holds the cache's blobs (local disk holds fills and what waits for the bucket). */
+    private readonly remote?: RemoteBlobs,
   ) {}
+
+  /** The size of a cached blob: on local disk, or in the bucket. */
+  private async cachedSize(digest: string): Promise<number | undefined> {
+    return (await this.store.stat(digest)) ?? (await this.remote?.size(digest));
+  }
 
   /** Size of a blob; a HEAD never downloads one, and tells nobody what is cached for another repository. */
   async head(target: Target, digest: string): Promise<BlobResult> {
-    const size = await this.store.stat(digest);
+    const size = await this.cachedSize(digest);
     const cache = size === undefined ? 'fetch' : await this.confirm(target, digest);
     if (cache !== 'fetch') return { size, range: undefined, stream: undefined, cache };
     const head = await this.upstream.headBlob(target, digest);
@@ -121,6 +132,9 @@ export class Blobs {
       if (cache !== 'fetch') return this.fromFile(target, digest, opened, rangeHeader, cache);
       opened.release();
       await opened.handle.close().catch(() => undefined);
+    } else if (this.remote) {
+      const held = await this.fromBucket(target, digest, rangeHeader);
+      if (held) return held;
     }
     let fill: Fill;
     try {
@@ -145,7 +159,7 @@ export class Blobs {
 
   /** Makes sure a blob is in the cache, through the same shared fill as client pulls (prefetch). */
   async ensure(target: Target, digest: string): Promise<{ size: number; result: 'cached' | 'fetched' }> {
-    const size = await this.store.stat(digest);
+    const size = await this.cachedSize(digest);
     if (size !== undefined) {
       this.lifecycle.touch(digest, size, target.upstream.name);
       return { size, result: 'cached' };
@@ -199,6 +213,37 @@ export class Blobs {
       await handle.close().catch(() => undefined);
     };
     return { size, range, stream: undefined, file: { handle, start: range?.start ?? 0, end: range ? range.end + 1 : size, done }, cache };
+  }
+
+  /**
+   * A blob in the bucket, for a repository allowed to see it: a stream of the range asked for, or a
+   * presigned URL (storage.s3.redirect). undefined when the bucket does not have it (then it is
+   * fetched); the bucket's errors are the client's 503, never a 500.
+   */
+  private async fromBucket(target: Target, digest: string, rangeHeader: string | undefined): Promise<BlobResult | undefined> {
+    const remote = this.remote!;
+    const size = await remote.size(digest);
+    if (size === undefined) return undefined;
+    const cache = await this.confirm(target, digest);
+    if (cache === 'fetch') return undefined;
+    const range = parseRange(rangeHeader, size);
+    this.lifecycle.touch(digest, size, target.upstream.name);
+    if (remote.redirect) return { size, range: undefined, stream: undefined, redirect: await remote.presign(digest), cache };
+    const release = this.lifecycle.pin(digest);
+    let body: Readable | undefined;
+    try {
+      body = await remote.read(digest, range?.start ?? 0, range ? range.end : size - 1);
+    } catch (err) {
+      release();
+      throw new OciError('UNAVAILABLE', `the cache's bucket could not be read: ${(err as Error).message}`, { status: 503 });
+    }
+    if (!body) {
+      release();
+      return undefined;
+    }
+    const counted = countBytes(body);
+    counted.once('close', release);
+    return { size, range, stream: counted, cache };
   }
 
   /** Storage is full or failing: stream the blob from upstream without caching, still verifying it. */
@@ -264,6 +309,7 @@ export class Blobs {
       .then(
         (size) => {
           this.lifecycle.added(digest, size, upstream, target.name);
+          this.remote?.uploads.add(digest, size, { upstream, name: target.name });
           this.metrics.upstreamBytes.inc({ upstream }, size);
         },
         async (err: Error) => {
@@ -342,25 +388,4 @@ function forClients(target: Target, err: Error): OciError {
   if (err instanceof OciError) return err;
   if (isStorageError(err)) return new OciError('UNAVAILABLE', 'the cache could not store this blob (storage full or failing): a retry streams it through uncached', { cause: err });
   return transportError(target.upstream, err);
-}
-
-/** Drops an upstream body unread. undici errors a body destroyed before its end, and here nobody else listens. */
-function discard(body: Readable): void {
-  body.on('error', () => undefined);
-  body.destroy();
-}
-
-/** Drops the first `n` bytes of a stream (a 200 answer to a resume repeats what the fill already has). */
-function skipBytes(n: number): (source: AsyncIterable<Buffer>) => AsyncGenerator<Buffer> {
-  return async function* (source) {
-    let left = n;
-    for await (const chunk of source) {
-      if (left >= chunk.length) {
-        left -= chunk.length;
-        continue;
-      }
-      yield left > 0 ? chunk.subarray(left) : chunk;
-      left = 0;
-    }
-  };
 }

@@ -16,6 +16,7 @@ import type { Logger } from '../core/logger.js';
 import { digestOfFile, type BlobStore } from '../storage/blob-store.js';
 import type { BlobAccess, BlobRow, Db, Dropped } from '../storage/db.js';
 import type { Metrics } from '../telemetry/metrics.js';
+import { describe, type Bucket } from '../storage/bucket.js';
 import { StorageGuard } from './storage-guard.js';
 
 export type EvictionReason = 'size' | 'age' | 'gc';
@@ -53,6 +54,8 @@ export class Lifecycle {
   private sparedForSubjects = 0;
   private rerun = false;
   private soonTimer: NodeJS.Timeout | undefined;
+  /** Settles once start() has indexed the blob files a crash left without a row. */
+  orphansAdopted: Promise<number> = Promise.resolve(0);
   /** Whether storage can take more; every index write of the cache goes through it. */
   readonly guard: StorageGuard;
   /** Blobs in place whose index row a storage error held back: written by the next flush. */
@@ -66,6 +69,8 @@ export class Lifecycle {
     private readonly metrics: Metrics,
     private readonly log: Logger,
     private readonly now: Clock,
+    /** storage.backend s3: blobs are deleted from the bucket too, when storage.s3.evict says this cache may. */
+    private readonly bucket?: Bucket,
   ) {
     // Low on space: a size pass may make room.
     this.guard = new StorageGuard(config, store, metrics, log, now, () => {
@@ -81,7 +86,10 @@ export class Lifecycle {
    */
   start(): void {
     void this.guard.holdReserve();
-    void this.adoptOrphans().catch((err: Error) => this.log.warn({ err: err.message }, 'adopting blob files without an index row failed'));
+    this.orphansAdopted = this.adoptOrphans().catch((err: Error) => {
+      this.log.warn({ err: err.message }, 'adopting blob files without an index row failed');
+      return 0;
+    });
     this.timers.push(
       setInterval(() => {
         try {
@@ -157,6 +165,15 @@ export class Lifecycle {
       this.schedule();
     }
     return adopted;
+  }
+
+  /** A blob the index holds is gone from storage (the bucket lost it): its row and the manifests that need it go. */
+  lost(digest: string): void {
+    const size = this.db.blobSize(digest);
+    if (size === undefined) return;
+    if (!this.guard.write('lost blob', () => this.db.dropBlob(digest))) return;
+    this.used -= size;
+    this.report();
   }
 
   /** Keeps a blob from eviction until the returned function is called. */
@@ -311,6 +328,16 @@ export class Lifecycle {
       } catch (err) {
         // The index no longer names it; `ocicache verify` adopts or deletes the file later.
         this.log.warn({ digest: row.digest, err: (err as Error).message }, 'could not delete an evicted blob file');
+      }
+      if (this.bucket?.config.evict) {
+        try {
+          await this.bucket.remove(row.digest);
+          this.metrics.bucketRequests.inc({ op: 'delete', result: 'ok' });
+        } catch (err) {
+          // Left in the bucket: a lifecycle rule, or adoption by the next replica that needs it, takes care of it.
+          this.metrics.bucketRequests.inc({ op: 'delete', result: 'error' });
+          this.log.warn({ digest: row.digest, err: describe(err) }, 'could not delete an evicted blob from the bucket');
+        }
       }
       result.blobs++;
       result.bytes += row.size;

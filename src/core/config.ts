@@ -9,6 +9,7 @@ import { fileURLToPath } from 'node:url';
 import { parse as parseYaml } from 'yaml';
 import { buildAccessConfig, type AccessConfig } from './access-config.js';
 import { buildKeepConfig, type KeepConfig } from './keep-config.js';
+import { buildS3Config, type S3Config } from './s3-config.js';
 import { ConfigError } from './config-error.js';
 import { bool, duration, hostKey, int, percent, readSecret, section, size, str, type Obj, type SecretNeeds } from './config-values.js';
 import { credentialSource, parentConfig, POLICY_KEYS, policy, throughParent, upstream, type ParentConfig, type UpstreamConfig } from './upstream-config.js';
@@ -47,6 +48,8 @@ export interface Config {
     minFree: number;
     /** Larger blobs stream through uncached; a download without a size is cut off here. */
     maxBlobSize: number;
+    /** `backend: s3`: blobs in a bucket (the root keeps the index and the fills' temp files); undefined: on disk under the root. */
+    s3: S3Config | undefined;
   };
   /** notFoundTtl: how long an upstream 404 for a manifest or blob is remembered; 0: not at all. */
   /** fillMemory: bytes of downloads in progress kept in memory for clients a little behind, across all fills. */
@@ -157,7 +160,7 @@ export function buildConfig(doc: unknown, env: NodeJS.ProcessEnv = process.env, 
   applyEnv(root, env);
   const server = section(root, 'server', 'server', ['host', 'port', 'shutdownTimeout', 'trustProxy', 'headersTimeout', 'requestTimeout', 'idleTimeout', 'maxConnections', 'maxConnectionsPerAddress', 'tls', 'replica']);
   const log = section(root, 'log', 'log', ['level']);
-  const storage = section(root, 'storage', 'storage', ['root', 'maxSize', 'highWatermark', 'lowWatermark', 'minFree', 'maxBlobSize']);
+  const storage = section(root, 'storage', 'storage', ['root', 'maxSize', 'highWatermark', 'lowWatermark', 'minFree', 'maxBlobSize', 'backend', 's3']);
   const admin = section(root, 'admin', 'admin', ['token', 'tokenEnv', 'tokenFile']);
   const defaultPolicy = policy(section(root, 'upstreamDefaults', 'upstreamDefaults', [...POLICY_KEYS]), 'upstreamDefaults', {
     offline: false,
@@ -230,6 +233,7 @@ export function buildConfig(doc: unknown, env: NodeJS.ProcessEnv = process.env, 
       lowWatermark,
       minFree: size(storage.minFree ?? '256MiB', 'storage.minFree'),
       maxBlobSize: size(storage.maxBlobSize ?? '32GiB', 'storage.maxBlobSize'),
+      s3: buildS3Config(storage),
     },
     cache: {
       tagTtl,

@@ -105,6 +105,7 @@ export async function buildApp(config: Config, options: AppOptions = {}): Promis
   }
   services.lifecycle.start();
   services.keeper.start();
+  services.remote?.start(services.config.storage.s3!.staleUploads);
   app.decorate('services', services);
 
   // We never read request bodies (every write is refused), so don't parse them either.

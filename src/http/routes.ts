@@ -107,6 +107,8 @@ export function registerRoutes(app: FastifyInstance, deps: RouteDeps): void {
       etag: `"${p.reference}"`,
       'x-cache': b.cache.toUpperCase(),
     });
+    // In the bucket, with storage.s3.redirect: the client fetches it there (distribution-spec, "Pulling blobs": 307).
+    if (b.redirect) return reply.code(307).header('location', b.redirect).send();
     if (b.range && b.size !== undefined) {
       reply.code(206).header('content-range', contentRange(b.range, b.size));
       reply.header('content-length', String(b.range.end - b.range.start + 1));

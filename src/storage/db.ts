@@ -126,6 +126,7 @@ export class Db {
          ON CONFLICT (digest, upstream) DO UPDATE SET last_access = max(last_access, excluded.last_access)`,
       ),
       blobSize: db.prepare<[string], { size: number }>('SELECT size FROM blobs WHERE digest = ?'),
+      originOf: db.prepare<[string], { upstream: string; name: string }>('SELECT upstream, name FROM blob_repos WHERE digest = ? LIMIT 1'),
       usedBytes: db.prepare<[], { total: number | null; count: number }>('SELECT sum(size) AS total, count(*) AS count FROM blobs'),
       oldestBlobs: db.prepare<[number], BlobRow>('SELECT digest, size, last_access AS lastAccess FROM blobs ORDER BY last_access LIMIT ?'),
       allBlobs: db.prepare<[], BlobRow>('SELECT digest, size, last_access AS lastAccess FROM blobs'),
@@ -278,6 +279,16 @@ export class Db {
 
   hasBlob(digest: string): boolean {
     return this.stmt.blobSize.get(digest) !== undefined;
+  }
+
+  /** The size of an indexed blob; undefined when the index has none. */
+  blobSize(digest: string): number | undefined {
+    return this.stmt.blobSize.get(digest)?.size;
+  }
+
+  /** An upstream repository a blob was fetched from or confirmed in, if any. */
+  originOf(digest: string): { upstream: string; name: string } | undefined {
+    return this.stmt.originOf.get(digest);
   }
 
   usage(): { bytes: number; count: number } {

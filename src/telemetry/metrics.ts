@@ -36,6 +36,10 @@ export class Metrics {
 
   readonly storageErrors = this.counter('ocicache_storage_errors_total', 'Storage failures (ENOSPC, EROFS, ...) that turned caching off for a while, by errno code.', ['code']);
 
+  readonly bucketRequests = this.counter('ocicache_bucket_requests_total', 'Requests to the S3 bucket (storage.backend: s3), by operation and result (ok, missing, error).', ['op', 'result']);
+
+  readonly uploadsPending = this.gauge('ocicache_uploads_pending', 'Verified blobs on local disk waiting to be written to the S3 bucket (served from disk meanwhile).');
+
   readonly uncachedBlobs = this.counter('ocicache_uncached_blobs_total', 'Blobs streamed to a client without being cached because storage was full or failing.', ['upstream']);
 
   readonly blobResumes = this.counter('ocicache_blob_resumes_total', 'Broken blob downloads resumed, by how (range: 206 from the offset; restart: the upstream ignored Range).', ['upstream', 'how']);
