@@ -11,7 +11,7 @@ import { existsSync, writeFileSync } from 'node:fs';
 import { createServer, connect, type Socket } from 'node:net';
 import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
-import test, { type TestContext } from 'node:test';
+import test, { after, type TestContext } from 'node:test';
 import { HeadObjectCommand, ListObjectsV2Command, S3Client } from '@aws-sdk/client-s3';
 import { request } from 'undici';
 import { startDistribution, type Distribution } from './helpers/distribution.js';
@@ -42,10 +42,27 @@ interface World {
   blobGets(): number;
 }
 
-async function world(t: TestContext, layerBytes = 3 * MiB): Promise<World | undefined> {
-  const weed = await startSeaweed(t, { identities: [CACHE] });
+/** One SeaweedFS for the tests that do not stop it (it takes seconds to start): each has a bucket of its own. */
+const cleanups: Array<() => unknown> = [];
+after(async () => {
+  for (const c of cleanups.reverse()) await c();
+});
+let shared: Promise<Seaweed | undefined> | undefined;
+let buckets = 0;
+const OTHER = { name: 'elsewhere', accessKey: 'other-key', secretKey: 'other-secret', actions: ['Read:another', 'Write:another'] };
+
+async function sharedWeed(t: TestContext): Promise<Seaweed | undefined> {
+  shared ??= startSeaweed({ after: (fn) => void cleanups.push(fn), skip: (msg) => t.skip(msg) }, { identities: [CACHE, OTHER] });
+  const weed = await shared;
+  if (!weed) t.skip('.tools/weed missing: run scripts/build-weed.sh');
+  return weed;
+}
+
+async function world(t: TestContext, layerBytes = 3 * MiB, own = false): Promise<World | undefined> {
+  const weed = own ? await startSeaweed(t, { identities: [CACHE] }) : await sharedWeed(t);
   if (!weed) return undefined;
-  await weed.createBucket('cache');
+  const bucket = `cache-${++buckets}`;
+  await weed.createBucket(bucket);
   const registry = await startDistribution(t);
   if (!registry) return undefined;
   const img = image({ 'big.bin': randomBytes(layerBytes) });
@@ -60,14 +77,14 @@ async function world(t: TestContext, layerBytes = 3 * MiB): Promise<World | unde
     registry,
     img,
     layer,
-    s3: (extra = {}) => ({ backend: 's3', s3: { endpoint: weed.endpoint, bucket: 'cache', prefix: 'ocicache/', credentialsFile: creds, ...extra } }),
+    s3: (extra = {}) => ({ backend: 's3', s3: { endpoint: weed.endpoint, bucket, prefix: 'ocicache/', credentialsFile: creds, ...extra } }),
     async objects() {
-      const r = await admin.send(new ListObjectsV2Command({ Bucket: 'cache', Prefix: 'ocicache/' }));
+      const r = await admin.send(new ListObjectsV2Command({ Bucket: bucket, Prefix: 'ocicache/' }));
       return (r.Contents ?? []).map((o) => ({ key: o.Key!, size: o.Size! }));
     },
     async head(digest) {
       try {
-        const r = await admin.send(new HeadObjectCommand({ Bucket: 'cache', Key: key(digest) }));
+        const r = await admin.send(new HeadObjectCommand({ Bucket: bucket, Key: key(digest) }));
         return { size: r.ContentLength!, metadata: r.Metadata ?? {} };
       } catch {
         return undefined;
@@ -79,8 +96,9 @@ async function world(t: TestContext, layerBytes = 3 * MiB): Promise<World | unde
 
 const blobUrl = (proxy: Proxy, digest: string, name = 'team/app'): string => `${proxy.url}/v2/${name}/blobs/${digest}?ns=docker.io`;
 
-async function uploaded(proxy: Proxy): Promise<void> {
-  await until('uploads to the bucket', async () => metric(await metricsText(proxy), 'ocicache_uploads_pending') === 0, 30_000);
+/** Waits until `digest` is in the bucket and the proxy has nothing left to write. */
+async function uploaded(proxy: Proxy, w: World, digest = w.layer): Promise<void> {
+  await until('the upload to the bucket', async () => (await w.head(digest)) !== undefined && metric(await metricsText(proxy), 'ocicache_uploads_pending') === 0, 30_000);
 }
 
 test('s3: 32 cold requests make one upstream GET and stream; the blob is written to the bucket once verified and leaves local disk; warm reads and ranges come from the bucket', async (t) => {
@@ -91,7 +109,7 @@ test('s3: 32 cold requests make one upstream GET and stream; the blob is written
   const cold = await Promise.all(Array.from({ length: 32 }, () => fetchBody(blobUrl(proxy, w.layer))));
   assert.ok(cold.every((r) => r.status === 200 && r.body!.equals(data)), 'every client got the whole blob');
   assert.equal(w.blobGets(), 1, 'one upstream GET');
-  await uploaded(proxy);
+  await uploaded(proxy, w);
   assert.deepEqual(await w.head(w.layer), { size: data.length, metadata: { upstream: 'docker.io', repository: 'team/app' } });
   assert.equal(existsSync(blobFile(proxy.root, w.layer)), false, 'the local copy is gone once the bucket has it');
 
@@ -107,4 +125,207 @@ test('s3: 32 cold requests make one upstream GET and stream; the blob is written
   const text = await metricsText(proxy);
   assert.equal(metric(text, 'ocicache_bucket_requests_total', { op: 'put', result: 'ok' }), 1);
   assert.ok(metric(text, 'ocicache_bucket_requests_total', { op: 'get', result: 'ok' }) >= 2);
+});
+
+test('s3: a second replica sharing the bucket adopts what the first wrote: no upstream GET for the same upstream, a HEAD for another repository, a GET for another upstream', async (t) => {
+  const w = await world(t);
+  if (!w) return;
+  await new Pusher({ url: w.registry.url }).pushImage('team/other', 'v1', w.img);
+  const upstreams = [{ name: 'docker.io', url: w.registry.url }, { name: 'mirror.example', url: w.registry.url }];
+  const first = await startProxy(t, { upstreams, storage: w.s3() });
+  assert.equal((await fetchBody(blobUrl(first, w.layer))).status, 200);
+  await uploaded(first, w);
+  const second = await startProxy(t, { upstreams, storage: w.s3({ evict: false }) });
+  const asked = (): string[] => w.registry.accessLog.filter((l) => l.includes(w.layer)).map((l) => l.split(' ').slice(0, 2).join(' '));
+  const before = asked().length;
+  const data = w.img.blobs[1]!.data;
+  const cases: Array<[string, string, string, string[]]> = [
+    ['the same repository', blobUrl(second, w.layer), 'HIT', []],
+    ['another repository of the same upstream', blobUrl(second, w.layer, 'team/other'), 'REVALIDATED', [`HEAD /v2/team/other/blobs/${w.layer}`]],
+    ['another upstream (its bytes prove nothing there)', `${second.url}/v2/team/app/blobs/${w.layer}?ns=mirror.example`, 'MISS', [`GET /v2/team/app/blobs/${w.layer}`]],
+  ];
+  for (const [what, url, cache, upstream] of cases) {
+    const seen = asked().length;
+    const r = await fetchBody(url);
+    assert.deepEqual([r.status, r.headers['x-cache']], [200, cache], what);
+    assert.ok(r.body!.equals(data), what);
+    assert.deepEqual(asked().slice(seen), upstream, what);
+  }
+  assert.equal(asked().length - before, 2);
+  // The object was already there: the second replica wrote nothing.
+  await uploaded(second, w);
+  assert.equal(metric(await metricsText(second), 'ocicache_bucket_requests_total', { op: 'put', result: 'ok' }), 0);
+});
+
+test('s3: storage.s3.redirect answers warm blobs with a 307 to a presigned URL, which skopeo follows', async (t) => {
+  const w = await world(t);
+  if (!w) return;
+  const lines: Array<Record<string, unknown>> = [];
+  const proxy = await startProxy(t, {
+    upstreams: [{ name: 'docker.io', url: w.registry.url }],
+    storage: w.s3({ redirect: true, redirectTtl: '2m' }),
+    defaultUpstream: 'docker.io',
+    logger: { level: 'info', stream: { write: (s: string) => lines.push(JSON.parse(s) as Record<string, unknown>) } },
+  });
+  // Cold: streamed by the cache while it downloads.
+  assert.equal((await fetchBody(blobUrl(proxy, w.layer))).headers['x-cache'], 'MISS');
+  await uploaded(proxy, w);
+  const res = await request(blobUrl(proxy, w.layer));
+  await res.body.dump();
+  assert.deepEqual([res.statusCode, res.headers['x-cache']], [307, 'HIT']);
+  const location = new URL(String(res.headers.location));
+  assert.equal(location.origin, w.weed.endpoint);
+  assert.equal(location.searchParams.get('X-Amz-Expires'), '120');
+  const direct = await fetchBody(location.href);
+  assert.ok(direct.body!.equals(w.img.blobs[1]!.data), 'the presigned URL serves the blob');
+  const { need, exec } = await import('./helpers/tools.js');
+  const skopeo = need(t, 'skopeo', 'apt-get install skopeo');
+  if (!skopeo) return;
+  const out = join(tempDir(t, 'skopeo'), 'oci');
+  const copy = await exec(skopeo, ['copy', '--src-tls-verify=false', `docker://${proxy.host}/team/app:v1`, `oci:${out}:v1`]);
+  assert.equal(copy.code, 0, copy.stderr);
+  // skopeo was sent to the bucket for the layer, and got it there (its copy checks every digest).
+  const layerAnswers = lines.filter((l) => l.msg === 'request' && l.reference === w.layer && l.method === 'GET').map((l) => l.status);
+  assert.deepEqual(layerAnswers, [200, 307, 307]);
+});
+
+test('s3: eviction deletes from the bucket (storage.s3.evict), or only forgets locally when another replica evicts', async (t) => {
+  const w = await world(t, 600 * 1024);
+  if (!w) return;
+  const second = image({ 'second.bin': randomBytes(600 * 1024) });
+  await new Pusher({ url: w.registry.url }).pushImage('team/second', 'v1', second);
+  const secondLayer = second.blobs[1]!.descriptor.digest;
+  // Room for one of the two layers: the second one in evicts the first.
+  const small = { maxSize: 1024 * 1024, highWatermark: 90, lowWatermark: 60 };
+  for (const [evict, kept] of [[true, false], [false, true]] as const) {
+    const proxy = await startProxy(t, { upstreams: [{ name: 'docker.io', url: w.registry.url }], storage: { ...w.s3({ evict }), ...small } });
+    assert.equal((await fetchBody(blobUrl(proxy, w.layer))).status, 200);
+    await uploaded(proxy, w);
+    assert.equal((await fetchBody(blobUrl(proxy, secondLayer, 'team/second'))).status, 200);
+    await until('the first layer is evicted', async () => metric(await metricsText(proxy), 'ocicache_evictions_total', { reason: 'size' }) >= 1);
+    assert.equal((await w.head(w.layer)) !== undefined, kept, `evict: ${evict}`);
+    await uploaded(proxy, w, secondLayer);
+    await proxy.app.close();
+  }
+});
+
+test('s3: a bucket that refuses the credentials stops the start, naming the key', async (t) => {
+  const weed = await sharedWeed(t);
+  if (!weed) return;
+  await weed.createBucket('cache');
+  const cases: Array<[string, Record<string, unknown>, RegExp]> = [
+    ['another bucket only', { credentialsFile: credentialsFile(t, { ...CACHE, accessKey: 'other-key', secretKey: 'other-secret' }) }, /^config: storage\.s3\.bucket: cache at http:\/\/127\.0\.0\.1:\d+ cannot be used: AccessDenied \(403\)$/],
+    ['unknown key', { credentialsFile: credentialsFile(t, { ...CACHE, accessKey: 'nobody', secretKey: 'x' }) }, /^config: storage\.s3\.bucket: cache at .* cannot be used: AccessDenied \(403\)$/],
+    ['no such bucket', { bucket: 'missing', credentialsFile: credentialsFile(t) }, /^config: storage\.s3\.bucket: missing at .* cannot be used: NotFound \(404\)$/],
+  ];
+  for (const [what, s3, message] of cases) {
+    await assert.rejects(startProxy(t, { upstreams: [{ name: 'docker.io', url: 'http://127.0.0.1:9' }], storage: { backend: 's3', s3: { endpoint: weed.endpoint, bucket: 'cache', ...s3 } } }), { message }, what);
+  }
+});
+
+test('s3: the bucket down at start: blobs are served from local disk meanwhile and written once it is back', async (t) => {
+  const w = await world(t, 3 * MiB, true);
+  if (!w) return;
+  await w.weed.kill();
+  const proxy = await startProxy(t, { upstreams: [{ name: 'docker.io', url: w.registry.url }], storage: w.s3(), timeouts: { connect: '500ms', blobIdle: '3s' } });
+  const data = w.img.blobs[1]!.data;
+  const cold = await fetchBody(blobUrl(proxy, w.layer));
+  assert.deepEqual([cold.status, cold.headers['x-cache'], cold.body!.equals(data)], [200, 'MISS', true]);
+  await until('the fill is in place', () => existsSync(blobFile(proxy.root, w.layer)));
+  const warm = await fetchBody(blobUrl(proxy, w.layer));
+  assert.deepEqual([warm.status, warm.headers['x-cache'], warm.body!.equals(data)], [200, 'HIT', true], 'served from local disk meanwhile');
+  assert.equal(metric(await metricsText(proxy), 'ocicache_uploads_pending'), 1);
+  await w.weed.start();
+  await uploaded(proxy, w);
+  assert.equal((await w.head(w.layer))?.size, data.length);
+  assert.equal(existsSync(blobFile(proxy.root, w.layer)), false);
+  assert.equal(w.blobGets(), 1);
+
+  // Down again, and the cache restarted before it is back: the next start writes what waited.
+  await w.weed.kill();
+  const config = w.img.blobs[0]!.descriptor.digest;
+  assert.equal((await fetchBody(blobUrl(proxy, config))).status, 200);
+  await until('the fill is in place', () => existsSync(blobFile(proxy.root, config)));
+  await proxy.app.close();
+  await w.weed.start();
+  const restarted = await startProxy(t, { root: proxy.root, upstreams: [{ name: 'docker.io', url: w.registry.url }], storage: w.s3() });
+  await uploaded(restarted, w, config);
+  assert.equal(existsSync(blobFile(proxy.root, config)), false);
+});
+
+/**
+ * A TCP relay to `port` that can be told to stall (new connections are accepted and never
+ * answered), or to cut every connection once `cutAfter` bytes went towards the server.
+ */
+async function relay(t: TestContext, port: number): Promise<{ endpoint: string; stall(on: boolean): void; cutAfter(bytes: number | undefined): void; cuts: number }> {
+  let stalled = false;
+  let cutAt: number | undefined;
+  let sent = 0;
+  const sockets = new Set<Socket>();
+  const r = { endpoint: '', stall: (_on: boolean) => undefined as void, cutAfter: (b: number | undefined) => void ((cutAt = b), (sent = 0)), cuts: 0 };
+  const server = createServer((client) => {
+    sockets.add(client);
+    client.once('close', () => sockets.delete(client));
+    if (stalled) return void client.on('error', () => undefined);
+    const up = connect(port, '127.0.0.1');
+    sockets.add(up);
+    up.once('close', () => sockets.delete(up));
+    client.on('data', (chunk: Buffer) => {
+      sent += chunk.length;
+      if (cutAt !== undefined && sent >= cutAt) {
+        cutAt = undefined;
+        r.cuts++;
+        for (const s of sockets) s.destroy();
+      }
+    });
+    client.pipe(up).pipe(client);
+    client.on('error', () => up.destroy());
+    up.on('error', () => client.destroy());
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  t.after(() => {
+    for (const s of sockets) s.destroy();
+    return new Promise<void>((r) => server.close(() => r()));
+  });
+  r.endpoint = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+  r.stall = (on) => {
+    stalled = on;
+    // Connections kept alive from before would still go through.
+    if (on) for (const s of sockets) s.destroy();
+  };
+  return r;
+}
+
+test('s3: a connection to the bucket cut in the middle of an upload leaves no object; the upload is made again', async (t) => {
+  const w = await world(t, 12 * MiB);
+  if (!w) return;
+  const cut = await relay(t, Number(new URL(w.weed.endpoint).port));
+  cut.cutAfter(6 * MiB);
+  const proxy = await startProxy(t, { upstreams: [{ name: 'docker.io', url: w.registry.url }], storage: w.s3({ endpoint: cut.endpoint }) });
+  const data = w.img.blobs[1]!.data;
+  assert.ok((await fetchBody(blobUrl(proxy, w.layer))).body!.equals(data));
+  await until('the upload is cut', () => cut.cuts === 1, 30_000);
+  assert.equal(await w.head(w.layer), undefined, 'nothing of it in the bucket');
+  await uploaded(proxy, w);
+  assert.equal((await w.head(w.layer))?.size, data.length);
+  const again = await fetchBody(blobUrl(proxy, w.layer));
+  assert.deepEqual([again.headers['x-cache'], again.body!.equals(data)], ['HIT', true]);
+});
+
+test('s3: a bucket that stops answering costs a warm read its idle timeout and a 503, never a hang or a 500', async (t) => {
+  const w = await world(t);
+  if (!w) return;
+  const slow = await relay(t, Number(new URL(w.weed.endpoint).port));
+  const proxy = await startProxy(t, { upstreams: [{ name: 'docker.io', url: w.registry.url }], storage: w.s3({ endpoint: slow.endpoint }), timeouts: { blobIdle: '1s' } });
+  assert.equal((await fetchBody(blobUrl(proxy, w.layer))).status, 200);
+  await uploaded(proxy, w);
+  slow.stall(true);
+  const started = Date.now();
+  const r = await fetchBody(blobUrl(proxy, w.layer));
+  assert.deepEqual([r.status, ociError(r).code], [503, 'UNAVAILABLE']);
+  assert.match(ociError(r).message, /^the cache's bucket could not be read: /);
+  assert.ok(Date.now() - started < 15_000, 'within the idle timeout and its retries');
+  slow.stall(false);
+  const again = await fetchBody(blobUrl(proxy, w.layer));
+  assert.deepEqual([again.status, again.headers['x-cache'], again.body!.equals(w.img.blobs[1]!.data)], [200, 'HIT', true]);
 });

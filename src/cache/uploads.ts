@@ -99,6 +99,11 @@ export class Uploads {
 
   private async upload(p: Pending): Promise<void> {
     try {
+      // Evicted while it waited: nothing to write.
+      if (!this.db.hasBlob(p.digest)) {
+        this.queue.delete(p.digest);
+        return;
+      }
       const there = await this.bucket.head(p.digest);
       // Another replica wrote the same verified bytes (a digest names them): nothing to write.
       if (there?.size !== p.size) {
@@ -109,6 +114,11 @@ export class Uploads {
       // Readers that opened the local file keep reading it; the next ones read the bucket.
       await this.store.remove(p.digest).catch((err: Error) => this.log.warn({ digest: p.digest, err: err.message }, 'could not delete a local blob file after writing it to the bucket'));
     } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') {
+        // The local file went (evicted) before it could be written: nothing to write.
+        this.queue.delete(p.digest);
+        return;
+      }
       this.metrics.bucketRequests.inc({ op: 'put', result: 'error' });
       p.at = this.now() + Math.min(RETRY_MAX_MS, RETRY_MIN_MS * 2 ** Math.min(p.attempts - 1, 16));
       this.log.warn({ digest: p.digest, size: p.size, attempt: p.attempts, err: describe(err) }, 'could not write a blob to the bucket; it is served from local disk and tried again');

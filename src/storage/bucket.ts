@@ -8,7 +8,7 @@
  * upstream repository the bytes were fetched from (metadata), so that another replica sharing the
  * bucket adopts it under the same rules as its own fills (cache/blobs.ts).
  */
-import { createReadStream } from 'node:fs';
+import { open } from 'node:fs/promises';
 import type { Readable } from 'node:stream';
 import {
   AbortMultipartUploadCommand,
@@ -52,9 +52,16 @@ export function isMissing(err: unknown): boolean {
 
 /** A short description of a bucket error for logs and clients: the server's code and status, never the request's credentials. */
 export function describe(err: unknown): string {
-  if (err instanceof S3ServiceException) return `${err.name} (${err.$metadata.httpStatusCode ?? 'no status'})${err.message && err.message !== err.name ? `: ${err.message}` : ''}`;
-  return (err as Error).message;
+  if (!(err instanceof S3ServiceException)) return (err as Error).message;
+  const status = err.$metadata.httpStatusCode;
+  // An answer without a body (HEAD) has no code of its own: name it by its status.
+  if (err.name === 'Unknown' || err.name === 'UnknownError' || /^\d+$/.test(err.name)) {
+    return `${STATUS_NAMES[status ?? 0] ?? 'error'} (${status ?? 'no status'})`;
+  }
+  return `${err.name} (${status ?? 'no status'})${err.message && err.message !== err.name && err.message !== 'UnknownError' ? `: ${err.message}` : ''}`;
 }
+
+const STATUS_NAMES: Record<number, string> = { 301: 'the bucket is in another region', 400: 'BadRequest', 403: 'AccessDenied', 404: 'NotFound' };
 
 export class Bucket {
   private readonly client: S3Client;
@@ -73,7 +80,7 @@ export class Bucket {
       // The checksum sent is the blob's own sha256 (put); nothing else is computed per request.
       requestChecksumCalculation: 'WHEN_REQUIRED',
       responseChecksumValidation: 'WHEN_REQUIRED',
-      requestHandler: { connectionTimeout: timeouts.connect, requestTimeout: timeouts.idle },
+      requestHandler: { connectionTimeout: timeouts.connect, socketTimeout: timeouts.idle },
       maxAttempts: 3,
     });
   }
@@ -112,25 +119,28 @@ export class Bucket {
     }
   }
 
-  /** Writes a verified local file as the object of `digest`, with its origin. */
+  /**
+   * Writes a verified local file as the object of `digest`, with its origin. The file is opened
+   * first: one deleted meanwhile (evicted) is ENOENT here, and one deleted during the upload is
+   * still read to its end.
+   */
   async put(digest: string, path: string, size: number, origin: Origin): Promise<void> {
     const target = { Bucket: this.config.bucket, Key: this.key(digest), ContentType: 'application/octet-stream', Metadata: { upstream: origin.upstream, repository: origin.name } };
     const { algorithm, hex } = splitDigest(digest);
-    if (size <= this.multipart.above) {
-      const body = createReadStream(path, { highWaterMark: 1024 * 1024 });
-      try {
-        await this.client.send(new PutObjectCommand({ ...target, Body: body, ContentLength: size, ...(algorithm === 'sha256' ? { ChecksumSHA256: Buffer.from(hex, 'hex').toString('base64') } : {}) }));
-      } finally {
-        body.destroy();
-      }
-      return;
-    }
-    const body = createReadStream(path, { highWaterMark: 1024 * 1024 });
+    const handle = await open(path, 'r');
+    const body = handle.createReadStream({ highWaterMark: 1024 * 1024, autoClose: true });
+    // A read error fails the request (the SDK listens too); it must never be an uncaught exception.
+    body.on('error', () => undefined);
     try {
-      // One part in memory at a time; an upload that fails is aborted (leavePartsOnError: false).
-      await new Upload({ client: this.client, params: { ...target, Body: body }, partSize: this.multipart.partSize, queueSize: 1, leavePartsOnError: false }).done();
+      if (size <= this.multipart.above) {
+        await this.client.send(new PutObjectCommand({ ...target, Body: body, ContentLength: size, ...(algorithm === 'sha256' ? { ChecksumSHA256: Buffer.from(hex, 'hex').toString('base64') } : {}) }));
+      } else {
+        // One part in memory at a time; an upload that fails is aborted (leavePartsOnError: false).
+        await new Upload({ client: this.client, params: { ...target, Body: body }, partSize: this.multipart.partSize, queueSize: 1, leavePartsOnError: false }).done();
+      }
     } finally {
       body.destroy();
+      await handle.close().catch(() => undefined);
     }
   }
 

@@ -56,7 +56,7 @@ export async function startSeaweed(t: Scope, options: { identities?: Identity[] 
   const dir = tempDir(t, 'seaweed');
   mkdirSync(join(dir, 'data'));
   const [master, volume, filer, s3] = [await freePort(), await freePort(), await freePort(), await freePort()];
-  const args = ['server', '-ip=127.0.0.1', '-ip.bind=127.0.0.1', `-dir=${join(dir, 'data')}`, `-master.port=${master}`, `-volume.port=${volume}`, '-filer', `-filer.port=${filer}`, '-s3', `-s3.port=${s3}`, '-master.volumeSizeLimitMB=64'];
+  const args = ['server', '-ip=127.0.0.1', '-ip.bind=127.0.0.1', `-dir=${join(dir, 'data')}`, `-master.port=${master}`, `-volume.port=${volume}`, '-filer', `-filer.port=${filer}`, '-s3', `-s3.port=${s3}`, '-master.volumeSizeLimitMB=64', '-s3.port.iceberg=0', '-s3.port.lance=0', '-master.electionTimeout=1s', '-volume.max=0'];
   const admin = options.identities && { name: 'admin', accessKey: 'admin-key', secretKey: 'admin-secret', actions: ['Admin', 'Read', 'Write', 'List', 'Tagging'] };
   if (options.identities) {
     const identities = [admin!, ...options.identities].map((i) => ({ name: i.name, credentials: [{ accessKey: i.accessKey, secretKey: i.secretKey }], actions: i.actions }));
@@ -65,9 +65,16 @@ export async function startSeaweed(t: Scope, options: { identities?: Identity[] 
   }
   const endpoint = `http://127.0.0.1:${s3}`;
   let child: ChildProcess | undefined;
+  const buckets: string[] = [];
   const start = async (): Promise<void> => {
+    await listening();
+    // A restarted master elects itself leader some seconds later; writes hang until then.
+    for (const b of buckets) await ready(b);
+  };
+  const listening = async (): Promise<void> => {
     child = spawn(WEED, args, { stdio: ['ignore', 'ignore', 'pipe'] });
-    child.stderr?.resume();
+    if (process.env.OCICACHE_TEST_WEED_LOG) child.stderr?.pipe((await import('node:fs')).createWriteStream(process.env.OCICACHE_TEST_WEED_LOG, { flags: 'a' }));
+    else child.stderr?.resume();
     // The S3 port answers before the filer is ready: a listing succeeds once it is.
     for (const end = Date.now() + 60_000; ; await new Promise((r) => setTimeout(r, 200))) {
       if (Date.now() > end) throw new Error('SeaweedFS did not become ready within 60 s');
@@ -85,6 +92,28 @@ export async function startSeaweed(t: Scope, options: { identities?: Identity[] 
   const kill = async (): Promise<void> => {
     if (child) await stopChild(child, 'SIGKILL');
   };
+  /** Creates `bucket` if need be, and waits until an object can be written to it (a volume server registered, a leader elected). */
+  const ready = async (bucket: string): Promise<void> => {
+    const { S3Client, CreateBucketCommand, PutObjectCommand, DeleteObjectCommand } = await import('@aws-sdk/client-s3');
+    const credentials = admin ? { accessKeyId: admin.accessKey, secretAccessKey: admin.secretKey } : { accessKeyId: 'any', secretAccessKey: 'any' };
+    const client = new S3Client({ endpoint, region: 'us-east-1', forcePathStyle: true, credentials, requestHandler: { socketTimeout: 2000 }, maxAttempts: 1 });
+    try {
+      for (const end = Date.now() + 60_000; ; await new Promise((r) => setTimeout(r, 200))) {
+        try {
+          await client.send(new CreateBucketCommand({ Bucket: bucket })).catch((err: Error) => {
+            if (err.name !== 'BucketAlreadyOwnedByYou' && err.name !== 'BucketAlreadyExists') throw err;
+          });
+          await client.send(new PutObjectCommand({ Bucket: bucket, Key: 'ready', Body: 'ready' }));
+          await client.send(new DeleteObjectCommand({ Bucket: bucket, Key: 'ready' }));
+          return;
+        } catch (err) {
+          if (Date.now() > end) throw err;
+        }
+      }
+    } finally {
+      client.destroy();
+    }
+  };
   t.after(kill);
   await start();
   return {
@@ -92,20 +121,8 @@ export async function startSeaweed(t: Scope, options: { identities?: Identity[] 
     kill,
     start,
     async createBucket(name) {
-      const { S3Client, CreateBucketCommand } = await import('@aws-sdk/client-s3');
-      const client = new S3Client({ endpoint, region: 'us-east-1', forcePathStyle: true, credentials: admin ? { accessKeyId: admin.accessKey, secretAccessKey: admin.secretKey } : { accessKeyId: 'any', secretAccessKey: 'any' } });
-      try {
-        for (const end = Date.now() + 30_000; ; await new Promise((r) => setTimeout(r, 200))) {
-          try {
-            await client.send(new CreateBucketCommand({ Bucket: name }));
-            return;
-          } catch (err) {
-            if (Date.now() > end) throw err;
-          }
-        }
-      } finally {
-        client.destroy();
-      }
+      await ready(name);
+      buckets.push(name);
     },
   };
 }
