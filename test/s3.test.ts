@@ -329,3 +329,31 @@ test('s3: a bucket that stops answering costs a warm read its idle timeout and a
   const again = await fetchBody(blobUrl(proxy, w.layer));
   assert.deepEqual([again.status, again.headers['x-cache'], again.body!.equals(w.img.blobs[1]!.data)], [200, 'HIT', true]);
 });
+
+test('s3: the README Helm values mount the credentials Secret where the rendered config reads it, and that config pulls through a bucket', async (t) => {
+  const { helmBinary, render } = await import('./helpers/helm.js');
+  const { readmeSnippet } = await import('./helpers/readme.js');
+  const { parse } = await import('yaml');
+  if (!helmBinary(t)) return;
+  const w = await world(t);
+  if (!w) return;
+  const values = join(tempDir(t, 'values'), 'values.yaml');
+  writeFileSync(values, readmeSnippet('helm-s3-values.yaml'));
+  const { docs, configText } = await render(['-f', values]);
+  const pod = docs.find((d) => d.kind === 'StatefulSet')!.spec.template.spec;
+  const storage = parse(configText).storage;
+  assert.deepEqual(storage.s3, { bucket: 'ocicache', region: 'eu-west-1', prefix: 'cache/', credentialsFile: '/etc/ocicache/s3/credentials' });
+  const volume = pod.volumes.find((v: { name: string }) => v.name === 's3-credentials');
+  assert.deepEqual(volume.secret, { secretName: 'ocicache-s3', items: [{ key: 'credentials', path: 'credentials' }] });
+  const mount = pod.containers[0].volumeMounts.find((m: { name: string }) => m.name === 's3-credentials');
+  assert.equal(`${mount.mountPath}/credentials`, storage.s3.credentialsFile);
+  // The pod, here: the Secret's file where the mount puts it; SeaweedFS stands in for the region's S3.
+  const s3 = (w.s3() as { s3: { bucket: string; endpoint: string; credentialsFile: string } }).s3;
+  const { root: _chartRoot, ...rendered } = storage;
+  const proxy = await startProxy(t, {
+    upstreams: [{ name: 'docker.io', url: w.registry.url }],
+    storage: { ...rendered, s3: { ...storage.s3, bucket: s3.bucket, endpoint: s3.endpoint, credentialsFile: s3.credentialsFile, prefix: 'ocicache/' } },
+  });
+  assert.equal((await fetchBody(blobUrl(proxy, w.layer))).status, 200);
+  await uploaded(proxy, w);
+});

@@ -41,6 +41,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 {{- $storage := $c.storage | default dict -}}
 {{- $_ := set $storage "root" "/data" -}}
+{{- if .Values.s3.credentialsSecret -}}
+{{- if not (and $storage.s3 (eq ($storage.backend | default "disk") "s3")) -}}
+{{- fail "s3.credentialsSecret is set but config.storage.backend is not s3 with config.storage.s3" -}}
+{{- end -}}
+{{- $_ := set $storage.s3 "credentialsFile" (printf "/etc/ocicache/s3/%s" .Values.s3.credentialsKey) -}}
+{{- end -}}
 {{- $_ := set $c "storage" $storage -}}
 {{- $ups := list -}}
 {{- range $i, $u := $c.upstreams -}}
@@ -249,6 +255,9 @@ containers:
       {{- if .Values.credentials.helpers }}
       - {name: helpers, mountPath: /opt/ocicache/helpers, readOnly: true}
       {{- end }}
+      {{- if .Values.s3.credentialsSecret }}
+      - {name: s3-credentials, mountPath: /etc/ocicache/s3, readOnly: true}
+      {{- end }}
       {{- if .Values.admin.existingSecret }}
       - {name: admin, mountPath: /etc/ocicache/admin, readOnly: true}
       {{- end }}
@@ -308,6 +317,12 @@ volumes:
   {{- if .Values.credentials.helpers }}
   - name: helpers
     emptyDir: {sizeLimit: 256Mi}
+  {{- end }}
+  {{- with .Values.s3.credentialsSecret }}
+  - name: s3-credentials
+    secret:
+      secretName: {{ . }}
+      items: [{key: {{ $.Values.s3.credentialsKey | quote }}, path: {{ $.Values.s3.credentialsKey | quote }}}]
   {{- end }}
   {{- if .Values.admin.existingSecret }}
   - name: admin
