@@ -9,7 +9,7 @@
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { connect } from 'node:net';
 import { cpus, tmpdir, totalmem } from 'node:os';
 import { dirname, join } from 'node:path';
@@ -20,6 +20,7 @@ import { request } from 'undici';
 import { stringify } from 'yaml';
 import { Db } from '../src/storage/db.js';
 import { startDistribution, type Distribution } from '../test/helpers/distribution.js';
+import { startSeaweed } from '../test/helpers/seaweed.js';
 import { replicaFor, startFleet } from '../test/helpers/fleet.js';
 import { nodeFlags } from '../test/helpers/cli.js';
 import { exec, freePort, need, stopChild, type Scope } from '../test/helpers/tools.js';
@@ -114,10 +115,10 @@ interface Ocicache {
   startMs: number;
 }
 
-async function startOcicache(upstreamUrl: string, root = mkdtempSync(join(work, 'cache-'))): Promise<Ocicache> {
+async function startOcicache(upstreamUrl: string, root = mkdtempSync(join(work, 'cache-')), storage: Record<string, unknown> = {}): Promise<Ocicache> {
   const port = await freePort();
   const config = join(work, `ocicache-${port}.yaml`);
-  writeFileSync(config, stringify({ server: { host: '127.0.0.1', port }, storage: { root }, defaultUpstream: 'docker.io', upstreams: [{ name: 'docker.io', url: upstreamUrl, dockerHubLibrary: true }] }));
+  writeFileSync(config, stringify({ server: { host: '127.0.0.1', port }, storage: { root, ...storage }, defaultUpstream: 'docker.io', upstreams: [{ name: 'docker.io', url: upstreamUrl, dockerHubLibrary: true }] }));
   const t0 = Date.now();
   // Default log level (info, one line per request) to /dev/null: the cost of logging is measured too.
   const child = spawn(process.execPath, [...NODE_FLAGS, join(ROOT, 'dist', 'cli.js'), 'serve', '--config', config], { stdio: ['ignore', 'ignore', 'inherit'] });
@@ -446,6 +447,9 @@ async function main(): Promise<void> {
   // 8: a fleet of three replicas behind HAProxy (README, "Running a fleet").
   const fleet = await fleetFigure(upstream);
 
+  // 9: warm blobs from an S3 bucket (SeaweedFS on loopback), streamed or redirected, against the disk.
+  const bucket = await bucketFigure(upstream.url, blobPath);
+
   const results = {
     quick,
     machine: { cpus: cpus().length, cpu: cpus()[0]?.model, memGiB: Math.round(totalmem() / 1024 ** 3), node: process.version, date: new Date().toISOString() },
@@ -491,6 +495,7 @@ async function main(): Promise<void> {
     index: { tags: P.tags, lookupP99us: lookup.p99us, lookupP50us: lookup.p50us, startMs: scaled.startMs },
     stuck: { clients: STUCK_CLIENTS, blobMiB: P.stuckMiB, peakRssMiB: Math.round(stuckRss) },
     fleet,
+    bucket,
   };
   const outDir = join(ROOT, 'bench', 'results');
   mkdirSync(outDir, { recursive: true });
@@ -550,6 +555,42 @@ async function fleetFigure(upstream: Distribution): Promise<{ fetchesPerBlob: nu
   const pick = (x: { balancer: number[]; direct: number[] }): { balancer: number; direct: number; ratio: number } => ({ balancer: Math.round(median(x.balancer)), direct: Math.round(median(x.direct)), ratio: pairedRatio(x.balancer, x.direct) });
   log(`figure 8: ${fetchesPerBlob} upstream fetches per blob; blob ${median(blobs.balancer).toFixed(0)} vs ${median(blobs.direct).toFixed(0)} MiB/s; manifest ${median(manifests.balancer).toFixed(0)} vs ${median(manifests.direct).toFixed(0)} req/s`);
   return { fetchesPerBlob, blob: pick(blobs), manifest: pick(manifests) };
+}
+
+/**
+ * Figure 9: the warm blob (8 streams) from three caches of the same blob: on disk, in an S3 bucket
+ * streamed through the cache, and in the bucket with storage.s3.redirect (loadgen follows the 307
+ * to SeaweedFS, as clients do), alternating within each round. SeaweedFS on loopback stands in for
+ * S3: what is measured is the cache's share, not a cloud's.
+ */
+async function bucketFigure(upstreamUrl: string, blobPath: string): Promise<{ disk: number; stream: number; redirect: number; streamRatio: number; redirectRatio: number }> {
+  const weed = await startSeaweed(scope);
+  if (!weed) fail('figure 9: .tools/weed is missing (scripts/build-weed.sh)');
+  await weed.createBucket('bench');
+  const credentialsFile = join(work, 'aws-credentials');
+  writeFileSync(credentialsFile, '[default]\naws_access_key_id = bench\naws_secret_access_key = bench\n');
+  const s3 = (prefix: string, redirect: boolean): Record<string, unknown> => ({ backend: 's3', s3: { endpoint: weed.endpoint, bucket: 'bench', prefix, redirect, credentialsFile } });
+  const caches = { disk: await startOcicache(upstreamUrl), stream: await startOcicache(upstreamUrl, undefined, s3('stream/', false)), redirect: await startOcicache(upstreamUrl, undefined, s3('redirect/', true)) };
+  const digest = blobPath.slice(blobPath.lastIndexOf('/') + 1);
+  const local = (root: string): string => join(root, 'blobs', 'sha256', digest.slice(7, 9), digest.slice(7));
+  for (const [k, c] of Object.entries(caches)) {
+    await loadgen(['-url', c.url + blobPath, '-c', '1', '-n', '1']);
+    // In the bucket once its local copy is gone (cache/uploads.ts).
+    for (const end = Date.now() + 120_000; k !== 'disk' && existsSync(local(c.root)); await sleep(100)) if (Date.now() > end) fail(`figure 9: the ${k} cache did not write the blob to the bucket`);
+  }
+  const mibps = { disk: [] as number[], stream: [] as number[], redirect: [] as number[] };
+  const order = Object.keys(caches) as Array<keyof typeof caches>;
+  for (let i = 0; i < P.rounds; i++) {
+    for (const k of i % 2 ? [...order].reverse() : order) {
+      await settle();
+      mibps[k].push((await loadgen(['-url', caches[k].url + blobPath, '-c', '8', '-n', String(8 * P.blobsPerStream)])).mibps);
+    }
+  }
+  for (const c of Object.values(caches)) await kill(c.child);
+  await weed.kill();
+  const result = { disk: Math.round(median(mibps.disk)), stream: Math.round(median(mibps.stream)), redirect: Math.round(median(mibps.redirect)), streamRatio: pairedRatio(mibps.stream, mibps.disk), redirectRatio: pairedRatio(mibps.redirect, mibps.disk) };
+  log(`figure 9: warm blob ${result.disk} MiB/s from disk, ${result.stream} streamed from the bucket, ${result.redirect} redirected to it`);
+  return result;
 }
 
 /** Figure 7: STUCK_CLIENTS raw connections, each on its own cold blob served by nginx, that read only the response head. */
@@ -612,6 +653,13 @@ function table(r: any): string {
       `blob ${f3(r.fleet.blob.ratio)}×, manifest ${f3(r.fleet.manifest.ratio)}× one replica direct`,
       'exactly 1 GET per blob',
       mark(r.fleet.fetchesPerBlob === 1),
+    ],
+    [
+      '9: warm blob from an S3 bucket (SeaweedFS, loopback), 8 streams',
+      `streamed through the cache ${r.bucket.stream} MiB/s; redirected to the bucket ${r.bucket.redirect} MiB/s; from disk ${r.bucket.disk} MiB/s`,
+      `stream ${f3(r.bucket.streamRatio)}×, redirect ${f3(r.bucket.redirectRatio)}× disk`,
+      'reported',
+      '',
     ],
   ];
   const head = `\n${r.quick ? 'Quick run' : 'Full run'}: ${r.params.layerMiB} MiB layer; ${r.machine.cpus} × ${r.machine.cpu}, ${r.machine.memGiB} GiB, Node ${r.machine.node}, ${r.machine.date}\n\n`;
