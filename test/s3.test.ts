@@ -257,12 +257,13 @@ test('s3: the bucket down at start: blobs are served from local disk meanwhile a
  * A TCP relay to `port` that can be told to stall (new connections are accepted and never
  * answered), or to cut every connection once `cutAfter` bytes went towards the server.
  */
-async function relay(t: TestContext, port: number): Promise<{ endpoint: string; stall(on: boolean): void; cutAfter(bytes: number | undefined): void; cuts: number }> {
+async function relay(t: TestContext, port: number): Promise<{ endpoint: string; stall(on: boolean): void; cutAfter(bytes: number | undefined, thenStall?: boolean): void; cuts: number }> {
   let stalled = false;
   let cutAt: number | undefined;
+  let stallAfterCut = false;
   let sent = 0;
   const sockets = new Set<Socket>();
-  const r = { endpoint: '', stall: (_on: boolean) => undefined as void, cutAfter: (b: number | undefined) => void ((cutAt = b), (sent = 0)), cuts: 0 };
+  const r = { endpoint: '', stall: (_on: boolean) => undefined as void, cutAfter: (b: number | undefined, thenStall = false) => void ((cutAt = b), (sent = 0), (stallAfterCut = thenStall)), cuts: 0 };
   const server = createServer((client) => {
     sockets.add(client);
     client.once('close', () => sockets.delete(client));
@@ -275,6 +276,7 @@ async function relay(t: TestContext, port: number): Promise<{ endpoint: string; 
       if (cutAt !== undefined && sent >= cutAt) {
         cutAt = undefined;
         r.cuts++;
+        if (stallAfterCut) stalled = true;
         for (const s of sockets) s.destroy();
       }
     });
@@ -356,4 +358,41 @@ test('s3: the README Helm values mount the credentials Secret where the rendered
   });
   assert.equal((await fetchBody(blobUrl(proxy, w.layer))).status, 200);
   await uploaded(proxy, w);
+});
+
+test('s3: a blob above the single-PUT limit goes as a multipart upload, visible only once completed; one that fails is never visible and is aborted at the next start', async (t) => {
+  const w = await world(t, 64 * 1024);
+  if (!w) return;
+  const { Bucket } = await import('../src/storage/bucket.js');
+  const { buildS3Config } = await import('../src/core/s3-config.js');
+  const { ListMultipartUploadsCommand } = await import('@aws-sdk/client-s3');
+  const data = randomBytes(13 * MiB);
+  const digest = `sha256:${(await import('node:crypto')).createHash('sha256').update(data).digest('hex')}`;
+  const file = join(tempDir(t, 'multipart'), 'blob');
+  writeFileSync(file, data);
+  const cut = await relay(t, Number(new URL(w.weed.endpoint).port));
+  const config = buildS3Config({ ...(w.s3({ endpoint: cut.endpoint }) as Record<string, unknown>) })!;
+  // Parts of 5 MiB (S3's smallest) above 5 MiB, instead of 64 MiB parts above 5 GiB.
+  const bucket = new Bucket(config, { connect: 1000, idle: 1000 }, { above: 5 * MiB, partSize: 5 * MiB });
+  t.after(() => bucket.close());
+  const admin = new S3Client({ endpoint: w.weed.endpoint, region: 'us-east-1', forcePathStyle: true, credentials: { accessKeyId: 'admin-key', secretAccessKey: 'admin-secret' } });
+  t.after(() => admin.destroy());
+  const uploads = async (): Promise<number> => ((await admin.send(new ListMultipartUploadsCommand({ Bucket: config.bucket }))).Uploads ?? []).length;
+  const origin = { upstream: 'docker.io', name: 'team/app' };
+
+  // The bucket goes away after the first part: the upload fails, and so does its abort.
+  cut.cutAfter(8 * MiB, true);
+  await assert.rejects(bucket.put(digest, file, data.length, origin));
+  cut.stall(false);
+  assert.equal(await w.head(digest), undefined, 'nothing visible');
+  assert.equal(await uploads(), 1, 'an incomplete upload is left');
+  assert.equal(await bucket.abortStaleUploads(Date.now() + 1000), 1, 'the next start aborts it');
+  assert.equal(await uploads(), 0);
+
+  await bucket.put(digest, file, data.length, origin);
+  assert.deepEqual(await w.head(digest), { size: data.length, metadata: { upstream: 'docker.io', repository: 'team/app' } });
+  const part = await bucket.get(digest, 7 * MiB, 7 * MiB + 99);
+  const chunks: Buffer[] = [];
+  for await (const c of part!) chunks.push(c as Buffer);
+  assert.ok(Buffer.concat(chunks).equals(data.subarray(7 * MiB, 7 * MiB + 100)));
 });
