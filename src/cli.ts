@@ -4,11 +4,14 @@
  * haproxy.
  * Without --config every command reads $OCICACHE_CONFIG or the embedded config/default.yaml.
  */
+import cluster from 'node:cluster';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import { pino } from 'pino';
 import { request, type Dispatcher } from 'undici';
 import { buildApp } from './http/app.js';
+import { COORDINATOR_SOCKET_ENV, startGroup } from './http/cluster.js';
+import { runWorker } from './http/worker.js';
 import { ConfigError, loadConfig, type Config } from './core/config.js';
 import { formatBytes } from './core/units.js';
 import type { KeptEntry } from './cache/keep.js';
@@ -160,10 +163,31 @@ async function keptCommand(config: Config | undefined, server: string | undefine
 
 async function serve(configFile: string | undefined): Promise<void> {
   const config = loadConfig(configFile);
-  const app = await buildApp(config);
-  await app.listen({ host: config.server.host, port: config.server.port });
+  if (cluster.isWorker) {
+    // Signals are the coordinator's to act on (a terminal's Ctrl-C and systemd's stop reach every
+    // process of the group): it tells its workers when to drain.
+    process.on('SIGTERM', () => undefined);
+    process.on('SIGINT', () => undefined);
+    return runWorker(config, process.env[COORDINATOR_SOCKET_ENV] ?? '');
+  }
+  // A signal during start-up (a worker may already answer while another starts) stops the server once it is up.
+  let early: string | undefined;
+  const onEarly = (signal: string): void => void (early ??= signal);
+  process.on('SIGTERM', onEarly).on('SIGINT', onEarly);
+  let app: Awaited<ReturnType<typeof buildApp>>;
+  let close: () => Promise<void>;
+  if (config.server.workers > 1) {
+    ({ app, stop: close } = await startGroup(config));
+  } else {
+    app = await buildApp(config);
+    await app.listen({ host: config.server.host, port: config.server.port });
+    close = async () => {
+      await app.drain(config.server.shutdownTimeout);
+      await app.close();
+    };
+  }
   app.log.info(
-    { version: version(), storage: config.storage.root, defaultUpstream: config.defaultUpstream ?? null, upstreams: config.upstreams.map((u) => `${u.name}=${u.url.origin}`) },
+    { version: version(), storage: config.storage.root, listen: `${config.server.host}:${config.server.port}`, workers: config.server.workers, defaultUpstream: config.defaultUpstream ?? null, upstreams: config.upstreams.map((u) => `${u.name}=${u.url.origin}`) },
     'ocicache ready',
   );
   let stopping = false;
@@ -179,11 +203,8 @@ async function serve(configFile: string | undefined): Promise<void> {
     setTimeout(() => {
       app.log.warn('shutdown took too long, exiting');
       exit(1);
-    }, config.server.shutdownTimeout + 5000).unref();
-    app
-      .drain(config.server.shutdownTimeout)
-      .then(() => app.close())
-      .then(
+    }, config.server.shutdownTimeout * (config.server.workers > 1 ? 2 : 1) + 5000).unref();
+    close().then(
       () => exit(0),
       (err: unknown) => {
         app.log.error({ err }, 'error during shutdown');
@@ -191,8 +212,10 @@ async function serve(configFile: string | undefined): Promise<void> {
       },
     );
   };
+  process.off('SIGTERM', onEarly).off('SIGINT', onEarly);
   process.once('SIGTERM', () => stop('SIGTERM'));
   process.once('SIGINT', () => stop('SIGINT'));
+  if (early) stop(early);
 }
 
 async function main(argv: string[]): Promise<void> {

@@ -3,7 +3,6 @@
  * (HEAD to revalidate a tag past its TTL, GET for new content), and what to do when it fails
  * (serve stale). Routes and prefetch call this; this calls the upstream client and the db.
  */
-import { LRUCache } from 'lru-cache';
 import type { Target } from '../core/api-path.js';
 import type { CacheResult } from '../core/cache-result.js';
 import type { Clock } from '../core/clock.js';
@@ -12,18 +11,12 @@ import { OciError, isUpstreamUnavailable } from '../core/errors.js';
 import type { Logger } from '../core/logger.js';
 import { accepts, childrenOf, mediaTypeOf } from '../core/media-types.js';
 import { SingleFlight } from '../core/single-flight.js';
-import type { Db, ManifestRecord, TagRecord } from '../storage/db.js';
+import type { Db, ManifestRecord } from '../storage/db.js';
 import type { UpstreamClient } from '../upstream/client.js';
+import { ManifestHits, manifestResult, type ManifestResult } from './manifest-hits.js';
 import type { StorageGuard } from './storage-guard.js';
 
-export interface ManifestResult {
-  digest: string;
-  mediaType: string;
-  size: number;
-  /** undefined for HEAD answers that never fetched the body */
-  body: Buffer | undefined;
-  cache: CacheResult;
-}
+export type { ManifestResult } from './manifest-hits.js';
 
 export interface TagList {
   tags: string[];
@@ -33,15 +26,11 @@ export interface TagList {
 
 type TagResult = { manifest: ManifestRecord; cache: CacheResult };
 
-function manifestResult(manifest: ManifestRecord, cache: CacheResult, wantBody: boolean): ManifestResult {
-  return { digest: manifest.digest, mediaType: manifest.mediaType, size: manifest.body.length, body: wantBody ? manifest.body : undefined, cache };
-}
-
 export class Manifests {
   private readonly tagFlights = new SingleFlight<TagResult>();
   private readonly lastWarned = new Map<string, number>();
-  /** Recently used tag rows. SQLite stays the truth; a tag whose manifest was evicted misses in loadManifest and revalidates. */
-  private readonly tagMemory = new LRUCache<string, TagRecord>({ max: 100_000 });
+  /** Hits: what the index answers alone (the warm path). */
+  readonly hits: ManifestHits;
 
   constructor(
     private readonly db: Db,
@@ -50,7 +39,9 @@ export class Manifests {
     private readonly upstream: UpstreamClient,
     private readonly log: Logger,
     private readonly now: Clock,
-  ) {}
+  ) {
+    this.hits = new ManifestHits(db, now);
+  }
 
   /** During an outage every request would warn: one line per upstream and message every 30 s (the metrics count them all). */
   private warnOnce(upstream: string, obj: object, msg: string): void {
@@ -67,15 +58,9 @@ export class Manifests {
    * promise: it is the warm path of every pull (http/warm-path.ts).
    */
   get(target: Target, reference: string, accept: string | undefined, wantBody: boolean): ManifestResult | Promise<ManifestResult> {
-    const hit = this.hit(target, reference);
+    const hit = this.hits.hit(target, reference);
     if (!hit) return this.fetchOrRevalidate(target, reference, isDigest(reference), accept, wantBody);
     return this.negotiate({ manifest: hit, cache: 'hit' }, target, reference, accept, wantBody);
-  }
-
-  /** get's answer when it is a hit in a type the client accepts; undefined when it would need the upstream. */
-  cached(target: Target, reference: string, accept: string | undefined, wantBody: boolean): ManifestResult | undefined {
-    const hit = this.hit(target, reference);
-    return hit && accepts(accept, hit.mediaType) ? manifestResult(hit, 'hit', wantBody) : undefined;
   }
 
   /** Everything but a hit: the upstream is asked (HEAD for a known digest or a stale tag, GET for new content). */
@@ -88,24 +73,6 @@ export class Manifests {
   private negotiate({ manifest, cache }: TagResult, target: Target, reference: string, accept: string | undefined, wantBody: boolean): ManifestResult | Promise<ManifestResult> {
     if (!accepts(accept, manifest.mediaType)) return this.passthrough(target, reference, accept, wantBody);
     return manifestResult(manifest, cache, wantBody);
-  }
-
-  /** A manifest served without asking the upstream: a fresh tag, or a digest this repository is known to hold. */
-  private hit(target: Target, reference: string): ManifestRecord | undefined {
-    return isDigest(reference) ? this.digestHit(target, reference) : this.freshTag(target, reference);
-  }
-
-  /** The manifest of a digest cached and known to be in this repository on this upstream. */
-  private digestHit(target: Target, digest: string): ManifestRecord | undefined {
-    const cached = this.db.getManifest(digest);
-    return cached && this.db.isSeenIn(target.upstream.name, target.name, digest) ? cached : undefined;
-  }
-
-  /** The manifest of a tag checked within the upstream's tagTtl. */
-  private freshTag(target: Target, tag: string): ManifestRecord | undefined {
-    const row = this.getTag(target, tag);
-    const manifest = row && this.db.getManifest(row.digest);
-    return manifest && this.now() - row.checkedAt < target.upstream.tagTtl ? manifest : undefined;
   }
 
   private async manifestByDigest(target: Target, digest: string): Promise<TagResult> {
@@ -141,41 +108,30 @@ export class Manifests {
     if (!this.guard.write('manifest', () => this.db.putManifest(manifest, childrenOf(res.body), target.upstream.name, target.name, tag, now))) {
       return { manifest, cache: 'passthrough' };
     }
-    if (tag !== undefined) this.tagMemory.set(tagKey(target, tag), { digest, checkedAt: now });
+    if (tag !== undefined) this.hits.remember(target, tag, { digest, checkedAt: now });
     return { manifest, cache };
-  }
-
-  /** A tag's row, from memory when recently used: a warm tag lookup never touches SQLite. */
-  private getTag(target: Target, tag: string): TagRecord | undefined {
-    const key = tagKey(target, tag);
-    let row = this.tagMemory.get(key);
-    if (!row) {
-      row = this.db.getTag(target.upstream.name, target.name, tag);
-      if (row) this.tagMemory.set(key, row);
-    }
-    return row;
   }
 
   /** Points a tag at a digest, checked now; without storage the tag simply stays due for revalidation. */
   private putTag(target: Target, tag: string, digest: string): void {
     const now = this.now();
     if (!this.guard.write('tag', () => this.db.putTag(target.upstream.name, target.name, tag, digest, now))) return;
-    this.tagMemory.set(tagKey(target, tag), { digest, checkedAt: now });
+    this.hits.remember(target, tag, { digest, checkedAt: now });
   }
 
   private async manifestByTag(target: Target, tag: string): Promise<TagResult> {
     const { upstream } = target;
-    const row = this.getTag(target, tag);
+    const row = this.hits.tag(target, tag);
     const manifest = row && this.db.getManifest(row.digest);
     // Offline by choice: the cached tag is the answer, with no warning per request.
     if (manifest && this.upstream.gate(upstream.name).offline) return { manifest, cache: 'stale' };
-    return this.tagFlights.do(tagKey(target, tag), () => this.revalidateTag(target, tag));
+    return this.tagFlights.do(`${upstream.name}\n${target.name}\n${tag}`, () => this.revalidateTag(target, tag));
   }
 
   /** HEAD the tag upstream; GET only when the digest is new. Serve stale when the upstream is down. */
   private async revalidateTag(target: Target, tag: string): Promise<TagResult> {
     const { upstream, name } = target;
-    const row = this.getTag(target, tag);
+    const row = this.hits.tag(target, tag);
     try {
       const head = await this.upstream.headManifest(target, tag);
       const digest = head.digest && isDigest(head.digest) ? head.digest : undefined;
@@ -194,7 +150,7 @@ export class Manifests {
         return { manifest: stale, cache: 'stale' };
       }
       if (row && err instanceof OciError && err.status === 404) {
-        this.tagMemory.delete(tagKey(target, tag));
+        this.hits.remember(target, tag, undefined);
         this.guard.write('tag', () => this.db.deleteTag(upstream.name, name, tag));
       }
       throw err;
@@ -279,10 +235,6 @@ export class Manifests {
     this.guard.write('referrers', () => this.db.referrers.put(target.upstream.name, target.name, digest, artifactType ?? '', answer, this.now()));
     return { ...answer, cache: 'passthrough' };
   }
-}
-
-function tagKey(target: Target, tag: string): string {
-  return `${target.upstream.name}\n${target.name}\n${tag}`;
 }
 
 /** One page of a tag list: lexically sorted, after `last`, at most `n` (spec: "Listing Tags"). */

@@ -12,6 +12,7 @@ import { buildKeepConfig, type KeepConfig } from './keep-config.js';
 import { buildS3Config, type S3Config } from './s3-config.js';
 import { ConfigError } from './config-error.js';
 import { bool, duration, hostKey, int, percent, readSecret, section, size, str, type Obj, type SecretNeeds } from './config-values.js';
+import { availableCpus } from './cpus.js';
 import { credentialSource, parentConfig, POLICY_KEYS, policy, throughParent, upstream, type ParentConfig, type UpstreamConfig } from './upstream-config.js';
 
 export type { UpstreamAuth, UpstreamConfig, UpstreamTls } from './upstream-config.js';
@@ -35,6 +36,8 @@ export interface Config {
     tls: ServerTls | undefined;
     /** This replica's name in a fleet: sent as X-Ocicache-Replica, shown on the status page and in ocicache_replica_info. */
     replica: string | undefined;
+    /** Processes answering clients (http/cluster.ts); 1: one process does everything. 'auto' is resolved at load. */
+    workers: number;
   };
   log: { level: string };
   storage: {
@@ -132,7 +135,25 @@ export const ENV_OVERRIDES = {
   OCICACHE_DEFAULT_UPSTREAM: 'defaultUpstream',
   OCICACHE_OFFLINE: 'offline',
   OCICACHE_REPLICA: 'server.replica',
+  OCICACHE_WORKERS: 'server.workers',
 } as const;
+
+/**
+ * server.workers: a number, or 'auto' for the CPUs this process may use (core/cpus.ts). With
+ * access.clientCertificates, auto is 1: a certificate is checked where TLS ends, and only a
+ * single process carries it to the access rules (README, "Using every core").
+ */
+function workerCount(value: unknown, root: Obj): number {
+  const certificates = ((root.access as Obj | undefined)?.clientCertificates ?? false) === true;
+  if (value === undefined || value === null || value === 'auto') return certificates ? 1 : Math.min(availableCpus(), MAX_WORKERS);
+  if (typeof value !== 'number' || !Number.isInteger(value) || value < 1 || value > MAX_WORKERS) {
+    throw new ConfigError('server.workers', `must be 'auto' or a whole number from 1 to ${MAX_WORKERS}, got ${JSON.stringify(value)}`);
+  }
+  if (value > 1 && certificates) throw new ConfigError('server.workers', 'must be 1 with access.clientCertificates (the certificate is checked in the process that ends TLS)');
+  return value;
+}
+
+const MAX_WORKERS = 64;
 
 const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'];
 
@@ -146,7 +167,7 @@ function applyEnv(doc: Obj, env: NodeJS.ProcessEnv): void {
       continue;
     }
     const sec = (doc[head] ??= {}) as Obj;
-    sec[tail] = key === 'server.port' ? Number(value) : value;
+    sec[tail] = key === 'server.port' || (key === 'server.workers' && value !== 'auto') ? Number(value) : value;
   }
 }
 
@@ -158,7 +179,7 @@ export function buildConfig(doc: unknown, env: NodeJS.ProcessEnv = process.env, 
     'server', 'log', 'storage', 'cache', 'timeouts', 'offline', 'upstreamDefaults', 'admin', 'defaultUpstream', 'upstreams', 'access', 'parent', 'credentials', 'keep',
   ]);
   applyEnv(root, env);
-  const server = section(root, 'server', 'server', ['host', 'port', 'shutdownTimeout', 'trustProxy', 'headersTimeout', 'requestTimeout', 'idleTimeout', 'maxConnections', 'maxConnectionsPerAddress', 'tls', 'replica']);
+  const server = section(root, 'server', 'server', ['host', 'port', 'shutdownTimeout', 'trustProxy', 'headersTimeout', 'requestTimeout', 'idleTimeout', 'maxConnections', 'maxConnectionsPerAddress', 'tls', 'replica', 'workers']);
   const log = section(root, 'log', 'log', ['level']);
   const storage = section(root, 'storage', 'storage', ['root', 'maxSize', 'highWatermark', 'lowWatermark', 'minFree', 'maxBlobSize', 'backend', 's3']);
   const admin = section(root, 'admin', 'admin', ['token', 'tokenEnv', 'tokenFile']);
@@ -224,6 +245,7 @@ export function buildConfig(doc: unknown, env: NodeJS.ProcessEnv = process.env, 
       maxConnectionsPerAddress: int(server, 'maxConnectionsPerAddress', 'server', 256),
       tls,
       replica: replicaName(server.replica),
+      workers: workerCount(server.workers, root),
     },
     log: { level },
     storage: {

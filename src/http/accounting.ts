@@ -63,10 +63,12 @@ export class Accounting {
     private readonly logRequest: (line: RequestLine) => void,
     /** Writes the warning for a response cut short. */
     private readonly warn: (obj: object, msg: string) => void,
+    /** Before the number: a worker's (`w2-`), so ids stay unique in a group's log. */
+    private readonly idPrefix = '',
   ) {}
 
   /** Request ids for both paths, in the format of Fastify's default genReqId. */
-  readonly nextReqId = (): string => `req-${(this.lastReqId = (this.lastReqId + 1) & 0x7fffffff).toString(36)}`;
+  readonly nextReqId = (): string => `req-${this.idPrefix}${(this.lastReqId = (this.lastReqId + 1) & 0x7fffffff).toString(36)}`;
 
   /**
    * Counts a response as in flight until it is finished or its connection closed (drain() waits

@@ -38,13 +38,15 @@ export interface AppOptions {
   clock?: Clock;
   /** How upstreams are reached: the DNS lookup and extra trust anchors (default: the system's). */
   network?: Network;
+  /** The coordinator of a group of workers (http/cluster.ts): its stdout is shared with them. */
+  coordinator?: boolean;
 }
 
 /** pino from AppOptions.logger: our batched stdout writer by default, or what a test passes. */
-function makeLogger(config: Config, option: AppOptions['logger']): { log: Logger; logStream: LogStream | undefined } {
+export function makeLogger(config: Config, option: AppOptions['logger'], sharedStdout = false): { log: Logger; logStream: LogStream | undefined } {
   const redact = ['req.headers.authorization'];
   if (option === undefined) {
-    const logStream = new LogStream();
+    const logStream = new LogStream(1, sharedStdout);
     return { log: pino({ level: config.log.level, redact }, logStream), logStream };
   }
   if (option === false) return { log: pino({ level: 'silent' }), logStream: undefined };
@@ -53,7 +55,7 @@ function makeLogger(config: Config, option: AppOptions['logger']): { log: Logger
 }
 
 export async function buildApp(config: Config, options: AppOptions = {}): Promise<FastifyInstance> {
-  const { log, logStream } = makeLogger(config, options.logger);
+  const { log, logStream } = makeLogger(config, options.logger, options.coordinator);
   const services = await openCache(config, log, { sweep: true, clock: options.clock, network: options.network });
   const stats = new Stats();
   const logRequest = (line: RequestLine): void => {

@@ -19,5 +19,5 @@ export function registerProbes(app: FastifyInstance, s: Pick<Services, 'db' | 's
       return reply.code(503).send({ status: 'not ready', reason: (err as Error).message });
     }
   });
-  app.get('/metrics', { exposeHeadRoute: true }, async (_req, reply) => reply.type(s.metrics.registry.contentType).send(await s.metrics.registry.metrics()));
+  app.get('/metrics', { exposeHeadRoute: true }, async (_req, reply) => reply.type(s.metrics.registry.contentType).send(await s.metrics.text()));
 }

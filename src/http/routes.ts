@@ -9,11 +9,11 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import type { BlobResult, Blobs } from '../cache/blobs.js';
 import type { ManifestResult, Manifests } from '../cache/manifests.js';
 import { parseV2Path, splitUrl, type ParsedPath, type UpstreamIndex } from '../core/api-path.js';
-import { contentRange } from '../core/byte-range.js';
 import type { CacheResult } from '../core/cache-result.js';
 import { OciError } from '../core/errors.js';
 import type { AccessGuard } from './access-guard.js';
 import type { RequestContext } from './accounting.js';
+import { blobHeaders } from './blob-answer.js';
 import { sendFileRange } from './file-response.js';
 import { answerManifest } from './manifest-answer.js';
 import { clientGone } from './response-gone.js';
@@ -100,21 +100,10 @@ export function registerRoutes(app: FastifyInstance, deps: RouteDeps): void {
     const b: BlobResult = head ? await blobs.head(p.target, p.reference) : await blobs.get(p.target, p.reference, req.headers.range);
     req.oci!.cache = b.cache;
     req.oci!.bytes = () => b.stream?.bytesRead ?? 0;
-    reply.headers({
-      'content-type': 'application/octet-stream',
-      'docker-content-digest': p.reference,
-      'accept-ranges': 'bytes',
-      etag: `"${p.reference}"`,
-      'x-cache': b.cache.toUpperCase(),
-    });
     // In the bucket, with storage.s3.redirect: the client fetches it there (distribution-spec, "Pulling blobs": 307).
-    if (b.redirect) return reply.code(307).header('location', b.redirect).send();
-    if (b.range && b.size !== undefined) {
-      reply.code(206).header('content-range', contentRange(b.range, b.size));
-      reply.header('content-length', String(b.range.end - b.range.start + 1));
-    } else if (b.size !== undefined) {
-      reply.header('content-length', String(b.size));
-    }
+    if (b.redirect) return reply.code(307).headers(blobHeaders(p.target.upstream.name, p.reference, b.cache, undefined, undefined)).header('location', b.redirect).send();
+    reply.headers(blobHeaders(p.target.upstream.name, p.reference, b.cache, b.size, b.range));
+    if (b.range && b.size !== undefined) reply.code(206);
     if (b.file) return sendFile(req, reply, b.file);
     return head || !b.stream ? reply.send() : reply.send(b.stream);
   }

@@ -7,14 +7,14 @@
  */
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Access } from '../access/access.js';
-import type { ManifestResult, Manifests } from '../cache/manifests.js';
+import type { ManifestHits, ManifestResult } from '../cache/manifest-hits.js';
 import { parseV2Path, splitUrl, type ParsedPath, type UpstreamIndex } from '../core/api-path.js';
 import type { Accounting, RequestContext } from './accounting.js';
 import { answerManifest } from './manifest-answer.js';
 import { certificateUser } from './tls.js';
 
 export interface WarmDeps {
-  manifests: Manifests;
+  manifests: { hits: ManifestHits };
   upstreams: UpstreamIndex;
   accounting: Accounting;
   /** false once shutdown began: Fastify then answers 503 */
@@ -57,7 +57,7 @@ export function warmManifests(deps: WarmDeps): (req: IncomingMessage, res: Serve
         if (!id || !access.allowed(id, parsed.target.upstream.name, parsed.target.name)) return false;
         user = id.user;
       }
-      m = manifests.cached(parsed.target, parsed.reference, req.headers.accept, method === 'GET');
+      m = manifests.hits.cached(parsed.target, parsed.reference, req.headers.accept, method === 'GET');
       if (!m) return false;
       ctx = { kind: 'manifest', upstream: parsed.target.upstream.name, name: parsed.target.name, reference: parsed.reference, bytes: () => 0 };
       // Node validates every header before it writes anything.

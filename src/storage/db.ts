@@ -68,6 +68,8 @@ export interface Dropped {
 export interface DbOptions {
   /** Bytes of manifests kept in memory in front of SQLite; 0: none. */
   manifestMemory?: number;
+  /** A worker beside the index's owner (http/cluster.ts), which migrated it: SQLite refuses writes. */
+  reader?: boolean;
 }
 
 export class Db {
@@ -84,12 +86,16 @@ export class Db {
   constructor(file: string, options: DbOptions = {}) {
     const bytes = options.manifestMemory ?? 0;
     this.memory = bytes > 0 ? new LRUCache({ maxSize: bytes, sizeCalculation: (m) => m.body.length + 200 }) : undefined;
-    this.db = new Database(file);
-    this.db.pragma('journal_mode = WAL');
-    // NORMAL in WAL mode survives a process crash (kill -9); only power loss may drop the last commits.
-    this.db.pragma('synchronous = NORMAL');
+    this.db = new Database(file, { fileMustExist: options.reader === true });
     this.db.pragma('busy_timeout = 5000');
-    this.migrate();
+    if (options.reader) {
+      this.db.pragma('query_only = ON');
+    } else {
+      this.db.pragma('journal_mode = WAL');
+      // NORMAL in WAL mode survives a process crash (kill -9); only power loss may drop the last commits.
+      this.db.pragma('synchronous = NORMAL');
+      this.migrate();
+    }
     this.kept = new KeptIndex(this.db);
     this.referrers = new ReferrersIndex(this.db);
     this.subjects = new SubjectLinks(this.db);

@@ -3,7 +3,22 @@
  * many apps in one process. Labels never include the repository name: its cardinality is
  * unbounded (https://prometheus.io/docs/practices/naming/#labels).
  */
-import { Counter, Gauge, Registry, collectDefaultMetrics, type Metric } from 'prom-client';
+import { AggregatorRegistry, Counter, Gauge, Registry, collectDefaultMetrics, type Metric, type MetricObjectWithValues, type MetricValue } from 'prom-client';
+
+/** One process's metrics as prom-client's getMetricsAsJSON() gives them. */
+export type MetricsJson = Array<MetricObjectWithValues<MetricValue<string>>>;
+
+/**
+ * The metrics a worker (http/worker.ts) keeps, summed into the coordinator's for one /metrics; the
+ * process_ and nodejs_ ones are each process's (summed, or by prom-client's own aggregator).
+ */
+export const WORKER_METRICS = new Set(['ocicache_cache_requests_total', 'ocicache_served_bytes_total', 'ocicache_http_request_duration_seconds', 'ocicache_access_denied_total']);
+
+/** A worker's share of the group's metrics. */
+export async function workerShare(registry: Registry): Promise<MetricsJson> {
+  const all = (await registry.getMetricsAsJSON()) as MetricsJson;
+  return all.filter((m) => WORKER_METRICS.has(m.name) || m.name.startsWith('ocicache_process_') || m.name.startsWith('ocicache_nodejs_'));
+}
 
 export class Metrics {
   readonly registry = new Registry();
@@ -78,6 +93,16 @@ export class Metrics {
 
   private gauge<L extends string = never>(name: string, help: string, labelNames: readonly L[] = []): Gauge<L> {
     return new Gauge({ name, help, labelNames, registers: [this.registry] });
+  }
+
+  /** The workers' shares, when this is a coordinator (http/cluster.ts). */
+  peers: (() => Promise<MetricsJson[]>) | undefined;
+
+  /** The Prometheus text of this process, or of the whole group with its workers. */
+  async text(): Promise<string> {
+    if (!this.peers) return this.registry.metrics();
+    const own = (await this.registry.getMetricsAsJSON()) as MetricsJson;
+    return AggregatorRegistry.aggregate([own, ...(await this.peers())] as never).metrics();
   }
 
   constructor(replica?: string) {

@@ -1,0 +1,141 @@
+/**
+ * server.workers > 1: one coordinator and N workers (Node's cluster module).
+ *
+ * The coordinator is this process: the whole cache as a single process runs it (http/app.ts), on
+ * a Unix socket in a private directory instead of the port. It alone talks to upstreams, fills
+ * blobs (so 32 requests for one cold blob in any workers still make one upstream GET, and every
+ * waiter streams while it downloads), evicts, writes the index and holds the cache lock.
+ * The workers (http/worker.ts) share the port, answer hits with every core and forward the rest.
+ *
+ * - Connections are handed to workers in turn by this process (cluster's round-robin), so the
+ *   port closes with it: a group killed with kill -9 leaves nothing holding the port.
+ * - A worker that dies is replaced; one that cannot start stops the group.
+ * - A worker exits when the coordinator is gone (its IPC channel closes): a worker alone cannot
+ *   fill or evict. Crash safety is the single process's: fills rename into place when verified.
+ * - /metrics (answered by the coordinator) sums the workers' request counters and histograms into
+ *   its own; process metrics are summed over the group (prom-client's aggregators).
+ * - SIGTERM: workers stop taking connections and finish what they have (hits, and requests
+ *   forwarded here); then the coordinator drains as a single process does.
+ */
+import cluster, { type Worker } from 'node:cluster';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import type { FastifyInstance } from 'fastify';
+import type { Config } from '../core/config.js';
+import type { MetricsJson } from '../telemetry/metrics.js';
+import { buildApp } from './app.js';
+import type { ToCoordinator, ToWorker } from './worker.js';
+
+/** How the workers find the coordinator: set in their environment. */
+export const COORDINATOR_SOCKET_ENV = 'OCICACHE_COORDINATOR_SOCKET';
+/** A worker's metrics that do not come within this are left out of the scrape. */
+const METRICS_WAIT_MS = 2000;
+/** Replacements faster than this many per minute mean a worker cannot run: the group stops. */
+const MAX_RESTARTS_PER_MINUTE = 20;
+
+export interface Group {
+  app: FastifyInstance;
+  /** SIGTERM's work: drains the workers, then the coordinator; resolves when all are closed. */
+  stop(): Promise<void>;
+}
+
+export async function startGroup(config: Config): Promise<Group> {
+  const dir = mkdtempSync(join(tmpdir(), 'ocicache-'));
+  const socketPath = join(dir, 'coordinator.sock');
+  // Only workers connect here: they name the client (X-Forwarded-*), they end TLS, and they
+  // enforce the connection limits.
+  const inner: Config = { ...config, server: { ...config.server, tls: undefined, trustProxy: true, maxConnections: 0, maxConnectionsPerAddress: 0 } };
+  const app = await buildApp(inner, { coordinator: true });
+  const { lifecycle, metrics } = app.services;
+  await app.listen({ path: socketPath });
+
+  let stopping = false;
+  let nextId = 0;
+  const waiting = new Map<number, (share: MetricsJson) => void>();
+  metrics.peers = async () => {
+    const asked = Object.values(cluster.workers ?? {}).filter((w): w is Worker => w !== undefined && w.isConnected());
+    const shares = asked.map(
+      (w) =>
+        new Promise<MetricsJson>((resolve) => {
+          const id = ++nextId;
+          const timer = setTimeout(() => {
+            waiting.delete(id);
+            resolve([]);
+          }, METRICS_WAIT_MS);
+          waiting.set(id, (share) => {
+            clearTimeout(timer);
+            waiting.delete(id);
+            resolve(share);
+          });
+          w.send({ t: 'metrics', id } satisfies ToWorker);
+        }),
+    );
+    return Promise.all(shares);
+  };
+
+  const restarts: number[] = [];
+  let failed: ((err: Error) => void) | undefined;
+  const fork = (): Worker => {
+    const worker = cluster.fork({ [COORDINATOR_SOCKET_ENV]: socketPath });
+    worker.on('message', (m: ToCoordinator) => {
+      if (m.t === 'touch') for (const [digest, size, upstream, at] of m.blobs) lifecycle.touch(digest, size, upstream, at);
+      else if (m.t === 'metrics') waiting.get(m.id)?.(m.share as MetricsJson);
+    });
+    return worker;
+  };
+  cluster.on('exit', (worker, code, signal) => {
+    if (stopping) return;
+    const listened = (worker as Worker & { listened?: boolean }).listened === true;
+    app.log.warn({ worker: worker.id, pid: worker.process.pid, code, signal }, listened ? 'a worker died: starting another' : 'a worker could not start');
+    const now = Date.now();
+    restarts.push(now);
+    while (restarts[0]! < now - 60_000) restarts.shift();
+    if (!listened || restarts.length > MAX_RESTARTS_PER_MINUTE) failed?.(new Error(`workers keep exiting (the last: code ${code}, signal ${signal}); see their log lines`));
+    else fork();
+  });
+  cluster.on('listening', (worker) => void ((worker as Worker & { listened?: boolean }).listened = true));
+
+  const stop = async (): Promise<void> => {
+    stopping = true;
+    const workers = Object.values(cluster.workers ?? {}).filter((w): w is Worker => w !== undefined);
+    await Promise.all(
+      workers.map(
+        (w) =>
+          new Promise<void>((resolve) => {
+            if (w.isDead()) return resolve();
+            w.once('exit', () => resolve());
+            // Past its own drain (shutdownTimeout), a worker that still has not gone is killed.
+            setTimeout(() => w.process.kill('SIGKILL'), config.server.shutdownTimeout + 2000).unref();
+            w.send({ t: 'drain' } satisfies ToWorker);
+          }),
+      ),
+    );
+    await app.drain(config.server.shutdownTimeout);
+    await app.close();
+    rmSync(dir, { recursive: true, force: true });
+  };
+
+  try {
+    await new Promise<void>((resolve, reject) => {
+      failed = reject;
+      let up = 0;
+      cluster.on('listening', (_worker, address) => {
+        if (++up !== config.server.workers) return;
+        // As a single process says it (Fastify's line), with the port the workers share.
+        const host = address.address?.includes(':') ? `[${address.address}]` : (address.address ?? config.server.host);
+        app.log.info(`Server listening at ${config.server.tls ? 'https' : 'http'}://${host}:${address.port}`);
+        resolve();
+      });
+      for (let i = 0; i < config.server.workers; i++) fork();
+    });
+  } catch (err) {
+    await stop();
+    throw err;
+  }
+  failed = (err) => {
+    app.log.error({ err }, 'stopping: the workers cannot run');
+    void stop().finally(() => process.exit(1));
+  };
+  return { app, stop };
+}

@@ -1,0 +1,157 @@
+/**
+ * A worker of a group (http/cluster.ts): answers the hits of the warm path with every core, and
+ * hands everything else to the coordinator, which owns the upstreams, fills, eviction and every
+ * index write. A hit here is exactly what the single process answers without a write: a manifest
+ * by a fresh tag or by a digest this repository holds (cache/manifest-hits.ts), a blob on local
+ * disk this repository holds (cache/blob-hits.ts), for a client the access rules let read it.
+ * Same headers (manifest-answer.ts, blob-answer.ts), same request line, same metrics (summed into
+ * the coordinator's /metrics).
+ *
+ * The index is read through its own SQLite connection (query_only). A tag row is trusted in
+ * memory for TAG_ROW_TTL_MS at most, since the coordinator may move or drop it meanwhile: a worker
+ * answers from what the index said at most that long ago. Blob reads are reported to the
+ * coordinator in batches (access times for eviction, as Lifecycle.touch records its own).
+ */
+import cluster from 'node:cluster';
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import { join } from 'node:path';
+import { Access } from '../access/access.js';
+import { openBlobHit } from '../cache/blob-hits.js';
+import { ManifestHits } from '../cache/manifest-hits.js';
+import { parseV2Path, splitUrl, UpstreamIndex } from '../core/api-path.js';
+import { systemClock } from '../core/clock.js';
+import type { Config } from '../core/config.js';
+import { BlobStore } from '../storage/blob-store.js';
+import { Db } from '../storage/db.js';
+import { Metrics, workerShare } from '../telemetry/metrics.js';
+import { Accounting, type RequestContext } from './accounting.js';
+import { makeLogger } from './app.js';
+import { blobHeaders } from './blob-answer.js';
+import { sendFileRange } from './file-response.js';
+import { Forwarder } from './forward.js';
+import { createHttpServer } from './server.js';
+import { Stats } from './status.js';
+import { certificateUser } from './tls.js';
+import { clientAddress, warmManifests } from './warm-path.js';
+
+export const TAG_ROW_TTL_MS = 1000;
+/** How often blob reads go to the coordinator. */
+const TOUCH_INTERVAL_MS = 1000;
+
+/** Messages between the coordinator and its workers (over the cluster's IPC channel). */
+export type ToWorker = { t: 'metrics'; id: number } | { t: 'drain' };
+export type ToCoordinator = { t: 'metrics'; id: number; share: unknown } | { t: 'touch'; blobs: Array<[digest: string, size: number, upstream: string, at: number]> } | { t: 'drained' };
+
+export async function runWorker(config: Config, socketPath: string): Promise<void> {
+  const { log, logStream } = makeLogger(config, undefined, true);
+  const warn = (obj: object, msg: string): void => log.warn(obj, msg);
+  const metrics = new Metrics(config.server.replica);
+  const accounting = new Accounting(metrics, new Stats(), (line) => log.isLevelEnabled('info') && logStream?.request(line), warn, `w${cluster.worker?.id ?? 0}-`);
+  const db = new Db(join(config.storage.root, 'index.db'), { reader: true, manifestMemory: config.cache.manifestMemory });
+  const store = new BlobStore(config.storage.root, config.cache.fillMemory);
+  const hits = new ManifestHits(db, systemClock, TAG_ROW_TTL_MS);
+  const upstreams = new UpstreamIndex(config);
+  const access = config.access && new Access(config.access, metrics, warn);
+  const forwarder = new Forwarder(socketPath, config.server.trustProxy);
+  const trustProxy = config.server.trustProxy;
+  let closing = false;
+  const send = (m: ToCoordinator): void => void process.send?.(m);
+
+  const touched = new Map<string, [string, number, string, number]>();
+  const touch = (digest: string, size: number, upstream: string): void => void touched.set(`${upstream}\n${digest}`, [digest, size, upstream, Date.now()]);
+  setInterval(() => {
+    if (touched.size === 0) return;
+    send({ t: 'touch', blobs: [...touched.values()] });
+    touched.clear();
+  }, TOUCH_INTERVAL_MS).unref();
+
+  const warm = warmManifests({ manifests: { hits }, upstreams, accounting, access, trustProxy, open: () => !closing, error: (obj, msg) => log.error(obj, msg) });
+
+  /** Who the client is, when only the asynchronous check can tell (a first password): remembered for identifySync. */
+  const learn = async (req: IncomingMessage): Promise<boolean> => {
+    if (!access) return false;
+    const certificate = access.certificates ? certificateUser(req.socket) : undefined;
+    if (access.identifySync(req.headers.authorization, certificate) !== undefined) return false;
+    return (await access.identify(req.headers.authorization, certificate).catch(() => null)) !== null;
+  };
+
+  /** A blob hit answered here; false: nothing was written. */
+  const blob = async (req: IncomingMessage, res: ServerResponse): Promise<boolean> => {
+    const start = performance.now();
+    const { method, url = '/' } = req;
+    if ((method !== 'GET' && method !== 'HEAD') || !url.includes('/blobs/') || closing) return false;
+    let parsed;
+    try {
+      const { path, query } = splitUrl(url);
+      parsed = parseV2Path(path, query.get('ns') ?? undefined, upstreams);
+    } catch {
+      return false;
+    }
+    if (parsed.kind !== 'blob') return false;
+    let user: string | undefined;
+    if (access) {
+      const id = access.identifySync(req.headers.authorization, access.certificates ? certificateUser(req.socket) : undefined);
+      if (!id || !access.allowed(id, parsed.target.upstream.name, parsed.target.name)) return false;
+      user = id.user;
+    }
+    const hit = await openBlobHit(db, store, parsed.target, parsed.reference, method === 'GET' ? req.headers.range : undefined).catch(() => undefined);
+    if (!hit) return false;
+    let bytes = 0;
+    const ctx: RequestContext = { kind: 'blob', upstream: parsed.target.upstream.name, name: parsed.target.name, reference: parsed.reference, cache: 'hit', bytes: () => bytes };
+    const f = { reqId: accounting.nextReqId(), method, url, status: hit.range ? 206 : 200, client: clientAddress(req, trustProxy), user, ctx, ms: 0 };
+    accounting.track(res, (completed) => {
+      if (!completed) return accounting.aborted(f);
+      f.ms = performance.now() - start;
+      accounting.finished(f);
+    });
+    touch(parsed.reference, hit.size, parsed.target.upstream.name);
+    try {
+      res.writeHead(f.status, blobHeaders(parsed.target.upstream.name, parsed.reference, 'hit', hit.size, hit.range));
+      if (method === 'HEAD') res.end();
+      else await sendFileRange(res, hit.handle, hit.start, hit.end, (n) => (bytes += n));
+    } catch (err) {
+      log.warn({ reqId: f.reqId, url, err: (err as Error).message }, 'reading a cached blob failed');
+      res.destroy();
+    } finally {
+      await hit.handle.close().catch(() => undefined);
+    }
+    return true;
+  };
+
+  const handle = async (req: IncomingMessage, res: ServerResponse): Promise<void> => {
+    try {
+      if ((await learn(req)) && warm(req, res)) return;
+      if (await blob(req, res)) return;
+    } catch (err) {
+      log.error({ err, url: req.url }, 'a worker failed to answer a hit');
+      if (res.headersSent) return void res.destroy();
+    }
+    // In flight until answered, as hits are: a draining worker waits for it.
+    accounting.track(res, () => undefined);
+    forwarder.forward(req, res);
+  };
+
+  const server = createHttpServer(config.server, warm, (req, res) => void handle(req, res), { info: (obj, msg) => log.info(obj, msg), warn });
+  process.on('message', (m: ToWorker) => {
+    if (m.t === 'metrics') {
+      void workerShare(metrics.registry).then((share) => send({ t: 'metrics', id: m.id, share }));
+    } else if (m.t === 'drain') {
+      // Stop taking connections; answer what is in flight (hits here, the rest through the
+      // coordinator, which drains after its workers), then go.
+      closing = true;
+      server.close();
+      server.closeIdleConnections();
+      void accounting.drain(config.server.shutdownTimeout).then(() => {
+        send({ t: 'drained' });
+        log.flush?.();
+        setTimeout(() => process.exit(0), 50);
+      });
+    }
+  });
+  // The coordinator is gone (killed, or crashed): a worker alone cannot fill or evict.
+  process.on('disconnect', () => process.exit(1));
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen({ host: config.server.host, port: config.server.port }, resolve);
+  });
+}

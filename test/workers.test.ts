@@ -1,0 +1,179 @@
+/**
+ * server.workers: a coordinator and two workers, run as `ocicache serve` runs them, against a real
+ * registry. Pinned: one upstream GET for a cold blob asked through every worker at once, hits
+ * answered by the workers themselves, one /metrics for the group, a killed worker replaced, a
+ * killed coordinator taking its workers with it (and the cache serving again after a restart),
+ * and SIGTERM letting a download in flight finish.
+ */
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { readFileSync } from 'node:fs';
+import test, { type TestContext } from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { Agent, request } from 'undici';
+import { startCli, writeConfig, type Running } from './helpers/cli.js';
+import { startDistribution, type Distribution } from './helpers/distribution.js';
+import { image, OCI_MANIFEST, Pusher, randomLayer, type Image } from './helpers/seed.js';
+import { tempDir } from './helpers/tools.js';
+
+const MiB = 1024 * 1024;
+
+interface Group {
+  proc: Running;
+  url: string;
+  pid: number;
+}
+
+async function serveGroup(t: TestContext, config: string): Promise<Group> {
+  const proc = startCli(['serve', '--config', config]);
+  t.after(() => proc.child.kill('SIGKILL'));
+  for (let i = 0; i < 400; i++) {
+    const port = /"msg":"Server listening at http:\/\/127\.0\.0\.1:(\d+)"/.exec(proc.out())?.[1];
+    if (port) return { proc, url: `http://127.0.0.1:${port}`, pid: proc.child.pid! };
+    if (proc.child.exitCode !== null) break;
+    await sleep(25);
+  }
+  throw new Error(`ocicache did not start:\n${proc.out()}\n${proc.err()}`);
+}
+
+/** The pids of a process's children (the workers of a coordinator). */
+function children(pid: number): number[] {
+  try {
+    return execFileSync('pgrep', ['-P', String(pid)], { encoding: 'utf8' }).split('\n').filter(Boolean).map(Number);
+  } catch {
+    return [];
+  }
+}
+
+/** Request log lines: which process answered what. */
+function requests(out: string): Array<{ pid: number; url: string; cache?: string; status: number }> {
+  return out
+    .split('\n')
+    .filter((l) => l.includes('"msg":"request"'))
+    .map((l) => JSON.parse(l) as { pid: number; url: string; cache?: string; status: number });
+}
+
+function sha256(b: Buffer): string {
+  return `sha256:${createHash('sha256').update(b).digest('hex')}`;
+}
+
+async function setup(t: TestContext): Promise<{ registry: Distribution; img: Image; config: string; blobPath: string; manifestPath: string } | undefined> {
+  const registry = await startDistribution(t);
+  if (!registry) return undefined;
+  const img = image({ 'big.bin': randomLayer(16 * MiB) });
+  await new Pusher({ url: registry.url }).pushImage('library/app', 'v1', img);
+  const root = tempDir(t, 'workers');
+  const config = writeConfig(root, {
+    server: { host: '127.0.0.1', port: 0, workers: 2, shutdownTimeout: '20s' },
+    log: { level: 'info' },
+    storage: { root },
+    defaultUpstream: 'docker.io',
+    upstreams: [{ name: 'docker.io', url: registry.url, dockerHubLibrary: true }],
+  });
+  return { registry, img, config, blobPath: `/v2/library/app/blobs/${img.blobs[1]!.descriptor.digest}`, manifestPath: '/v2/library/app/manifests/v1' };
+}
+
+/** Separate connections, so the coordinator hands them to both workers in turn. */
+async function get(url: string, headers: Record<string, string> = {}): Promise<{ status: number; body: Buffer; headers: Record<string, unknown> }> {
+  const dispatcher = new Agent({ connections: 1 });
+  try {
+    const res = await request(url, { dispatcher, headers });
+    return { status: res.statusCode, body: Buffer.from(await res.body.arrayBuffer()), headers: res.headers };
+  } finally {
+    await dispatcher.close();
+  }
+}
+
+test('two workers: one upstream GET for 32 concurrent cold requests, hits answered by both workers, one /metrics', { timeout: 120_000 }, async (t) => {
+  const s = await setup(t);
+  if (!s) return;
+  const group = await serveGroup(t, s.config);
+  const workers = children(group.pid);
+  assert.equal(workers.length, 2, 'two workers beside the coordinator');
+
+  const digest = s.img.blobs[1]!.descriptor.digest;
+  const cold = await Promise.all(Array.from({ length: 32 }, () => get(group.url + s.blobPath)));
+  for (const r of cold) {
+    assert.equal(r.status, 200);
+    assert.equal(sha256(r.body), digest, 'every waiter got the whole verified blob');
+  }
+  assert.equal(s.registry.accessLog.filter((l) => l.startsWith(`GET ${s.blobPath} `)).length, 1, 'exactly one upstream GET');
+
+  const warm = await Promise.all(Array.from({ length: 16 }, () => get(group.url + s.blobPath, { range: 'bytes=0-99' })));
+  for (const r of warm) {
+    assert.equal(r.status, 206);
+    assert.equal(r.headers['x-cache'], 'HIT');
+    assert.equal(r.headers["content-range"], `bytes 0-99/${s.img.blobs[1]!.descriptor.size}`);
+    assert.equal(r.headers['oci-namespace'], 'docker.io', 'a node tier checks it (README, "Running a fleet")');
+    assert.equal(r.headers['docker-content-digest'], digest);
+  }
+  await get(group.url + s.manifestPath, { accept: OCI_MANIFEST });
+  const manifests = await Promise.all(Array.from({ length: 16 }, () => get(group.url + s.manifestPath, { accept: OCI_MANIFEST })));
+  for (const r of manifests) assert.equal(r.headers['x-cache'], 'HIT');
+
+  await sleep(400); // request lines are written in batches
+  const hits = requests(group.proc.out()).filter((r) => r.cache === 'hit');
+  assert.equal(hits.length, 32);
+  assert.deepEqual([...new Set(hits.map((r) => r.pid))].sort(), [...workers].sort(), 'both workers answered hits themselves');
+  assert.ok(requests(group.proc.out()).some((r) => r.cache === 'miss' && r.pid === group.pid), 'the coordinator answered the misses');
+
+  const metrics = (await get(`${group.url}/metrics`)).body.toString();
+  assert.match(metrics, /^ocicache_cache_requests_total\{upstream="docker.io",kind="blob",result="hit"\} 16$/m);
+  assert.match(metrics, /^ocicache_cache_requests_total\{upstream="docker.io",kind="manifest",result="hit"\} 16$/m);
+  assert.match(metrics, /^ocicache_cache_requests_total\{upstream="docker.io",kind="blob",result="miss"\} 32$/m);
+  assert.equal(metrics.match(/^ocicache_process_resident_memory_bytes /gm)?.length, 1, 'one series for the group');
+});
+
+test('a worker killed with SIGKILL is replaced; the coordinator killed takes its workers, and a restart serves from the cache', { timeout: 120_000 }, async (t) => {
+  const s = await setup(t);
+  if (!s) return;
+  const group = await serveGroup(t, s.config);
+  assert.equal((await get(group.url + s.blobPath)).status, 200);
+  const [victim, other] = children(group.pid);
+  process.kill(victim!, 'SIGKILL');
+  for (const end = Date.now() + 10_000; !group.proc.out().includes('a worker died: starting another'); await sleep(50)) assert.ok(Date.now() < end, 'the coordinator saw the worker die');
+  for (const end = Date.now() + 10_000; children(group.pid).length < 2; await sleep(50)) assert.ok(Date.now() < end, 'a new worker was started');
+  assert.ok(children(group.pid).includes(other!), 'the other worker kept running');
+  for (let i = 0; i < 4; i++) assert.equal((await get(group.url + s.blobPath)).headers['x-cache'], 'HIT');
+
+  const workers = children(group.pid);
+  group.proc.child.kill('SIGKILL');
+  await group.proc.exit;
+  for (const end = Date.now() + 5000; workers.some(alive); await sleep(50)) assert.ok(Date.now() < end, 'the workers exited with their coordinator');
+
+  const again = await serveGroup(t, s.config);
+  const r = await get(again.url + s.blobPath);
+  assert.equal(r.status, 200);
+  assert.equal(r.headers['x-cache'], 'HIT');
+  assert.equal(s.registry.accessLog.filter((l) => l.startsWith(`GET ${s.blobPath} `)).length, 1, 'still one upstream GET in all');
+});
+
+/** Running (a zombie waiting for its new parent to reap it counts as gone). */
+function alive(pid: number): boolean {
+  try {
+    return !/^\d+ \(.*\) Z/.test(readFileSync(`/proc/${pid}/stat`, 'utf8'));
+  } catch {
+    return false;
+  }
+}
+
+test('SIGTERM: a download in flight through a worker finishes, then the group exits 0', { timeout: 120_000 }, async (t) => {
+  const s = await setup(t);
+  if (!s) return;
+  const group = await serveGroup(t, s.config);
+  assert.equal((await get(group.url + s.blobPath)).status, 200);
+  const dispatcher = new Agent({ connections: 1 });
+  t.after(() => dispatcher.close());
+  const res = await request(group.url + s.blobPath, { dispatcher });
+  assert.equal(res.headers['x-cache'], 'HIT');
+  // The client holds the answer unread while the group is told to stop.
+  group.proc.child.kill('SIGTERM');
+  await sleep(500);
+  assert.equal(group.proc.child.exitCode, null, 'still draining');
+  const body = Buffer.from(await res.body.arrayBuffer());
+  assert.equal(sha256(body), s.img.blobs[1]!.descriptor.digest, 'the whole blob');
+  assert.equal(await group.proc.exit, 0);
+  // New connections are refused once the group is gone.
+  await assert.rejects(request(group.url + s.blobPath));
+});
