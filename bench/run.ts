@@ -147,7 +147,7 @@ async function startOcicache(upstreamUrl: string, root = mkdtempSync(join(work, 
   await waitHttp(`${url}/healthz`);
   const startMs = Date.now() - t0;
   // A group answers once its first worker listens: measured once all are up.
-  const workers = typeof server.workers === 'number' ? server.workers : Math.min(availableParallelism(), 64);
+  const workers = typeof server.workers === 'number' ? server.workers : 1;
   for (const end = Date.now() + 20_000; workers > 1 && group(child.pid!).length < workers + 1; await sleep(20)) if (Date.now() > end) fail(`ocicache did not start ${workers} workers`);
   return { url, child, root, startMs };
 }
@@ -484,8 +484,8 @@ async function main(): Promise<void> {
     quick,
     machine: { cpus: cpus().length, cpu: cpus()[0]?.model, memGiB: Math.round(totalmem() / 1024 ** 3), node: process.version, date: new Date().toISOString() },
     params: P,
-    /** server.workers of every cache measured but figure 2's curve: 'auto', the CPUs available */
-    workers: Math.min(availableParallelism(), 64),
+    /** server.workers of every cache measured but figure 2's curve: the default */
+    workers: 1,
     blob: Object.fromEntries(
       Object.entries(warm).map(([k, r]) => {
         const c = compare(r, (l) => l.mibps);
@@ -739,7 +739,7 @@ function table(r: any): string {
     ['4: 32 concurrent cold, loopback', `${r.herd.upstreamGets} upstream GET, ${r.herd.seconds} s (nginx sending the same 32 bodies: ${r.herd.nginxSameLoadSeconds} s)`, `${f3(r.herd.vsOneCold)}× one cold request, ${r.herd.vsNginxSameLoad}× nginx`, 'exactly 1 GET; ≤ 1.2×', mark(r.herd.upstreamGets === 1 && r.herd.vsOneCold <= 1.2)],
     [`4: 32 concurrent cold, upstream at ${r.wan.mibps} MiB/s`, `${r.wan.herd.upstreamGets} upstream GET, ${r.wan.herd.seconds} s`, `${f3(r.wan.herd.vsOneCold)}× one cold request`, 'exactly 1 GET; ≤ 1.2×', mark(r.wan.herd.upstreamGets === 1 && r.wan.herd.vsOneCold <= 1.2)],
     [
-      `5: peak RSS, coordinator and ${r.workers} workers`,
+      `5: peak RSS${r.workers > 1 ? `, coordinator and ${r.workers} workers` : ''}`,
       `${r.rssMiB.herd} MiB during 4, ${r.rssMiB.warmBlobs} MiB during 1 (${r.rssMiB.warmBlobsThenManifests} MiB through 1 and 2)`,
       `${(Math.max(r.rssMiB.herd, r.rssMiB.warmBlobs) / r.workers).toFixed(0)} MiB per worker`,
       '≤ 150 MiB per worker',
