@@ -10,9 +10,9 @@ import { parseArgs } from 'node:util';
 import { pino } from 'pino';
 import { request, type Dispatcher } from 'undici';
 import { buildApp } from './http/app.js';
-import { COORDINATOR_SOCKET_ENV, startGroup } from './http/cluster.js';
+import { startGroup, workerSetup } from './http/cluster.js';
 import { runWorker } from './http/worker.js';
-import { ConfigError, loadConfig, type Config } from './core/config.js';
+import { ConfigError, configFromText, loadConfig, readConfigFile, type Config } from './core/config.js';
 import { formatBytes } from './core/units.js';
 import type { KeptEntry } from './cache/keep.js';
 import { prefetch, type PrefetchEvent, type PrefetchOptions } from './cache/prefetch.js';
@@ -162,14 +162,16 @@ async function keptCommand(config: Config | undefined, server: string | undefine
 
 
 async function serve(configFile: string | undefined): Promise<void> {
-  const config = loadConfig(configFile);
   if (cluster.isWorker) {
     // Signals are the coordinator's to act on (a terminal's Ctrl-C and systemd's stop reach every
     // process of the group): it tells its workers when to drain.
     process.on('SIGTERM', () => undefined);
     process.on('SIGINT', () => undefined);
-    return runWorker(config, process.env[COORDINATOR_SOCKET_ENV] ?? '');
+    const { config, socketPath } = workerSetup(process.env);
+    return runWorker(config, socketPath);
   }
+  const source = readConfigFile(configFile);
+  const config = configFromText(source.file, source.text);
   // A signal during start-up (a worker may already answer while another starts) stops the server once it is up.
   let early: string | undefined;
   const onEarly = (signal: string): void => void (early ??= signal);
@@ -177,7 +179,7 @@ async function serve(configFile: string | undefined): Promise<void> {
   let app: Awaited<ReturnType<typeof buildApp>>;
   let close: () => Promise<void>;
   if (config.server.workers > 1) {
-    ({ app, stop: close } = await startGroup(config));
+    ({ app, stop: close } = await startGroup(config, source.text));
   } else {
     app = await buildApp(config);
     await app.listen({ host: config.server.host, port: config.server.port });

@@ -8,9 +8,12 @@
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { readFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
+import { connect } from 'node:net';
+import { join } from 'node:path';
 import test, { type TestContext } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
+import bcrypt from 'bcryptjs';
 import { Agent, request } from 'undici';
 import { startCli, writeConfig, type Running } from './helpers/cli.js';
 import { startDistribution, type Distribution } from './helpers/distribution.js';
@@ -58,7 +61,7 @@ function sha256(b: Buffer): string {
   return `sha256:${createHash('sha256').update(b).digest('hex')}`;
 }
 
-async function setup(t: TestContext): Promise<{ registry: Distribution; img: Image; config: string; blobPath: string; manifestPath: string } | undefined> {
+async function setup(t: TestContext, extra: Record<string, unknown> = {}): Promise<{ registry: Distribution; img: Image; config: string; blobPath: string; manifestPath: string } | undefined> {
   const registry = await startDistribution(t);
   if (!registry) return undefined;
   const img = image({ 'big.bin': randomLayer(16 * MiB) });
@@ -70,6 +73,7 @@ async function setup(t: TestContext): Promise<{ registry: Distribution; img: Ima
     storage: { root },
     defaultUpstream: 'docker.io',
     upstreams: [{ name: 'docker.io', url: registry.url, dockerHubLibrary: true }],
+    ...extra,
   });
   return { registry, img, config, blobPath: `/v2/library/app/blobs/${img.blobs[1]!.descriptor.digest}`, manifestPath: '/v2/library/app/manifests/v1' };
 }
@@ -89,8 +93,8 @@ test('two workers: one upstream GET for 32 concurrent cold requests, hits answer
   const s = await setup(t);
   if (!s) return;
   const group = await serveGroup(t, s.config);
+  for (const end = Date.now() + 5000; children(group.pid).length !== 2; await sleep(50)) assert.ok(Date.now() < end, `two workers beside the coordinator, not ${children(group.pid).join(', ')}`);
   const workers = children(group.pid);
-  assert.equal(workers.length, 2, 'two workers beside the coordinator');
 
   const digest = s.img.blobs[1]!.descriptor.digest;
   const cold = await Promise.all(Array.from({ length: 32 }, () => get(group.url + s.blobPath)));
@@ -130,12 +134,17 @@ test('a worker killed with SIGKILL is replaced; the coordinator killed takes its
   if (!s) return;
   const group = await serveGroup(t, s.config);
   assert.equal((await get(group.url + s.blobPath)).status, 200);
+  for (let i = 0; i < 4; i++) assert.equal((await get(group.url + s.blobPath)).headers['x-cache'], 'HIT');
+  const hitsServed = async (): Promise<number> => Number(/^ocicache_cache_requests_total\{upstream="docker.io",kind="blob",result="hit"\} (\d+)$/m.exec((await get(`${group.url}/metrics`)).body.toString())?.[1] ?? 0);
+  assert.equal(await hitsServed(), 4);
   const [victim, other] = children(group.pid);
   process.kill(victim!, 'SIGKILL');
-  for (const end = Date.now() + 10_000; !group.proc.out().includes('a worker died: starting another'); await sleep(50)) assert.ok(Date.now() < end, 'the coordinator saw the worker die');
-  for (const end = Date.now() + 10_000; children(group.pid).length < 2; await sleep(50)) assert.ok(Date.now() < end, 'a new worker was started');
+  for (const end = Date.now() + 30_000; !group.proc.out().includes('a worker died: starting another'); await sleep(50)) assert.ok(Date.now() < end, 'the coordinator saw the worker die');
+  for (const end = Date.now() + 30_000; children(group.pid).length < 2; await sleep(50)) assert.ok(Date.now() < end, 'a new worker was started');
   assert.ok(children(group.pid).includes(other!), 'the other worker kept running');
   for (let i = 0; i < 4; i++) assert.equal((await get(group.url + s.blobPath)).headers['x-cache'], 'HIT');
+  // The dead worker's hits stay counted: a counter that went down would read as a reset.
+  assert.equal(await hitsServed(), 8);
 
   const workers = children(group.pid);
   group.proc.child.kill('SIGKILL');
@@ -176,4 +185,49 @@ test('SIGTERM: a download in flight through a worker finishes, then the group ex
   assert.equal(await group.proc.exit, 0);
   // New connections are refused once the group is gone.
   await assert.rejects(request(group.url + s.blobPath));
+});
+
+test('a body smuggled in a chunked GET is forwarded as its body, never parsed by the coordinator as a request of its own', { timeout: 60_000 }, async (t) => {
+  const s = await setup(t);
+  if (!s) return;
+  const group = await serveGroup(t, s.config);
+  const smuggled = 'GET /smuggled HTTP/1.1\r\nHost: evil.example\r\nX-Forwarded-For: 6.6.6.6\r\nX-Forwarded-Host: evil.example\r\n\r\n';
+  const raw = `GET /v2/ HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n${smuggled.length.toString(16)}\r\n${smuggled}\r\n0\r\n\r\n`;
+  const answer = await new Promise<string>((resolve, reject) => {
+    const socket = connect(Number(new URL(group.url).port), '127.0.0.1', () => socket.write(raw));
+    let got = '';
+    socket.on('data', (d: Buffer) => (got += d.toString()));
+    socket.on('close', () => resolve(got));
+    socket.on('error', reject);
+    // Whatever comes in 1.5 s: one answer, or (the bug) more.
+    setTimeout(() => socket.destroy(), 1500);
+  });
+  assert.match(answer, /^HTTP\/1\.1 200 OK\r\n/);
+  assert.equal(answer.match(/HTTP\/1\.1 /g)?.length, 1, 'one answer for one request');
+  // Every worker's connection to the coordinator is used again: none carries a stray answer.
+  for (let i = 0; i < 8; i++) assert.equal((await get(`${group.url}/v2/`)).status, 200);
+  await sleep(400);
+  const urls = requests(group.proc.out()).map((r) => r.url);
+  assert.ok(urls.includes('/v2/'));
+  assert.ok(!urls.includes('/smuggled'), `the coordinator saw no smuggled request: ${urls.join(' ')}`);
+});
+
+test('tokens from /token verify in every worker: hits for a bearer token are answered by the workers', { timeout: 60_000 }, async (t) => {
+  const htpasswd = join(tempDir(t, 'workers-htpasswd'), 'htpasswd');
+  // alice:alice-pw, bcrypt as htpasswd -B writes it ($2y$).
+  writeFileSync(htpasswd, `alice:${bcrypt.hashSync('alice-pw', 4).replace(/^\$2a\$/, '$2y$')}\n`);
+  const s = await setup(t, { access: { htpasswd, rules: [{ upstreams: ['*'], repositories: ['**'], allow: ['alice'] }] } });
+  if (!s) return;
+  const group = await serveGroup(t, s.config);
+  const basic = `Basic ${Buffer.from('alice:alice-pw').toString('base64')}`;
+  const issued = await get(`${group.url}/token?service=ocicache&scope=repository:library/app:pull`, { authorization: basic });
+  assert.equal(issued.status, 200);
+  const token = (JSON.parse(issued.body.toString()) as { token: string }).token;
+  const bearer = { authorization: `Bearer ${token}`, accept: OCI_MANIFEST };
+  assert.equal((await get(group.url + s.manifestPath, bearer)).headers['x-cache'], 'MISS');
+  for (let i = 0; i < 8; i++) assert.equal((await get(group.url + s.manifestPath, bearer)).headers['x-cache'], 'HIT');
+  await sleep(400);
+  const hits = requests(group.proc.out()).filter((r) => r.cache === 'hit');
+  assert.equal(hits.length, 8);
+  assert.ok(hits.every((r) => r.pid !== group.pid), 'no hit needed the coordinator');
 });

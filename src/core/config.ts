@@ -286,13 +286,22 @@ export function buildConfig(doc: unknown, env: NodeJS.ProcessEnv = process.env, 
 
 /** Read a config file (the embedded default when none is given) and apply env overrides. */
 export function loadConfig(file: string | undefined, env: NodeJS.ProcessEnv = process.env, needs: SecretNeeds = ALL_SECRETS): Config {
+  const source = readConfigFile(file, env);
+  return configFromText(source.file, source.text, env, needs);
+}
+
+/** The config file's path (--config, $OCICACHE_CONFIG or the embedded default) and text. */
+export function readConfigFile(file: string | undefined, env: NodeJS.ProcessEnv = process.env): { file: string; text: string } {
   file ||= env.OCICACHE_CONFIG || DEFAULT_CONFIG_FILE;
-  let text: string;
   try {
-    text = readFileSync(file, 'utf8');
+    return { file, text: readFileSync(file, 'utf8') };
   } catch (err) {
     throw new ConfigError(file, `cannot read config file: ${(err as Error).message}`);
   }
+}
+
+/** A config from its YAML text; `file` names it in errors. */
+export function configFromText(file: string, text: string, env: NodeJS.ProcessEnv = process.env, needs: SecretNeeds = ALL_SECRETS): Config {
   let doc: unknown;
   try {
     doc = parseYaml(text);

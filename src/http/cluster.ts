@@ -18,17 +18,31 @@
  *   forwarded here); then the coordinator drains as a single process does.
  */
 import cluster, { type Worker } from 'node:cluster';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { FastifyInstance } from 'fastify';
-import type { Config } from '../core/config.js';
-import type { MetricsJson } from '../telemetry/metrics.js';
+import { configFromText, type Config } from '../core/config.js';
+import { AggregatorRegistry } from 'prom-client';
+import { WORKER_METRICS, type MetricsJson } from '../telemetry/metrics.js';
 import { buildApp } from './app.js';
 import type { ToCoordinator, ToWorker } from './worker.js';
 
-/** How the workers find the coordinator: set in their environment. */
-export const COORDINATOR_SOCKET_ENV = 'OCICACHE_COORDINATOR_SOCKET';
+/**
+ * What a worker gets from its coordinator, in its environment: the socket, the config text the
+ * coordinator read (a worker started later must not read a file edited since), and the token key.
+ */
+const SOCKET_ENV = 'OCICACHE_COORDINATOR_SOCKET';
+const CONFIG_ENV = 'OCICACHE_COORDINATOR_CONFIG';
+const TOKEN_KEY_ENV = 'OCICACHE_COORDINATOR_TOKEN_KEY_FILE';
+
+/** In a worker: the coordinator's socket and config (the same file text, the same token key). */
+export function workerSetup(env: NodeJS.ProcessEnv): { socketPath: string; config: Config } {
+  const config = configFromText('the coordinator\'s config', env[CONFIG_ENV] ?? '', env);
+  const tokenKeyFile = env[TOKEN_KEY_ENV];
+  return { socketPath: env[SOCKET_ENV] ?? '', config: tokenKeyFile && config.access ? { ...config, access: { ...config.access, tokenKeyFile } } : config };
+}
 /** A worker's metrics that do not come within this are left out of the scrape. */
 const METRICS_WAIT_MS = 2000;
 /** Replacements faster than this many per minute mean a worker cannot run: the group stops. */
@@ -40,9 +54,18 @@ export interface Group {
   stop(): Promise<void>;
 }
 
-export async function startGroup(config: Config): Promise<Group> {
+export async function startGroup(config: Config, configText: string): Promise<Group> {
   const dir = mkdtempSync(join(tmpdir(), 'ocicache-'));
   const socketPath = join(dir, 'coordinator.sock');
+  const env: NodeJS.ProcessEnv = { [SOCKET_ENV]: socketPath, [CONFIG_ENV]: configText };
+  if (config.access && config.access.tokenKeyFile === undefined) {
+    // Tokens from /token (the coordinator's) must verify in every worker: one random key for the
+    // group, in the private directory, instead of one per process.
+    const tokenKeyFile = join(dir, 'token.key');
+    writeFileSync(tokenKeyFile, randomBytes(32), { mode: 0o600 });
+    config = { ...config, access: { ...config.access, tokenKeyFile } };
+    env[TOKEN_KEY_ENV] = tokenKeyFile;
+  }
   // Only workers connect here: they name the client (X-Forwarded-*), they end TLS, and they
   // enforce the connection limits.
   const inner: Config = { ...config, server: { ...config.server, tls: undefined, trustProxy: true, maxConnections: 0, maxConnectionsPerAddress: 0 } };
@@ -53,6 +76,10 @@ export async function startGroup(config: Config): Promise<Group> {
   let stopping = false;
   let nextId = 0;
   const waiting = new Map<number, (share: MetricsJson) => void>();
+  // Counters must never go backwards (Prometheus reads a drop as a reset): a worker that does not
+  // answer in time counts with its last share, and a dead worker's last counts stay in `retired`.
+  const last = new Map<number, MetricsJson>();
+  let retired: MetricsJson = [];
   metrics.peers = async () => {
     const asked = Object.values(cluster.workers ?? {}).filter((w): w is Worker => w !== undefined && w.isConnected());
     const shares = asked.map(
@@ -61,23 +88,29 @@ export async function startGroup(config: Config): Promise<Group> {
           const id = ++nextId;
           const timer = setTimeout(() => {
             waiting.delete(id);
-            resolve([]);
+            resolve(last.get(w.id) ?? []);
           }, METRICS_WAIT_MS);
           waiting.set(id, (share) => {
             clearTimeout(timer);
             waiting.delete(id);
+            last.set(w.id, share);
             resolve(share);
           });
           w.send({ t: 'metrics', id } satisfies ToWorker);
         }),
     );
-    return Promise.all(shares);
+    return [retired, ...(await Promise.all(shares))];
+  };
+  const retire = (id: number): void => {
+    const share = last.get(id)?.filter((m) => WORKER_METRICS.has(m.name));
+    last.delete(id);
+    if (share?.length) retired = (AggregatorRegistry.aggregate([retired, share] as never).getMetricsAsArray() as unknown as Array<{ get(): MetricsJson[number] }>).map((m) => m.get());
   };
 
   const restarts: number[] = [];
   let failed: ((err: Error) => void) | undefined;
   const fork = (): Worker => {
-    const worker = cluster.fork({ [COORDINATOR_SOCKET_ENV]: socketPath });
+    const worker = cluster.fork(env);
     worker.on('message', (m: ToCoordinator) => {
       if (m.t === 'touch') for (const [digest, size, upstream, at] of m.blobs) lifecycle.touch(digest, size, upstream, at);
       else if (m.t === 'metrics') waiting.get(m.id)?.(m.share as MetricsJson);
@@ -85,6 +118,7 @@ export async function startGroup(config: Config): Promise<Group> {
     return worker;
   };
   cluster.on('exit', (worker, code, signal) => {
+    retire(worker.id);
     if (stopping) return;
     const listened = (worker as Worker & { listened?: boolean }).listened === true;
     app.log.warn({ worker: worker.id, pid: worker.process.pid, code, signal }, listened ? 'a worker died: starting another' : 'a worker could not start');

@@ -20,6 +20,13 @@ function endToEnd(headers: IncomingHttpHeaders): IncomingHttpHeaders {
 
 export function forwardedHeaders(req: IncomingMessage, trustProxy: boolean): IncomingHttpHeaders {
   const headers = endToEnd(req.headers);
+  // The body as Node's parser framed it, framed again the same way (chunked when the client sent
+  // no length): bytes sent without framing on a shared connection to the coordinator would be
+  // parsed there as a request of their own (request smuggling, RFC 9112 §11.2).
+  if (req.headers['transfer-encoding'] !== undefined) {
+    delete headers['content-length'];
+    headers['transfer-encoding'] = 'chunked';
+  }
   const address = req.socket.remoteAddress ?? '';
   const scheme = (req.socket as TLSSocket).encrypted ? 'https' : 'http';
   if (trustProxy) {
@@ -44,6 +51,8 @@ export class Forwarder {
 
   /** The coordinator's answer, streamed to the client; a client that leaves ends the exchange. */
   forward(req: IncomingMessage, res: ServerResponse): void {
+    // A client gone during an earlier await has no 'close' left to end the exchange.
+    if (req.socket.destroyed) return;
     const up = request({ socketPath: this.socketPath, agent: this.agent, method: req.method, path: req.url, headers: forwardedHeaders(req, this.trustProxy) });
     up.on('response', (answer) => {
       res.writeHead(answer.statusCode ?? 502, answer.statusMessage, endToEnd(answer.headers));

@@ -96,6 +96,11 @@ export async function runWorker(config: Config, socketPath: string): Promise<voi
     }
     const hit = await openBlobHit(db, store, parsed.target, parsed.reference, method === 'GET' ? req.headers.range : undefined).catch(() => undefined);
     if (!hit) return false;
+    if (req.socket.destroyed) {
+      // Gone while the file was opened: nothing to answer, and no 'close' left to wait for.
+      await hit.handle.close().catch(() => undefined);
+      return true;
+    }
     let bytes = 0;
     const ctx: RequestContext = { kind: 'blob', upstream: parsed.target.upstream.name, name: parsed.target.name, reference: parsed.reference, cache: 'hit', bytes: () => bytes };
     const f = { reqId: accounting.nextReqId(), method, url, status: hit.range ? 206 : 200, client: clientAddress(req, trustProxy), user, ctx, ms: 0 };
@@ -119,6 +124,9 @@ export async function runWorker(config: Config, socketPath: string): Promise<voi
   };
 
   const handle = async (req: IncomingMessage, res: ServerResponse): Promise<void> => {
+    // In flight from the start, as hits are: a draining worker waits for it, and a client that
+    // leaves during an await below is seen (its 'close' is not missed).
+    accounting.track(res, () => undefined);
     try {
       if ((await learn(req)) && warm(req, res)) return;
       if (await blob(req, res)) return;
@@ -126,8 +134,6 @@ export async function runWorker(config: Config, socketPath: string): Promise<voi
       log.error({ err, url: req.url }, 'a worker failed to answer a hit');
       if (res.headersSent) return void res.destroy();
     }
-    // In flight until answered, as hits are: a draining worker waits for it.
-    accounting.track(res, () => undefined);
     forwarder.forward(req, res);
   };
 
