@@ -10,7 +10,7 @@ import { chromium } from 'playwright-core';
 import { startDistribution } from './helpers/distribution.js';
 import { fetchComplete, pullImage, startProxy } from './helpers/proxy.js';
 import { image, OCI_MANIFEST, Pusher } from './helpers/seed.js';
-import { freePort, need } from './helpers/tools.js';
+import { freePort, need, until } from './helpers/tools.js';
 import { formatBytes } from '../src/core/units.js';
 import { version } from '../src/version.js';
 
@@ -35,6 +35,13 @@ test('status page: version, upstream states, cache size and limit, hit ratio, mo
   for (let i = 0; i < 3; i++) await pullImage(proxy.url, 'team/app', 'v1');
   await fetchComplete(`${proxy.url}/v2/team/tool/manifests/v1?ns=docker.io`, { accept: OCI_MANIFEST });
   await fetchComplete(`${proxy.url}/v2/team/x/manifests/v1?ns=ghcr.io`, { accept: OCI_MANIFEST }); // unreachable: opens the breaker
+  // A request is counted once its response has finished on the server, which on a loaded machine
+  // may come after the client has read the last byte: wait (briefly) until all ten are counted.
+  await until('the ten docker.io requests counted', async () => {
+    const text = (await fetchComplete(`${proxy.url}/metrics`)).body.toString();
+    const counts = [...text.matchAll(/^ocicache_cache_requests_total\{upstream="docker\.io",kind="(?:manifest|blob)",result="[a-z]+"\} (\d+)$/gm)];
+    return counts.reduce((n, m) => n + Number(m[1]), 0) >= 10;
+  });
 
   const browser = await chromium.launch({ executablePath: browserPath, args: ['--no-sandbox'] });
   t.after(() => browser.close());
