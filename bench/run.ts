@@ -258,9 +258,9 @@ type Rounds = Record<Server, Load[]>;
  * three, one noisy round of the two on the low side decided figure 2 GET (0.49×) and figure 1 with
  * 8 streams (0.79×) once each in session 7's nine runs.
  */
-async function rounds(servers: Record<Server, string>, measure: (base: string) => Promise<Load>): Promise<Rounds> {
-  const out: Rounds = { ocicache: [], nginx: [], peer: [] };
-  const order = Object.keys(out) as Server[];
+async function rounds<K extends string = Server>(servers: Record<K, string>, measure: (base: string) => Promise<Load>): Promise<Record<K, Load[]>> {
+  const order = Object.keys(servers) as K[];
+  const out = Object.fromEntries(order.map((k) => [k, [] as Load[]])) as Record<K, Load[]>;
   for (let i = 0; i < P.rounds; i++) {
     for (let j = 0; j < order.length; j++) {
       const k = order[(i + j) % order.length]!;
@@ -583,15 +583,11 @@ async function workersCurve(upstreamUrl: string, nginx: string, manifestPath: st
     const oc = await startOcicache(upstreamUrl, undefined, {}, { workers });
     await loadgen(['-url', oc.url + manifestPath, '-c', '1', '-n', '1', '-H', accept]);
     await loadgen(['-url', oc.url + manifestPath, '-c', '50', '-d', quick ? '1s' : '2s', '-H', accept]);
-    const mine: number[] = [];
-    const theirs: number[] = [];
-    for (let i = 0; i < P.rounds; i++) {
-      for (const [k, base] of (i % 2 ? [['n', nginx], ['o', oc.url]] : [['o', oc.url], ['n', nginx]]) as Array<['o' | 'n', string]>) {
-        await settle();
-        const rps = (await loadgen(['-url', base + manifestPath, '-c', '50', '-d', P.round, '-H', accept])).rps;
-        (k === 'o' ? mine : theirs).push(rps);
-      }
-    }
+    const r = await rounds({ ocicache: oc.url, nginx }, async (base) => {
+      await settle();
+      return loadgen(['-url', base + manifestPath, '-c', '50', '-d', P.round, '-H', accept]);
+    });
+    const [mine, theirs] = [r.ocicache.map((l) => l.rps), r.nginx.map((l) => l.rps)];
     await kill(oc.child);
     const point = { workers, rps: Math.round(median(mine)), nginx: Math.round(median(theirs)), vsNginx: pairedRatio(mine, theirs) };
     log(`figure 2 by workers: ${workers}: ${point.rps} req/s, nginx ${point.nginx} (${point.vsNginx.toFixed(3)}×)`);

@@ -25,7 +25,8 @@ export function manifestResult(manifest: ManifestRecord, cache: CacheResult, wan
   return { digest: manifest.digest, mediaType: manifest.mediaType, size: manifest.body.length, body: wantBody ? manifest.body : undefined, cache };
 }
 
-function tagKey(target: Target, tag: string): string {
+/** One tag of one repository of one upstream, as a map key. */
+export function tagKey(target: Target, tag: string): string {
   return `${target.upstream.name}\n${target.name}\n${tag}`;
 }
 

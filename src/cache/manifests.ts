@@ -13,7 +13,7 @@ import { accepts, childrenOf, mediaTypeOf } from '../core/media-types.js';
 import { SingleFlight } from '../core/single-flight.js';
 import type { Db, ManifestRecord } from '../storage/db.js';
 import type { UpstreamClient } from '../upstream/client.js';
-import { ManifestHits, manifestResult, type ManifestResult } from './manifest-hits.js';
+import { ManifestHits, manifestResult, tagKey, type ManifestResult } from './manifest-hits.js';
 import type { StorageGuard } from './storage-guard.js';
 
 export type { ManifestResult } from './manifest-hits.js';
@@ -125,7 +125,7 @@ export class Manifests {
     const manifest = row && this.db.getManifest(row.digest);
     // Offline by choice: the cached tag is the answer, with no warning per request.
     if (manifest && this.upstream.gate(upstream.name).offline) return { manifest, cache: 'stale' };
-    return this.tagFlights.do(`${upstream.name}\n${target.name}\n${tag}`, () => this.revalidateTag(target, tag));
+    return this.tagFlights.do(tagKey(target, tag), () => this.revalidateTag(target, tag));
   }
 
   /** HEAD the tag upstream; GET only when the digest is new. Serve stale when the upstream is down. */

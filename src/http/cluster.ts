@@ -23,8 +23,8 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { FastifyInstance } from 'fastify';
-import { configFromText, type Config } from '../core/config.js';
 import { AggregatorRegistry } from 'prom-client';
+import { configFromText, type Config } from '../core/config.js';
 import { WORKER_METRICS, type MetricsJson } from '../telemetry/metrics.js';
 import { buildApp } from './app.js';
 import type { ToCoordinator, ToWorker } from './worker.js';
@@ -43,6 +43,7 @@ export function workerSetup(env: NodeJS.ProcessEnv): { socketPath: string; confi
   const tokenKeyFile = env[TOKEN_KEY_ENV];
   return { socketPath: env[SOCKET_ENV] ?? '', config: tokenKeyFile && config.access ? { ...config, access: { ...config.access, tokenKeyFile } } : config };
 }
+
 /** A worker's metrics that do not come within this are left out of the scrape. */
 const METRICS_WAIT_MS = 2000;
 /** Replacements faster than this many per minute mean a worker cannot run: the group stops. */
@@ -108,6 +109,8 @@ export async function startGroup(config: Config, configText: string): Promise<Gr
   };
 
   const restarts: number[] = [];
+  /** Workers that got as far as listening: one that exits before is one that cannot start. */
+  const everListened = new Set<number>();
   let failed: ((err: Error) => void) | undefined;
   const fork = (): Worker => {
     const worker = cluster.fork(env);
@@ -119,8 +122,8 @@ export async function startGroup(config: Config, configText: string): Promise<Gr
   };
   cluster.on('exit', (worker, code, signal) => {
     retire(worker.id);
+    const listened = everListened.delete(worker.id);
     if (stopping) return;
-    const listened = (worker as Worker & { listened?: boolean }).listened === true;
     app.log.warn({ worker: worker.id, pid: worker.process.pid, code, signal }, listened ? 'a worker died: starting another' : 'a worker could not start');
     const now = Date.now();
     restarts.push(now);
@@ -128,7 +131,7 @@ export async function startGroup(config: Config, configText: string): Promise<Gr
     if (!listened || restarts.length > MAX_RESTARTS_PER_MINUTE) failed?.(new Error(`workers keep exiting (the last: code ${code}, signal ${signal}); see their log lines`));
     else fork();
   });
-  cluster.on('listening', (worker) => void ((worker as Worker & { listened?: boolean }).listened = true));
+  cluster.on('listening', (worker) => void everListened.add(worker.id));
 
   const stop = async (): Promise<void> => {
     stopping = true;

@@ -34,29 +34,51 @@ export function clientAddress(req: IncomingMessage, trustProxy: boolean): string
   return first || (req.socket.remoteAddress ?? '');
 }
 
+/** A request the warm path may answer: its target, and the user the access rules know it as. */
+export interface WarmRequest {
+  parsed: Extract<ParsedPath, { target: unknown }>;
+  user: string | undefined;
+}
+
+/**
+ * A GET or HEAD of `kind` (a manifest, or a blob in a worker: http/worker.ts) that may be answered
+ * from the cache alone. undefined when the path is not one of that kind, or when access control
+ * cannot say synchronously that this client may read it: a cached answer goes only to a client the
+ * rules let read it, and only what is known synchronously is decided here (remembered credentials,
+ * the decision memo); anything else (a first password or token, bad credentials, a refusal) goes
+ * the full way, which checks, answers and counts it.
+ */
+export function warmRequest(req: IncomingMessage, kind: 'manifest' | 'blob', upstreams: UpstreamIndex, access: Access | undefined): WarmRequest | undefined {
+  const { method, url = '/' } = req;
+  if ((method !== 'GET' && method !== 'HEAD') || !url.includes(kind === 'manifest' ? '/manifests/' : '/blobs/')) return undefined;
+  let parsed: ParsedPath;
+  try {
+    const { path, query } = splitUrl(url);
+    parsed = parseV2Path(path, query.get('ns') ?? undefined, upstreams);
+  } catch {
+    return undefined;
+  }
+  if (parsed.kind !== kind) return undefined;
+  if (!access) return { parsed, user: undefined };
+  const id = access.identifySync(req.headers.authorization, access.certificates ? certificateUser(req.socket) : undefined);
+  if (!id || !access.allowed(id, parsed.target.upstream.name, parsed.target.name)) return undefined;
+  return { parsed, user: id.user };
+}
+
 export function warmManifests(deps: WarmDeps): (req: IncomingMessage, res: ServerResponse) => boolean {
   const { manifests, upstreams, accounting, access } = deps;
   return (req, res) => {
     const start = performance.now();
-    const { method, url = '/' } = req;
-    if ((method !== 'GET' && method !== 'HEAD') || !url.includes('/manifests/') || !deps.open()) return false;
-    let parsed: ParsedPath;
+    if (!deps.open()) return false;
+    const asked = warmRequest(req, 'manifest', upstreams, access);
+    if (!asked) return false;
+    const { parsed, user } = asked;
+    // warmRequest let only a GET or HEAD through.
+    const method = req.method as 'GET' | 'HEAD';
+    const url = req.url!;
     let m: ManifestResult | undefined;
     let ctx: RequestContext;
-    let user: string | undefined;
     try {
-      const { path, query } = splitUrl(url);
-      parsed = parseV2Path(path, query.get('ns') ?? undefined, upstreams);
-      if (parsed.kind !== 'manifest') return false;
-      if (access) {
-        // A cached manifest is served only to a client the rules let read it. Only what is known
-        // synchronously is decided here (remembered credentials, the decision memo); anything else
-        // (a first password or token, bad credentials, a refusal) goes to the Fastify path, which
-        // checks, answers and counts it.
-        const id = access.identifySync(req.headers.authorization, access.certificates ? certificateUser(req.socket) : undefined);
-        if (!id || !access.allowed(id, parsed.target.upstream.name, parsed.target.name)) return false;
-        user = id.user;
-      }
       m = manifests.hits.cached(parsed.target, parsed.reference, req.headers.accept, method === 'GET');
       if (!m) return false;
       ctx = { kind: 'manifest', upstream: parsed.target.upstream.name, name: parsed.target.name, reference: parsed.reference, bytes: () => 0 };

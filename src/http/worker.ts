@@ -18,7 +18,7 @@ import { join } from 'node:path';
 import { Access } from '../access/access.js';
 import { openBlobHit } from '../cache/blob-hits.js';
 import { ManifestHits } from '../cache/manifest-hits.js';
-import { parseV2Path, splitUrl, UpstreamIndex } from '../core/api-path.js';
+import { UpstreamIndex } from '../core/api-path.js';
 import { systemClock } from '../core/clock.js';
 import type { Config } from '../core/config.js';
 import { BlobStore } from '../storage/blob-store.js';
@@ -32,7 +32,7 @@ import { Forwarder } from './forward.js';
 import { createHttpServer } from './server.js';
 import { Stats } from './status.js';
 import { certificateUser } from './tls.js';
-import { clientAddress, warmManifests } from './warm-path.js';
+import { clientAddress, warmManifests, warmRequest } from './warm-path.js';
 
 export const TAG_ROW_TTL_MS = 1000;
 /** How often blob reads go to the coordinator. */
@@ -78,22 +78,12 @@ export async function runWorker(config: Config, socketPath: string): Promise<voi
   /** A blob hit answered here; false: nothing was written. */
   const blob = async (req: IncomingMessage, res: ServerResponse): Promise<boolean> => {
     const start = performance.now();
-    const { method, url = '/' } = req;
-    if ((method !== 'GET' && method !== 'HEAD') || !url.includes('/blobs/') || closing) return false;
-    let parsed;
-    try {
-      const { path, query } = splitUrl(url);
-      parsed = parseV2Path(path, query.get('ns') ?? undefined, upstreams);
-    } catch {
-      return false;
-    }
-    if (parsed.kind !== 'blob') return false;
-    let user: string | undefined;
-    if (access) {
-      const id = access.identifySync(req.headers.authorization, access.certificates ? certificateUser(req.socket) : undefined);
-      if (!id || !access.allowed(id, parsed.target.upstream.name, parsed.target.name)) return false;
-      user = id.user;
-    }
+    const asked = closing ? undefined : warmRequest(req, 'blob', upstreams, access);
+    if (!asked) return false;
+    const { parsed, user } = asked;
+    // warmRequest let only a GET or HEAD through.
+    const method = req.method as 'GET' | 'HEAD';
+    const url = req.url!;
     const hit = await openBlobHit(db, store, parsed.target, parsed.reference, method === 'GET' ? req.headers.range : undefined).catch(() => undefined);
     if (!hit) return false;
     if (req.socket.destroyed) {
