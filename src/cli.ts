@@ -4,14 +4,12 @@
  * haproxy.
  * Without --config every command reads $OCICACHE_CONFIG or the embedded config/default.yaml.
  */
-import cluster from 'node:cluster';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import { pino } from 'pino';
 import { request, type Dispatcher } from 'undici';
 import { buildApp } from './http/app.js';
-import { startGroup, workerSetup } from './http/cluster.js';
-import { runWorker } from './http/worker.js';
+import { startGroup } from './http/cluster.js';
 import { ConfigError, configFromText, loadConfig, readConfigFile, type Config } from './core/config.js';
 import { formatBytes } from './core/units.js';
 import type { KeptEntry } from './cache/keep.js';
@@ -162,14 +160,6 @@ async function keptCommand(config: Config | undefined, server: string | undefine
 
 
 async function serve(configFile: string | undefined): Promise<void> {
-  if (cluster.isWorker) {
-    // Signals are the coordinator's to act on (a terminal's Ctrl-C and systemd's stop reach every
-    // process of the group): it tells its workers when to drain.
-    process.on('SIGTERM', () => undefined);
-    process.on('SIGINT', () => undefined);
-    const { config, socketPath } = workerSetup(process.env);
-    return runWorker(config, socketPath);
-  }
   const source = readConfigFile(configFile);
   const config = configFromText(source.file, source.text);
   // A signal during start-up (a worker may already answer while another starts) stops the server once it is up.

@@ -33,6 +33,8 @@ const MAY_IMPORT: Record<string, readonly string[] | '*'> = {
   // version.ts: the package version, a leaf with no imports of ours; the status page shows it.
   http: ['core', 'telemetry', 'storage', 'upstream', 'cache', 'access', 'http', 'version.ts'],
   'cli.ts': '*',
+  // worker.ts: the entry of a group's worker processes (http/cluster.ts).
+  'worker.ts': ['core', 'http'],
   'version.ts': [],
 };
 
@@ -133,6 +135,24 @@ test('architecture: only src/http/ imports fastify', () => {
     .filter((i) => !FASTIFY_ALLOWED.has(partOf(join(ROOT, i.from))))
     .map(show);
   assert.deepEqual(offending, [], 'nothing below http/ knows the web framework');
+});
+
+test('architecture: a worker process loads neither fastify nor the AWS SDK (its memory is the point of its own entry)', () => {
+  const loaded = new Set<string>();
+  const packages = new Set<string>();
+  const visit = (file: string): void => {
+    if (loaded.has(file)) return;
+    loaded.add(file);
+    // Type imports and module augmentations (`declare module 'fastify'`) load nothing at run time.
+    for (const i of imports.filter((x) => x.from === file && !/^(import type|export type|declare module)\b/.test(x.text))) {
+      if (i.target !== undefined) visit(i.target);
+      else packages.add(i.specifier);
+    }
+  };
+  visit(join('src', 'worker.ts'));
+  assert.ok(loaded.has(join('src', 'http', 'worker.ts')) && packages.has('better-sqlite3'), 'the walk reached the worker and its index');
+  assert.deepEqual([...packages].filter((p) => p === 'fastify' || p.startsWith('@fastify/') || p.startsWith('@aws-sdk/')), []);
+  assert.ok(!loaded.has(join('src', 'http', 'app.ts')) && !loaded.has(join('src', 'cache', 'services.ts')), 'not the whole cache');
 });
 
 test('architecture: no import cycles between files', () => {

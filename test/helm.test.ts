@@ -280,11 +280,28 @@ test('helm chart: client certificates as users, without htpasswd: no htpasswd mo
     const { docs, configText } = await render(['--set', 'tls.existingSecret=ocicache-tls', '--set', 'tls.clientCaSecret=nodes-ca', '--set', `config.server.tls.clientCertificates=${clientCertificates}`, '--set-json', access]);
     const config = buildConfig(parse(configText), {}, { upstreamAuth: false, adminToken: false });
     assert.deepEqual([config.access?.htpasswd, config.access?.clientCertificates, config.server.tls?.clientCaFile, config.server.tls?.clientCertificates], [undefined, true, '/etc/ocicache/client-ca/ca.crt', clientCertificates]);
+    // The certificate is checked where TLS ends: a single process (the chart's default workers is auto here).
+    assert.equal(parse(configText).server.workers, 'auto');
+    assert.equal(config.server.workers, 1);
     const pod = docs.find((d) => d.kind === 'StatefulSet')!.spec.template.spec;
     assert.ok(!pod.volumes.some((v: { name: string }) => v.name === 'htpasswd'), 'no htpasswd volume');
     assert.ok(!docs.some((d) => d.kind === 'Secret' && d.metadata.name.endsWith('-htpasswd')), 'no htpasswd Secret');
     const { initialDelaySeconds: _d, periodSeconds: _p, failureThreshold: _f, timeoutSeconds: _t, ...readiness } = pod.containers[0].readinessProbe;
     assert.deepEqual(readiness, probe, clientCertificates);
+  }
+});
+
+test('helm chart: server.workers is auto with a CPU limit, 2 without one (auto would be every core of the node), and as set when set', async (t) => {
+  if (!helmBinary(t)) return;
+  for (const c of [
+    { set: [] as string[], rendered: 2 },
+    { set: ['resources.limits.cpu=4'], rendered: 'auto' },
+    { set: ['resources.limits.cpu=500m', 'config.server.workers=1'], rendered: 1 },
+    { set: ['config.server.workers=6'], rendered: 6 },
+  ]) {
+    const { configText } = await render(c.set.flatMap((s) => ['--set', s]));
+    assert.equal(parse(configText).server.workers, c.rendered, c.set.join(' '));
+    buildConfig(parse(configText), {}, { upstreamAuth: false, adminToken: false });
   }
 });
 

@@ -8,7 +8,7 @@
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { connect } from 'node:net';
 import { join } from 'node:path';
 import test, { type TestContext } from 'node:test';
@@ -17,6 +17,8 @@ import bcrypt from 'bcryptjs';
 import { Agent, request } from 'undici';
 import { startCli, writeConfig, type Running } from './helpers/cli.js';
 import { startDistribution, type Distribution } from './helpers/distribution.js';
+import { startFakeUpstream } from './helpers/fake-upstream.js';
+import { Db } from '../src/storage/db.js';
 import { image, OCI_MANIFEST, Pusher, randomLayer, type Image } from './helpers/seed.js';
 import { tempDir } from './helpers/tools.js';
 
@@ -43,25 +45,26 @@ async function serveGroup(t: TestContext, config: string): Promise<Group> {
 /** The pids of a process's children (the workers of a coordinator). */
 function children(pid: number): number[] {
   try {
-    return execFileSync('pgrep', ['-P', String(pid)], { encoding: 'utf8' }).split('\n').filter(Boolean).map(Number);
+    // Node processes only: tsx runs its esbuild service as a child too, while its cache is cold.
+    return execFileSync('pgrep', ['-x', '-P', String(pid), 'node'], { encoding: 'utf8' }).split('\n').filter(Boolean).map(Number);
   } catch {
     return [];
   }
 }
 
 /** Request log lines: which process answered what. */
-function requests(out: string): Array<{ pid: number; url: string; cache?: string; status: number }> {
+function requests(out: string): Array<{ pid: number; reqId: string; url: string; cache?: string; status: number }> {
   return out
     .split('\n')
     .filter((l) => l.includes('"msg":"request"'))
-    .map((l) => JSON.parse(l) as { pid: number; url: string; cache?: string; status: number });
+    .map((l) => JSON.parse(l) as { pid: number; reqId: string; url: string; cache?: string; status: number });
 }
 
 function sha256(b: Buffer): string {
   return `sha256:${createHash('sha256').update(b).digest('hex')}`;
 }
 
-async function setup(t: TestContext, extra: Record<string, unknown> = {}): Promise<{ registry: Distribution; img: Image; config: string; blobPath: string; manifestPath: string } | undefined> {
+async function setup(t: TestContext, extra: Record<string, unknown> = {}): Promise<{ registry: Distribution; img: Image; root: string; config: string; blobPath: string; manifestPath: string } | undefined> {
   const registry = await startDistribution(t);
   if (!registry) return undefined;
   const img = image({ 'big.bin': randomLayer(16 * MiB) });
@@ -75,7 +78,7 @@ async function setup(t: TestContext, extra: Record<string, unknown> = {}): Promi
     upstreams: [{ name: 'docker.io', url: registry.url, dockerHubLibrary: true }],
     ...extra,
   });
-  return { registry, img, config, blobPath: `/v2/library/app/blobs/${img.blobs[1]!.descriptor.digest}`, manifestPath: '/v2/library/app/manifests/v1' };
+  return { registry, img, root, config, blobPath: `/v2/library/app/blobs/${img.blobs[1]!.descriptor.digest}`, manifestPath: '/v2/library/app/manifests/v1' };
 }
 
 /** Separate connections, so the coordinator hands them to both workers in turn. */
@@ -89,10 +92,26 @@ async function get(url: string, headers: Record<string, string> = {}): Promise<{
   }
 }
 
+/**
+ * Waits until the coordinator indexed a blob: a client's download ends when its last byte is
+ * verified, and the fill is renamed into place and indexed just after, so a request at once may
+ * still follow the fill (a miss) instead of reading the file (a hit).
+ */
+async function untilCached(root: string, name: string, digest: string): Promise<void> {
+  const db = new Db(join(root, 'index.db'), { reader: true });
+  try {
+    for (const end = Date.now() + 5000; !db.blobHeldBy('docker.io', name, digest); await sleep(20)) assert.ok(Date.now() < end, `${digest} was not indexed`);
+  } finally {
+    db.close();
+  }
+}
+
 test('two workers: one upstream GET for 32 concurrent cold requests, hits answered by both workers, one /metrics', { timeout: 120_000 }, async (t) => {
   const s = await setup(t);
   if (!s) return;
+  const before = Date.now() / 1000;
   const group = await serveGroup(t, s.config);
+  const listening = Date.now() / 1000;
   for (const end = Date.now() + 5000; children(group.pid).length !== 2; await sleep(50)) assert.ok(Date.now() < end, `two workers beside the coordinator, not ${children(group.pid).join(', ')}`);
   const workers = children(group.pid);
 
@@ -103,6 +122,7 @@ test('two workers: one upstream GET for 32 concurrent cold requests, hits answer
     assert.equal(sha256(r.body), digest, 'every waiter got the whole verified blob');
   }
   assert.equal(s.registry.accessLog.filter((l) => l.startsWith(`GET ${s.blobPath} `)).length, 1, 'exactly one upstream GET');
+  await untilCached(s.root, 'library/app', digest);
 
   const warm = await Promise.all(Array.from({ length: 16 }, () => get(group.url + s.blobPath, { range: 'bytes=0-99' })));
   for (const r of warm) {
@@ -120,13 +140,29 @@ test('two workers: one upstream GET for 32 concurrent cold requests, hits answer
   const hits = requests(group.proc.out()).filter((r) => r.cache === 'hit');
   assert.equal(hits.length, 32);
   assert.deepEqual([...new Set(hits.map((r) => r.pid))].sort(), [...workers].sort(), 'both workers answered hits themselves');
-  assert.ok(requests(group.proc.out()).some((r) => r.cache === 'miss' && r.pid === group.pid), 'the coordinator answered the misses');
+  // The workers followed the coordinator's fill and answered the misses themselves, each logged
+  // once, under the coordinator's request id (its log has the fill's own lines).
+  const misses = requests(group.proc.out()).filter((r) => r.cache === 'miss' && r.url === s.blobPath);
+  assert.equal(misses.length, 32);
+  assert.deepEqual([...new Set(misses.map((r) => r.pid))].sort(), [...workers].sort(), 'both workers followed the fill');
+  for (const m of misses) assert.match(m.reqId, /^req-[0-9a-z]+$/, 'a coordinator request id');
 
   const metrics = (await get(`${group.url}/metrics`)).body.toString();
   assert.match(metrics, /^ocicache_cache_requests_total\{upstream="docker.io",kind="blob",result="hit"\} 16$/m);
   assert.match(metrics, /^ocicache_cache_requests_total\{upstream="docker.io",kind="manifest",result="hit"\} 16$/m);
   assert.match(metrics, /^ocicache_cache_requests_total\{upstream="docker.io",kind="blob",result="miss"\} 32$/m);
   assert.equal(metrics.match(/^ocicache_process_resident_memory_bytes /gm)?.length, 1, 'one series for the group');
+  // The group's start: one series (prom-client would omit it when summing processes).
+  assert.equal(metrics.match(/^ocicache_process_start_time_seconds /gm)?.length, 1);
+  const started = Number(/^ocicache_process_start_time_seconds (\d+)$/m.exec(metrics)?.[1]);
+  assert.ok(started >= Math.floor(before) - 1 && started <= listening, `${started} between ${before} and ${listening}`);
+
+  // The status page counts every process's answers (the workers' arrive each second): 32 blob
+  // misses, 16 blob hits, 1 manifest miss and 16 manifest hits; 17 pulls of the image by tag.
+  await sleep(1200);
+  const page = (await get(`${group.url}/`)).body.toString();
+  assert.match(page, /<dd id="hit-ratio">49\.2% of manifest and blob requests since start<\/dd>/);
+  assert.match(page, /<tr><td>docker\.io\/library\/app<\/td><td>17<\/td><\/tr>/);
 });
 
 test('a worker killed with SIGKILL is replaced; the coordinator killed takes its workers, and a restart serves from the cache', { timeout: 120_000 }, async (t) => {
@@ -134,6 +170,7 @@ test('a worker killed with SIGKILL is replaced; the coordinator killed takes its
   if (!s) return;
   const group = await serveGroup(t, s.config);
   assert.equal((await get(group.url + s.blobPath)).status, 200);
+  await untilCached(s.root, 'library/app', s.img.blobs[1]!.descriptor.digest);
   for (let i = 0; i < 4; i++) assert.equal((await get(group.url + s.blobPath)).headers['x-cache'], 'HIT');
   const hitsServed = async (): Promise<number> => Number(/^ocicache_cache_requests_total\{upstream="docker.io",kind="blob",result="hit"\} (\d+)$/m.exec((await get(`${group.url}/metrics`)).body.toString())?.[1] ?? 0);
   assert.equal(await hitsServed(), 4);
@@ -172,6 +209,7 @@ test('SIGTERM: a download in flight through a worker finishes, then the group ex
   if (!s) return;
   const group = await serveGroup(t, s.config);
   assert.equal((await get(group.url + s.blobPath)).status, 200);
+  await untilCached(s.root, 'library/app', s.img.blobs[1]!.descriptor.digest);
   const dispatcher = new Agent({ connections: 1 });
   t.after(() => dispatcher.close());
   const res = await request(group.url + s.blobPath, { dispatcher });
@@ -210,6 +248,85 @@ test('a body smuggled in a chunked GET is forwarded as its body, never parsed by
   const urls = requests(group.proc.out()).map((r) => r.url);
   assert.ok(urls.includes('/v2/'));
   assert.ok(!urls.includes('/smuggled'), `the coordinator saw no smuggled request: ${urls.join(' ')}`);
+});
+
+test('a cold blob followed by a worker: a Range of it exactly; a client\'s own follow header changes nothing, in a group or a single process', { timeout: 60_000 }, async (t) => {
+  const s = await setup(t);
+  if (!s) return;
+  const group = await serveGroup(t, s.config);
+  const layer = s.img.blobs[1]!;
+  const ranged = await get(group.url + s.blobPath, { range: 'bytes=1000-200999' });
+  assert.equal(ranged.status, 206);
+  assert.equal(ranged.headers['x-cache'], 'MISS');
+  assert.equal(ranged.headers['content-range'], `bytes 1000-200999/${layer.descriptor.size}`);
+  assert.equal(ranged.headers['content-length'], '200000');
+  assert.ok(ranged.body.equals(layer.data.subarray(1000, 201000)));
+  await sleep(400);
+  const line = requests(group.proc.out()).find((r) => r.url === s.blobPath);
+  assert.ok(line && line.pid !== group.pid && line.status === 206 && line.cache === 'miss', JSON.stringify(line));
+
+  // What a worker asks of the coordinator is never taken from a client: the blob itself comes back.
+  const other = image({ 'other.bin': randomLayer(2 * MiB) });
+  await new Pusher({ url: s.registry.url }).pushImage('library/other', 'v1', other);
+  const otherPath = `/v2/library/other/blobs/${other.blobs[1]!.descriptor.digest}`;
+  const asked = await get(group.url + otherPath, { 'x-ocicache-follow': '1' });
+  assert.equal(asked.status, 200);
+  assert.equal(asked.headers['x-ocicache-follow'], undefined);
+  assert.equal(sha256(asked.body), other.blobs[1]!.descriptor.digest);
+  group.proc.child.kill('SIGKILL');
+  await group.proc.exit;
+
+  const singleConfig = `${s.config}.single.yaml`;
+  writeFileSync(singleConfig, readFileSync(s.config, 'utf8').replace(/workers: 2/, 'workers: 1'));
+  const single = await serveGroup(t, singleConfig);
+  const third = image({ 'third.bin': randomLayer(2 * MiB) });
+  await new Pusher({ url: s.registry.url }).pushImage('library/third', 'v1', third);
+  const alone = await get(`${single.url}/v2/library/third/blobs/${third.blobs[1]!.descriptor.digest}`, { 'x-ocicache-follow': '1' });
+  assert.equal(alone.status, 200);
+  assert.equal(alone.headers['x-ocicache-follow'], undefined);
+  assert.equal(sha256(alone.body), third.blobs[1]!.descriptor.digest);
+});
+
+test('a fill that fails while a worker follows it cuts the client off: never a complete-looking wrong body, never counted as answered', { timeout: 60_000 }, async (t) => {
+  const upstream = await startFakeUpstream(t);
+  const good = randomLayer(4 * MiB);
+  const digest = sha256(good);
+  const path = `/v2/library/bad/blobs/${digest}`;
+  upstream.route(path, (_req, res) => {
+    // Half the right bytes, a pause (the worker follows meanwhile), then the wrong half.
+    res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': String(good.length) });
+    res.write(good.subarray(0, good.length / 2));
+    setTimeout(() => res.end(randomLayer(good.length / 2)), 300);
+  });
+  const root = tempDir(t, 'workers-bad');
+  const config = writeConfig(root, {
+    server: { host: '127.0.0.1', port: 0, workers: 2 },
+    log: { level: 'info' },
+    storage: { root },
+    defaultUpstream: 'docker.io',
+    upstreams: [{ name: 'docker.io', url: upstream.url, dockerHubLibrary: true }],
+  });
+  const group = await serveGroup(t, config);
+  const dispatcher = new Agent({ connections: 1 });
+  t.after(() => dispatcher.close());
+  const res = await request(group.url + path, { dispatcher });
+  assert.equal(res.statusCode, 200);
+  assert.equal(res.headers['content-length'], String(good.length));
+  let got = 0;
+  await assert.rejects(
+    (async () => {
+      for await (const chunk of res.body) got += (chunk as Buffer).length;
+    })(),
+  );
+  assert.ok(got < good.length, `${got} of ${good.length} bytes before the cut`);
+  await sleep(400);
+  const out = group.proc.out();
+  assert.ok(!requests(out).some((r) => r.url === path), 'no request line: it was not answered');
+  const aborted = out.split('\n').find((l) => l.includes('"msg":"response aborted"'));
+  assert.ok(aborted && JSON.parse(aborted).pid !== group.pid, `a worker said it was cut short: ${aborted}`);
+  const metrics = (await get(`${group.url}/metrics`)).body.toString();
+  assert.doesNotMatch(metrics, /kind="blob",result="miss"/);
+  assert.deepEqual(readdirSync(join(root, 'tmp')), [], 'the failed fill left nothing');
 });
 
 test('tokens from /token verify in every worker: hits for a bearer token are answered by the workers', { timeout: 60_000 }, async (t) => {

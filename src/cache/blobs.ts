@@ -5,6 +5,7 @@
  * client, the blob store and the lifecycle.
  */
 import type { FileHandle } from 'node:fs/promises';
+import { basename } from 'node:path';
 import type { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -19,6 +20,7 @@ import { isStorageError, type BlobStore } from '../storage/blob-store.js';
 import { DigestGuard } from '../storage/digest-guard.js';
 import type { Db } from '../storage/db.js';
 import type { Fill } from '../storage/fill.js';
+import { progressLines } from '../storage/fill-progress.js';
 import type { Metrics } from '../telemetry/metrics.js';
 import type { BlobResponse, UpstreamClient } from '../upstream/client.js';
 import { transportError } from '../upstream/responses.js';
@@ -32,6 +34,8 @@ export interface BlobResult {
   stream: (Readable & { bytesRead: number }) | undefined;
   /** present for GET of a cached blob: bytes [start, end) of an open file; the route owns it and calls `done` once */
   file?: { handle: FileHandle; start: number; end: number; done: () => Promise<void> };
+  /** present for a `followed` GET of a blob being filled: the fill's temp file (under tmp/) and the bytes [start, end] the worker reads from it */
+  followed?: { file: string; start: number; end: number | undefined };
   /** present for GET of a blob in the bucket with storage.s3.redirect: where the client gets it (307) */
   redirect?: string;
   cache: CacheResult;
@@ -117,8 +121,12 @@ export class Blobs {
     return 'revalidated';
   }
 
-  /** A blob from disk, tailing the (shared) fill from upstream, or straight through when storage is full. */
-  async get(target: Target, digest: string, rangeHeader: string | undefined): Promise<BlobResult> {
+  /**
+   * A blob from disk, tailing the (shared) fill from upstream, or straight through when storage is
+   * full. `followed`: a worker of a group asks, and reads a fill's temp file itself (http/worker.ts);
+   * the stream is then the fill's progress (storage/fill-progress.ts), not its bytes.
+   */
+  async get(target: Target, digest: string, rangeHeader: string | undefined, followed = false): Promise<BlobResult> {
     const opened = await this.openPinned(digest);
     if (opened) {
       let cache: CacheResult | 'fetch';
@@ -151,10 +159,10 @@ export class Blobs {
     const range = fill.size === undefined ? undefined : parseRange(rangeHeader, fill.size);
     // With a known size the stream ends at the last byte, not when the file is later renamed into place.
     const end = range?.end ?? (fill.size === undefined ? undefined : fill.size - 1);
-    const reader = fill.reader(range?.start ?? 0, end);
+    const reader = followed ? progressLines(fill) : fill.reader(range?.start ?? 0, end);
     const release = this.lifecycle.pin(digest);
     reader.once('close', release);
-    return { size: fill.size, range, stream: reader, cache: 'miss' };
+    return { size: fill.size, range, stream: reader, followed: followed ? { file: basename(fill.tmpPath), start: range?.start ?? 0, end } : undefined, cache: 'miss' };
   }
 
   /** Makes sure a blob is in the cache, through the same shared fill as client pulls (prefetch). */

@@ -139,14 +139,13 @@ export const ENV_OVERRIDES = {
 } as const;
 
 /**
- * server.workers: a number (default 1), or 'auto' for the CPUs this process may use
+ * server.workers: a number, or 'auto' (the default) for the CPUs this process may use
  * (core/cpus.ts). With access.clientCertificates, auto is 1: a certificate is checked where TLS
  * ends, and only a single process carries it to the access rules (README, "Using every core").
  */
 function workerCount(value: unknown, root: Obj): number {
   const certificates = ((root.access as Obj | undefined)?.clientCertificates ?? false) === true;
-  if (value === undefined || value === null) return 1;
-  if (value === 'auto') return certificates ? 1 : Math.min(availableCpus(), MAX_WORKERS);
+  if (value === undefined || value === null || value === 'auto') return certificates ? 1 : Math.min(availableCpus(), MAX_WORKERS);
   if (typeof value !== 'number' || !Number.isInteger(value) || value < 1 || value > MAX_WORKERS) {
     throw new ConfigError('server.workers', `must be 'auto' or a whole number from 1 to ${MAX_WORKERS}, got ${JSON.stringify(value)}`);
   }

@@ -21,6 +21,8 @@ export interface RequestContext {
   cache?: CacheResult;
   /** bytes of body sent or being streamed, read when the response ends */
   bytes: () => number;
+  /** A worker answers the client and accounts for the request (a fill it follows): not counted here. */
+  handedOff?: boolean;
 }
 
 declare module 'fastify' {
@@ -58,7 +60,7 @@ export class Accounting {
 
   constructor(
     private readonly metrics: Metrics,
-    private readonly stats: Stats,
+    private readonly stats: Pick<Stats, 'record'>,
     /** Writes the request log line (or drops it when the level is above info). */
     private readonly logRequest: (line: RequestLine) => void,
     /** Writes the warning for a response cut short. */
@@ -93,11 +95,12 @@ export class Accounting {
 
   /** Tracks a response of Fastify's and accounts for it once it is gone: completed ones are logged by onResponse (finishedReply). */
   trackReply(req: FastifyRequest, reply: FastifyReply): void {
-    this.track(reply.raw, (completed) => completed || this.aborted({ reqId: req.id, method: req.method, url: req.url, ctx: req.oci }));
+    this.track(reply.raw, (completed) => completed || req.oci?.handedOff || this.aborted({ reqId: req.id, method: req.method, url: req.url, ctx: req.oci }));
   }
 
   /** Fastify's onResponse: the request was answered. */
   finishedReply(req: FastifyRequest, reply: FastifyReply): void {
+    if (req.oci?.handedOff) return;
     const polled = !req.oci && POLLED.has(req.routeOptions.url ?? '');
     this.finished({ reqId: req.id, method: req.method, url: req.url, status: reply.statusCode, client: req.ip, user: req.identity?.user, ctx: req.oci, ms: reply.elapsedTime, bytes: sentBytes(req, reply), polled });
   }

@@ -4,14 +4,14 @@
  * status page. The only file that knows every module; each decision lives in the module it names.
  */
 import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance } from 'fastify';
-import { pino, type Logger } from 'pino';
 import { Access } from '../access/access.js';
 import { openCache, type Services } from '../cache/services.js';
 import type { Clock } from '../core/clock.js';
 import type { Config } from '../core/config.js';
 import type { Network } from '../upstream/exchange.js';
 import { OciError } from '../core/errors.js';
-import { LogStream, type RequestLine } from '../telemetry/log-stream.js';
+import type { RequestLine } from '../telemetry/log-stream.js';
+import { makeLogger, type LoggerOption } from '../telemetry/logger.js';
 import { version } from '../version.js';
 import { registerAccess } from './access-guard.js';
 import { Accounting, sentBytes } from './accounting.js';
@@ -28,30 +28,20 @@ declare module 'fastify' {
     /** Stops taking requests (readyz fails, new requests get 503) and waits for running ones, up to `ms`. */
     drain(ms: number): Promise<void>;
     readonly services: Services;
+    /** The status page's counts: a coordinator adds its workers' (http/cluster.ts). */
+    readonly stats: Stats;
   }
 }
 
 export interface AppOptions {
   /** pino options (with `stream`), true or false; defaults to JSON logs at config.log.level on our batched stdout writer */
-  logger?: boolean | Record<string, unknown>;
+  logger?: LoggerOption;
   /** The time, for tests that move it forward (default: the system's). */
   clock?: Clock;
   /** How upstreams are reached: the DNS lookup and extra trust anchors (default: the system's). */
   network?: Network;
   /** The coordinator of a group of workers (http/cluster.ts): its stdout is shared with them. */
   coordinator?: boolean;
-}
-
-/** pino from AppOptions.logger: our batched stdout writer by default, or what a test passes. */
-export function makeLogger(config: Config, option: AppOptions['logger'], sharedStdout = false): { log: Logger; logStream: LogStream | undefined } {
-  const redact = ['req.headers.authorization'];
-  if (option === undefined) {
-    const logStream = new LogStream(1, sharedStdout);
-    return { log: pino({ level: config.log.level, redact }, logStream), logStream };
-  }
-  if (option === false) return { log: pino({ level: 'silent' }), logStream: undefined };
-  const { stream, ...rest } = (option === true ? {} : option) as { stream?: { write(line: string): void } };
-  return { log: stream ? pino({ redact, ...rest }, stream) : pino({ redact, ...rest }), logStream: undefined };
 }
 
 export async function buildApp(config: Config, options: AppOptions = {}): Promise<FastifyInstance> {
@@ -109,6 +99,7 @@ export async function buildApp(config: Config, options: AppOptions = {}): Promis
   services.keeper.start();
   services.remote?.start(services.config.storage.s3!.staleUploads);
   app.decorate('services', services);
+  app.decorate('stats', stats);
 
   // We never read request bodies (every write is refused), so don't parse them either.
   app.removeAllContentTypeParsers();
@@ -130,7 +121,7 @@ export async function buildApp(config: Config, options: AppOptions = {}): Promis
 
   // Its hook runs after the one above (shutdown, accounting) and before every route handler.
   const guard = registerAccess(app, access);
-  registerRoutes(app, { ...services, access: guard });
+  registerRoutes(app, { ...services, access: guard, followers: options.coordinator });
   registerAdmin(app, services);
   registerStatus(app, services, stats, version(), access);
   registerProbes(app, services, () => closing);

@@ -5,7 +5,9 @@
  * a Unix socket in a private directory instead of the port. It alone talks to upstreams, fills
  * blobs (so 32 requests for one cold blob in any workers still make one upstream GET, and every
  * waiter streams while it downloads), evicts, writes the index and holds the cache lock.
- * The workers (http/worker.ts) share the port, answer hits with every core and forward the rest.
+ * The workers (src/worker.ts → http/worker.ts) share the port, answer hits with every core, send
+ * blob misses from the fill's temp file as this process reports it written (routes.ts,
+ * sendFollowed), and forward the rest.
  *
  * - Connections are handed to workers in turn by this process (cluster's round-robin), so the
  *   port closes with it: a group killed with kill -9 leaves nothing holding the port.
@@ -13,7 +15,8 @@
  * - A worker exits when the coordinator is gone (its IPC channel closes): a worker alone cannot
  *   fill or evict. Crash safety is the single process's: fills rename into place when verified.
  * - /metrics (answered by the coordinator) sums the workers' request counters and histograms into
- *   its own; process metrics are summed over the group (prom-client's aggregators).
+ *   its own; process metrics are summed over the group (prom-client's aggregators), but the
+ *   start time, which is this process's. The status page adds the workers' counts, sent each second.
  * - SIGTERM: workers stop taking connections and finish what they have (hits, and requests
  *   forwarded here); then the coordinator drains as a single process does.
  */
@@ -21,28 +24,14 @@ import cluster, { type Worker } from 'node:cluster';
 import { randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { extname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import type { FastifyInstance } from 'fastify';
 import { AggregatorRegistry } from 'prom-client';
-import { configFromText, type Config } from '../core/config.js';
+import type { Config } from '../core/config.js';
 import { WORKER_METRICS, type MetricsJson } from '../telemetry/metrics.js';
 import { buildApp } from './app.js';
-import type { ToCoordinator, ToWorker } from './worker.js';
-
-/**
- * What a worker gets from its coordinator, in its environment: the socket, the config text the
- * coordinator read (a worker started later must not read a file edited since), and the token key.
- */
-const SOCKET_ENV = 'OCICACHE_COORDINATOR_SOCKET';
-const CONFIG_ENV = 'OCICACHE_COORDINATOR_CONFIG';
-const TOKEN_KEY_ENV = 'OCICACHE_COORDINATOR_TOKEN_KEY_FILE';
-
-/** In a worker: the coordinator's socket and config (the same file text, the same token key). */
-export function workerSetup(env: NodeJS.ProcessEnv): { socketPath: string; config: Config } {
-  const config = configFromText('the coordinator\'s config', env[CONFIG_ENV] ?? '', env);
-  const tokenKeyFile = env[TOKEN_KEY_ENV];
-  return { socketPath: env[SOCKET_ENV] ?? '', config: tokenKeyFile && config.access ? { ...config, access: { ...config.access, tokenKeyFile } } : config };
-}
+import { CONFIG_ENV, SOCKET_ENV, TOKEN_KEY_ENV, type ToCoordinator, type ToWorker } from './worker.js';
 
 /** A worker's metrics that do not come within this are left out of the scrape. */
 const METRICS_WAIT_MS = 2000;
@@ -71,6 +60,8 @@ export async function startGroup(config: Config, configText: string): Promise<Gr
   // enforce the connection limits.
   const inner: Config = { ...config, server: { ...config.server, tls: undefined, trustProxy: true, maxConnections: 0, maxConnectionsPerAddress: 0 } };
   const app = await buildApp(inner, { coordinator: true });
+  // Workers run their own entry (src/worker.ts): the hit path's modules, not the whole cache's.
+  cluster.setupPrimary({ exec: fileURLToPath(new URL(`../worker${extname(fileURLToPath(import.meta.url))}`, import.meta.url)) });
   const { lifecycle, metrics } = app.services;
   await app.listen({ path: socketPath });
 
@@ -116,6 +107,7 @@ export async function startGroup(config: Config, configText: string): Promise<Gr
     const worker = cluster.fork(env);
     worker.on('message', (m: ToCoordinator) => {
       if (m.t === 'touch') for (const [digest, size, upstream, at] of m.blobs) lifecycle.touch(digest, size, upstream, at);
+      else if (m.t === 'stats') for (const r of m.batch) app.stats.record(...r);
       else if (m.t === 'metrics') waiting.get(m.id)?.(m.share as MetricsJson);
     });
     return worker;

@@ -12,14 +12,22 @@ import { OciError } from '../core/errors.js';
 /** RFC 9110 §7.6.1: hop-by-hop fields, never forwarded. */
 const HOP_BY_HOP = new Set(['connection', 'keep-alive', 'proxy-connection', 'transfer-encoding', 'te', 'trailer', 'upgrade', 'proxy-authorization', 'proxy-authenticate']);
 
-function endToEnd(headers: IncomingHttpHeaders): IncomingHttpHeaders {
+export function endToEnd(headers: IncomingHttpHeaders): IncomingHttpHeaders {
   const out: IncomingHttpHeaders = {};
   for (const [k, v] of Object.entries(headers)) if (!HOP_BY_HOP.has(k) && v !== undefined) out[k] = v;
   return out;
 }
 
+/**
+ * A worker's request to follow a fill (value `1`), and the coordinator's answer that it may: the
+ * fill's temp file, the bytes to send and the request line's fields, as a query string
+ * (http/worker.ts). Never taken from a client: forwardedHeaders replaces it.
+ */
+export const FOLLOW = 'x-ocicache-follow';
+
 export function forwardedHeaders(req: IncomingMessage, trustProxy: boolean): IncomingHttpHeaders {
   const headers = endToEnd(req.headers);
+  delete headers[FOLLOW];
   // The body as Node's parser framed it, framed again the same way (chunked when the client sent
   // no length): bytes sent without framing on a shared connection to the coordinator would be
   // parsed there as a request of their own (request smuggling, RFC 9112 §11.2).
@@ -49,12 +57,19 @@ export class Forwarder {
     private readonly trustProxy: boolean,
   ) {}
 
-  /** The coordinator's answer, streamed to the client; a client that leaves ends the exchange. */
-  forward(req: IncomingMessage, res: ServerResponse): void {
+  /**
+   * The coordinator's answer, streamed to the client; a client that leaves ends the exchange.
+   * With `follow`, a GET asks to follow a fill, and an answer that allows it goes to `follow`,
+   * which then owns both the answer and the response.
+   */
+  forward(req: IncomingMessage, res: ServerResponse, follow?: (answer: IncomingMessage) => void): void {
     // A client gone during an earlier await has no 'close' left to end the exchange.
     if (req.socket.destroyed) return;
-    const up = request({ socketPath: this.socketPath, agent: this.agent, method: req.method, path: req.url, headers: forwardedHeaders(req, this.trustProxy) });
+    const headers = forwardedHeaders(req, this.trustProxy);
+    if (follow && req.method === 'GET') headers[FOLLOW] = '1';
+    const up = request({ socketPath: this.socketPath, agent: this.agent, method: req.method, path: req.url, headers });
     up.on('response', (answer) => {
+      if (follow && answer.headers[FOLLOW] !== undefined) return follow(answer);
       res.writeHead(answer.statusCode ?? 502, answer.statusMessage, endToEnd(answer.headers));
       answer.pipe(res);
       answer.on('aborted', () => res.destroy());

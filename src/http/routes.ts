@@ -14,6 +14,7 @@ import { OciError } from '../core/errors.js';
 import type { AccessGuard } from './access-guard.js';
 import type { RequestContext } from './accounting.js';
 import { blobHeaders } from './blob-answer.js';
+import { FOLLOW } from './forward.js';
 import { sendFileRange } from './file-response.js';
 import { answerManifest } from './manifest-answer.js';
 import { clientGone } from './response-gone.js';
@@ -24,6 +25,8 @@ export interface RouteDeps {
   upstreams: UpstreamIndex;
   /** Access control (access-guard.ts); undefined: off. */
   access?: AccessGuard;
+  /** The coordinator of a group (http/cluster.ts): every request comes from a worker, which may follow a fill itself. */
+  followers?: boolean;
 }
 
 const API_VERSION = { 'docker-distribution-api-version': 'registry/2.0' };
@@ -97,8 +100,10 @@ export function registerRoutes(app: FastifyInstance, deps: RouteDeps): void {
   }
 
   async function sendBlob(req: FastifyRequest, reply: FastifyReply, p: Extract<ParsedPath, { target: unknown }>, head: boolean): Promise<FastifyReply> {
-    const b: BlobResult = head ? await blobs.head(p.target, p.reference) : await blobs.get(p.target, p.reference, req.headers.range);
+    const follow = !head && deps.followers === true && req.headers[FOLLOW] === '1';
+    const b: BlobResult = head ? await blobs.head(p.target, p.reference) : await blobs.get(p.target, p.reference, req.headers.range, follow);
     req.oci!.cache = b.cache;
+    if (b.followed) return sendFollowed(req, reply, p, b, b.followed);
     req.oci!.bytes = () => b.stream?.bytesRead ?? 0;
     // In the bucket, with storage.s3.redirect: the client fetches it there (distribution-spec, "Pulling blobs": 307).
     if (b.redirect) return reply.code(307).headers(blobHeaders(p.target.upstream.name, p.reference, b.cache, undefined, undefined)).header('location', b.redirect).send();
@@ -106,6 +111,20 @@ export function registerRoutes(app: FastifyInstance, deps: RouteDeps): void {
     if (b.range && b.size !== undefined) reply.code(206);
     if (b.file) return sendFile(req, reply, b.file);
     return head || !b.stream ? reply.send() : reply.send(b.stream);
+  }
+
+  /**
+   * A fill a worker follows: the blob's headers, with its length and the request line's fields in
+   * FOLLOW, and the fill's progress as the body (storage/fill-progress.ts). The worker sends the
+   * bytes, and accounts for the request: this answer is not the client's, so it is not counted here.
+   */
+  function sendFollowed(req: FastifyRequest, reply: FastifyReply, p: Extract<ParsedPath, { target: unknown }>, b: BlobResult, followed: NonNullable<BlobResult['followed']>): FastifyReply {
+    req.oci!.handedOff = true;
+    const { 'content-length': length, ...headers } = blobHeaders(p.target.upstream.name, p.reference, b.cache, b.size, b.range);
+    const fields = { file: followed.file, start: String(followed.start), end: String(followed.end ?? ''), length: length ?? '', reqId: req.id, user: req.identity?.user ?? '', name: p.target.name };
+    reply.headers(headers).header(FOLLOW, new URLSearchParams(fields).toString());
+    if (b.range) reply.code(206);
+    return reply.send(b.stream);
   }
 
   /**

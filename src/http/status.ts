@@ -19,17 +19,17 @@ export class Stats {
   private readonly pulls = new Map<string, Map<string, number>>();
   private images = 0;
 
-  /** One answered manifest or blob request. A manifest GET by tag counts as a pull of the image. */
-  record(upstream: string, kind: string, result: CacheResult, name: string | undefined, byTag: boolean, method: string): void {
+  /** `count` answered manifest or blob requests alike (one, or a worker's batch). A manifest GET by tag counts as a pull of the image. */
+  record(upstream: string, kind: string, result: CacheResult, name: string | undefined, byTag: boolean, method: string, count = 1): void {
     if (kind !== 'manifest' && kind !== 'blob') return;
     let m = this.results.get(upstream);
     if (!m) this.results.set(upstream, (m = new Map()));
-    m.set(result, (m.get(result) ?? 0) + 1);
+    m.set(result, (m.get(result) ?? 0) + count);
     if (kind === 'manifest' && byTag && method === 'GET' && name !== undefined && result !== 'error') {
       let names = this.pulls.get(upstream);
       if (!names) this.pulls.set(upstream, (names = new Map()));
       const n = names.get(name);
-      names.set(name, (n ?? 0) + 1);
+      names.set(name, (n ?? 0) + count);
       if (n === undefined && ++this.images > MAX_IMAGES) this.trim();
     }
   }
@@ -68,6 +68,29 @@ export class Stats {
       .filter(({ upstream, name }) => visible(upstream, name))
       .map(({ upstream, name, n: pulls }): [string, number] => [`${upstream}/${name}`, pulls]);
     return images.sort((a, b) => b[1] - a[1] || a[0].localeCompare(b[0])).slice(0, n);
+  }
+}
+
+/** Stats.record's arguments with their count: what a worker sends its coordinator. */
+export type StatsBatch = Array<Parameters<Stats['record']>>;
+
+/** A worker's counts for the status page, kept until sent to the coordinator (http/worker.ts), which records them in its Stats. */
+export class StatsRecorder {
+  private readonly counts = new Map<string, Parameters<Stats['record']>>();
+
+  record(upstream: string, kind: string, result: CacheResult, name: string | undefined, byTag: boolean, method: string): void {
+    if (kind !== 'manifest' && kind !== 'blob') return;
+    const key = `${upstream}\n${kind}\n${result}\n${name}\n${byTag}\n${method}`;
+    const had = this.counts.get(key);
+    if (had) had[6] = (had[6] ?? 1) + 1;
+    else this.counts.set(key, [upstream, kind, result, name, byTag, method, 1]);
+  }
+
+  /** What was counted since the last take. */
+  take(): StatsBatch {
+    const batch = [...this.counts.values()];
+    this.counts.clear();
+    return batch;
   }
 }
 

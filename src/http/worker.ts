@@ -14,39 +14,61 @@
  */
 import cluster from 'node:cluster';
 import type { IncomingMessage, ServerResponse } from 'node:http';
+import type { FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Access } from '../access/access.js';
 import { openBlobHit } from '../cache/blob-hits.js';
 import { ManifestHits } from '../cache/manifest-hits.js';
 import { UpstreamIndex } from '../core/api-path.js';
 import { systemClock } from '../core/clock.js';
-import type { Config } from '../core/config.js';
+import { configFromText, type Config } from '../core/config.js';
 import { BlobStore } from '../storage/blob-store.js';
+import { FollowedFill } from '../storage/fill-progress.js';
 import { Db } from '../storage/db.js';
+import { makeLogger } from '../telemetry/logger.js';
 import { Metrics, workerShare } from '../telemetry/metrics.js';
 import { Accounting, type RequestContext } from './accounting.js';
-import { makeLogger } from './app.js';
 import { blobHeaders } from './blob-answer.js';
 import { sendFileRange } from './file-response.js';
-import { Forwarder } from './forward.js';
+import { endToEnd, FOLLOW, Forwarder } from './forward.js';
 import { createHttpServer } from './server.js';
-import { Stats } from './status.js';
+import { StatsRecorder, type StatsBatch } from './status.js';
 import { certificateUser } from './tls.js';
 import { clientAddress, warmManifests, warmRequest } from './warm-path.js';
 
 export const TAG_ROW_TTL_MS = 1000;
-/** How often blob reads go to the coordinator. */
-const TOUCH_INTERVAL_MS = 1000;
+/** How often blob reads (access times, for eviction) and the status page's counts go to the coordinator. */
+const REPORT_INTERVAL_MS = 1000;
 
 /** Messages between the coordinator and its workers (over the cluster's IPC channel). */
 export type ToWorker = { t: 'metrics'; id: number } | { t: 'drain' };
-export type ToCoordinator = { t: 'metrics'; id: number; share: unknown } | { t: 'touch'; blobs: Array<[digest: string, size: number, upstream: string, at: number]> } | { t: 'drained' };
+export type ToCoordinator =
+  | { t: 'metrics'; id: number; share: unknown }
+  | { t: 'touch'; blobs: Array<[digest: string, size: number, upstream: string, at: number]> }
+  | { t: 'stats'; batch: StatsBatch }
+  | { t: 'drained' };
+
+/**
+ * What a worker gets from its coordinator, in its environment: the socket, the config text the
+ * coordinator read (a worker started later must not read a file edited since), and the token key.
+ */
+export const SOCKET_ENV = 'OCICACHE_COORDINATOR_SOCKET';
+export const CONFIG_ENV = 'OCICACHE_COORDINATOR_CONFIG';
+export const TOKEN_KEY_ENV = 'OCICACHE_COORDINATOR_TOKEN_KEY_FILE';
+
+/** In a worker: the coordinator's socket and config (the same file text, the same token key). */
+export function workerSetup(env: NodeJS.ProcessEnv): { socketPath: string; config: Config } {
+  const config = configFromText('the coordinator\'s config', env[CONFIG_ENV] ?? '', env);
+  const tokenKeyFile = env[TOKEN_KEY_ENV];
+  return { socketPath: env[SOCKET_ENV] ?? '', config: tokenKeyFile && config.access ? { ...config, access: { ...config.access, tokenKeyFile } } : config };
+}
 
 export async function runWorker(config: Config, socketPath: string): Promise<void> {
   const { log, logStream } = makeLogger(config, undefined, true);
   const warn = (obj: object, msg: string): void => log.warn(obj, msg);
   const metrics = new Metrics(config.server.replica);
-  const accounting = new Accounting(metrics, new Stats(), (line) => log.isLevelEnabled('info') && logStream?.request(line), warn, `w${cluster.worker?.id ?? 0}-`);
+  const stats = new StatsRecorder();
+  const accounting = new Accounting(metrics, stats, (line) => log.isLevelEnabled('info') && logStream?.request(line), warn, `w${cluster.worker?.id ?? 0}-`);
   const db = new Db(join(config.storage.root, 'index.db'), { reader: true, manifestMemory: config.cache.manifestMemory });
   const store = new BlobStore(config.storage.root, config.cache.fillMemory);
   const hits = new ManifestHits(db, systemClock, TAG_ROW_TTL_MS);
@@ -59,11 +81,14 @@ export async function runWorker(config: Config, socketPath: string): Promise<voi
 
   const touched = new Map<string, [string, number, string, number]>();
   const touch = (digest: string, size: number, upstream: string): void => void touched.set(`${upstream}\n${digest}`, [digest, size, upstream, Date.now()]);
-  setInterval(() => {
+  const report = (): void => {
+    const batch = stats.take();
+    if (batch.length > 0) send({ t: 'stats', batch });
     if (touched.size === 0) return;
     send({ t: 'touch', blobs: [...touched.values()] });
     touched.clear();
-  }, TOUCH_INTERVAL_MS).unref();
+  };
+  setInterval(report, REPORT_INTERVAL_MS).unref();
 
   const warm = warmManifests({ manifests: { hits }, upstreams, accounting, access, trustProxy, open: () => !closing, error: (obj, msg) => log.error(obj, msg) });
 
@@ -113,7 +138,62 @@ export async function runWorker(config: Config, socketPath: string): Promise<voi
     return true;
   };
 
+  /**
+   * A fill the coordinator lets this worker follow (Forwarder.forward): its temp file is sent as
+   * the coordinator reports it written (storage/fill-progress.ts) through the same pooled buffers
+   * as a hit, and the request is accounted for here, under the coordinator's request id (its log
+   * has the fill's lines).
+   */
+  const follow = async (req: IncomingMessage, res: ServerResponse, answer: IncomingMessage, start: number): Promise<void> => {
+    const fields = new URLSearchParams(String(answer.headers[FOLLOW]));
+    const digest = String(answer.headers['docker-content-digest']);
+    let fill: FollowedFill;
+    let from: number;
+    let to: number;
+    let handle: FileHandle;
+    try {
+      const file = fields.get('file') ?? '';
+      // Only a name in tmp/: what the coordinator sends never names a path of its own choosing.
+      if (!/^[\w][\w.-]*$/.test(file)) throw new Error(`not a fill's file: ${file}`);
+      const offset = (key: string): number | undefined => {
+        const v = fields.get(key);
+        if (!v) return undefined;
+        if (!/^\d{1,15}$/.test(v)) throw new Error(`not an offset: ${key}=${v}`);
+        return Number(v);
+      };
+      from = offset('start') ?? 0;
+      to = (offset('end') ?? Infinity) + 1;
+      fill = new FollowedFill(join(store.tmpDir, file), store.path(digest), answer);
+      handle = await fill.open();
+    } catch (err) {
+      log.error({ err, url: req.url }, 'a fill could not be followed');
+      answer.destroy();
+      return void res.destroy();
+    }
+    const headers = endToEnd(answer.headers);
+    delete headers[FOLLOW];
+    if (fields.get('length')) headers['content-length'] = fields.get('length')!;
+    let bytes = 0;
+    const ctx: RequestContext = { kind: 'blob', upstream: String(answer.headers['oci-namespace']), name: fields.get('name') ?? undefined, reference: digest, cache: 'miss', bytes: () => bytes };
+    const f = { reqId: fields.get('reqId') ?? accounting.nextReqId(), method: 'GET', url: req.url!, status: answer.statusCode ?? 200, client: clientAddress(req, trustProxy), user: fields.get('user') || undefined, ctx, ms: 0 };
+    accounting.track(res, (completed) => {
+      if (!completed) return accounting.aborted(f);
+      f.ms = performance.now() - start;
+      accounting.finished(f);
+    });
+    try {
+      res.writeHead(f.status, headers);
+      // A failed fill (or the coordinator gone) cuts the client off: never a complete-looking wrong body.
+      await sendFileRange(res, handle, from, to, (n) => (bytes += n), (pos) => fill.until(pos));
+    } catch {
+      answer.destroy();
+    } finally {
+      await handle.close().catch(() => undefined);
+    }
+  };
+
   const handle = async (req: IncomingMessage, res: ServerResponse): Promise<void> => {
+    const start = performance.now();
     // In flight from the start, as hits are: a draining worker waits for it, and a client that
     // leaves during an await below is seen (its 'close' is not missed).
     accounting.track(res, () => undefined);
@@ -124,7 +204,7 @@ export async function runWorker(config: Config, socketPath: string): Promise<voi
       log.error({ err, url: req.url }, 'a worker failed to answer a hit');
       if (res.headersSent) return void res.destroy();
     }
-    forwarder.forward(req, res);
+    forwarder.forward(req, res, (answer) => void follow(req, res, answer, start));
   };
 
   const server = createHttpServer(config.server, warm, (req, res) => void handle(req, res), { info: (obj, msg) => log.info(obj, msg), warn });
@@ -138,6 +218,7 @@ export async function runWorker(config: Config, socketPath: string): Promise<voi
       server.close();
       server.closeIdleConnections();
       void accounting.drain(config.server.shutdownTimeout).then(() => {
+        report();
         send({ t: 'drained' });
         log.flush?.();
         setTimeout(() => process.exit(0), 50);

@@ -14,6 +14,8 @@ export type MetricsJson = Array<MetricObjectWithValues<MetricValue<string>>>;
  */
 export const WORKER_METRICS = new Set(['ocicache_cache_requests_total', 'ocicache_served_bytes_total', 'ocicache_http_request_duration_seconds', 'ocicache_access_denied_total']);
 
+const START_TIME = 'ocicache_process_start_time_seconds';
+
 /** A worker's share of the group's metrics. */
 export async function workerShare(registry: Registry): Promise<MetricsJson> {
   const all = (await registry.getMetricsAsJSON()) as MetricsJson;
@@ -102,7 +104,10 @@ export class Metrics {
   async text(): Promise<string> {
     if (!this.peers) return this.registry.metrics();
     const own = (await this.registry.getMetricsAsJSON()) as MetricsJson;
-    return AggregatorRegistry.aggregate([own, ...(await this.peers())] as never).metrics();
+    // The group started when its coordinator did: its start time, not the workers' (prom-client omits the metric when aggregating).
+    for (const m of own) if (m.name === START_TIME) m.aggregator = 'first';
+    const peers = (await this.peers()).map((share) => share.filter((m) => m.name !== START_TIME));
+    return AggregatorRegistry.aggregate([own, ...peers] as never).metrics();
   }
 
   constructor(replica?: string) {
