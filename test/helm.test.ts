@@ -291,13 +291,13 @@ test('helm chart: client certificates as users, without htpasswd: no htpasswd mo
   }
 });
 
-test('helm chart: server.workers is auto with a CPU limit, 2 without one (auto would be every core of the node), and as set when set', async (t) => {
+test('helm chart: server.workers is 2 unless set (auto would be every core of a node without a CPU limit), and as set when set', async (t) => {
   if (!helmBinary(t)) return;
   for (const c of [
     { set: [] as string[], rendered: 2 },
-    { set: ['resources.limits.cpu=4'], rendered: 'auto' },
-    { set: ['resources.limits.cpu=500m', 'config.server.workers=1'], rendered: 1 },
-    { set: ['config.server.workers=6'], rendered: 6 },
+    { set: ['resources.limits.cpu=8'], rendered: 2 },
+    { set: ['resources.limits.cpu=4', 'resources.limits.memory=1Gi', 'config.server.workers=auto'], rendered: 'auto' },
+    { set: ['config.server.workers=1'], rendered: 1 },
   ]) {
     const { configText } = await render(c.set.flatMap((s) => ['--set', s]));
     assert.equal(parse(configText).server.workers, c.rendered, c.set.join(' '));

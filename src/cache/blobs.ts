@@ -34,8 +34,8 @@ export interface BlobResult {
   stream: (Readable & { bytesRead: number }) | undefined;
   /** present for GET of a cached blob: bytes [start, end) of an open file; the route owns it and calls `done` once */
   file?: { handle: FileHandle; start: number; end: number; done: () => Promise<void> };
-  /** present for a `followed` GET of a blob being filled: the fill's temp file (under tmp/) and the bytes [start, end] the worker reads from it */
-  followed?: { file: string; start: number; end: number | undefined };
+  /** present for a `followed` GET of a blob being filled: the fill's temp file (under tmp/) and the bytes [start, to) the worker sends from it (`to` unknown: to its end) */
+  followed?: { file: string; start: number; to: number | undefined };
   /** present for GET of a blob in the bucket with storage.s3.redirect: where the client gets it (307) */
   redirect?: string;
   cache: CacheResult;
@@ -162,7 +162,7 @@ export class Blobs {
     const reader = followed ? progressLines(fill) : fill.reader(range?.start ?? 0, end);
     const release = this.lifecycle.pin(digest);
     reader.once('close', release);
-    return { size: fill.size, range, stream: reader, followed: followed ? { file: basename(fill.tmpPath), start: range?.start ?? 0, end } : undefined, cache: 'miss' };
+    return { size: fill.size, range, stream: reader, followed: followed ? { file: basename(fill.tmpPath), start: range?.start ?? 0, to: end === undefined ? undefined : end + 1 } : undefined, cache: 'miss' };
   }
 
   /** Makes sure a blob is in the cache, through the same shared fill as client pulls (prefetch). */

@@ -127,6 +127,9 @@ export async function startGroup(config: Config, configText: string): Promise<Gr
 
   const stop = async (): Promise<void> => {
     stopping = true;
+    // One shutdownTimeout for the whole group, as for a single process (systemd's and Kubernetes'
+    // stop timeouts are set from it): the coordinator drains in what the workers left of it.
+    const deadline = Date.now() + config.server.shutdownTimeout;
     const workers = Object.values(cluster.workers ?? {}).filter((w): w is Worker => w !== undefined);
     await Promise.all(
       workers.map(
@@ -140,7 +143,7 @@ export async function startGroup(config: Config, configText: string): Promise<Gr
           }),
       ),
     );
-    await app.drain(config.server.shutdownTimeout);
+    await app.drain(Math.max(1000, deadline - Date.now()));
     await app.close();
     rmSync(dir, { recursive: true, force: true });
   };

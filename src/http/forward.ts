@@ -68,14 +68,21 @@ export class Forwarder {
     const headers = forwardedHeaders(req, this.trustProxy);
     if (follow && req.method === 'GET') headers[FOLLOW] = '1';
     const up = request({ socketPath: this.socketPath, agent: this.agent, method: req.method, path: req.url, headers });
+    // Once handed to `follow`, the response is not this exchange's: an error after that ends the
+    // answer, which fails the follower, and nothing is written here.
+    let handed = false;
     up.on('response', (answer) => {
-      if (follow && answer.headers[FOLLOW] !== undefined) return follow(answer);
+      if (follow && answer.headers[FOLLOW] !== undefined) {
+        handed = true;
+        return follow(answer);
+      }
       res.writeHead(answer.statusCode ?? 502, answer.statusMessage, endToEnd(answer.headers));
       answer.pipe(res);
       answer.on('aborted', () => res.destroy());
       answer.on('error', () => res.destroy());
     });
     up.on('error', () => {
+      if (handed) return;
       if (res.headersSent) {
         res.destroy();
         return;

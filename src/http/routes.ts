@@ -121,7 +121,7 @@ export function registerRoutes(app: FastifyInstance, deps: RouteDeps): void {
   function sendFollowed(req: FastifyRequest, reply: FastifyReply, p: Extract<ParsedPath, { target: unknown }>, b: BlobResult, followed: NonNullable<BlobResult['followed']>): FastifyReply {
     req.oci!.handedOff = true;
     const { 'content-length': length, ...headers } = blobHeaders(p.target.upstream.name, p.reference, b.cache, b.size, b.range);
-    const fields = { file: followed.file, start: String(followed.start), end: String(followed.end ?? ''), length: length ?? '', reqId: req.id, user: req.identity?.user ?? '', name: p.target.name };
+    const fields = { file: followed.file, start: String(followed.start), to: String(followed.to ?? ''), length: length ?? '', user: req.identity?.user ?? '', name: p.target.name };
     reply.headers(headers).header(FOLLOW, new URLSearchParams(fields).toString());
     if (b.range) reply.code(206);
     return reply.send(b.stream);

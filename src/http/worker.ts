@@ -69,7 +69,8 @@ export async function runWorker(config: Config, socketPath: string): Promise<voi
   const metrics = new Metrics(config.server.replica);
   const stats = new StatsRecorder();
   const accounting = new Accounting(metrics, stats, (line) => log.isLevelEnabled('info') && logStream?.request(line), warn, `w${cluster.worker?.id ?? 0}-`);
-  const db = new Db(join(config.storage.root, 'index.db'), { reader: true, manifestMemory: config.cache.manifestMemory });
+  // The workers share cache.manifestMemory between them (each holds what its own clients ask for), beside the coordinator's.
+  const db = new Db(join(config.storage.root, 'index.db'), { reader: true, manifestMemory: Math.ceil(config.cache.manifestMemory / config.server.workers) });
   const store = new BlobStore(config.storage.root, config.cache.fillMemory);
   const hits = new ManifestHits(db, systemClock, TAG_ROW_TTL_MS);
   const upstreams = new UpstreamIndex(config);
@@ -140,17 +141,23 @@ export async function runWorker(config: Config, socketPath: string): Promise<voi
 
   /**
    * A fill the coordinator lets this worker follow (Forwarder.forward): its temp file is sent as
-   * the coordinator reports it written (storage/fill-progress.ts) through the same pooled buffers
-   * as a hit, and the request is accounted for here, under the coordinator's request id (its log
-   * has the fill's lines).
+   * the coordinator reports it written (storage/fill-progress.ts), through the same pooled buffers
+   * as a hit, and the request is accounted for here (the coordinator counts it not).
    */
   const follow = async (req: IncomingMessage, res: ServerResponse, answer: IncomingMessage, start: number): Promise<void> => {
     const fields = new URLSearchParams(String(answer.headers[FOLLOW]));
     const digest = String(answer.headers['docker-content-digest']);
-    let fill: FollowedFill;
-    let from: number;
-    let to: number;
-    let handle: FileHandle;
+    let bytes = 0;
+    const ctx: RequestContext = { kind: 'blob', upstream: String(answer.headers['oci-namespace']), name: fields.get('name') ?? undefined, reference: digest, cache: 'miss', bytes: () => bytes };
+    const f = { reqId: accounting.nextReqId(), method: 'GET', url: req.url!, status: answer.statusCode ?? 200, client: clientAddress(req, trustProxy), user: fields.get('user') || undefined, ctx, ms: 0 };
+    // Tracked before any await: a client that leaves meanwhile is seen, and counted as cut short.
+    accounting.track(res, (completed) => {
+      if (!completed) return accounting.aborted(f);
+      f.ms = performance.now() - start;
+      accounting.finished(f);
+    });
+    let fill: FollowedFill | undefined;
+    let handle: FileHandle | undefined;
     try {
       const file = fields.get('file') ?? '';
       // Only a name in tmp/: what the coordinator sends never names a path of its own choosing.
@@ -161,34 +168,23 @@ export async function runWorker(config: Config, socketPath: string): Promise<voi
         if (!/^\d{1,15}$/.test(v)) throw new Error(`not an offset: ${key}=${v}`);
         return Number(v);
       };
-      from = offset('start') ?? 0;
-      to = (offset('end') ?? Infinity) + 1;
+      const from = offset('start') ?? 0;
+      const to = offset('to') ?? Infinity;
       fill = new FollowedFill(join(store.tmpDir, file), store.path(digest), answer);
       handle = await fill.open();
-    } catch (err) {
-      log.error({ err, url: req.url }, 'a fill could not be followed');
-      answer.destroy();
-      return void res.destroy();
-    }
-    const headers = endToEnd(answer.headers);
-    delete headers[FOLLOW];
-    if (fields.get('length')) headers['content-length'] = fields.get('length')!;
-    let bytes = 0;
-    const ctx: RequestContext = { kind: 'blob', upstream: String(answer.headers['oci-namespace']), name: fields.get('name') ?? undefined, reference: digest, cache: 'miss', bytes: () => bytes };
-    const f = { reqId: fields.get('reqId') ?? accounting.nextReqId(), method: 'GET', url: req.url!, status: answer.statusCode ?? 200, client: clientAddress(req, trustProxy), user: fields.get('user') || undefined, ctx, ms: 0 };
-    accounting.track(res, (completed) => {
-      if (!completed) return accounting.aborted(f);
-      f.ms = performance.now() - start;
-      accounting.finished(f);
-    });
-    try {
+      const headers = endToEnd(answer.headers);
+      delete headers[FOLLOW];
+      if (fields.get('length')) headers['content-length'] = fields.get('length')!;
       res.writeHead(f.status, headers);
       // A failed fill (or the coordinator gone) cuts the client off: never a complete-looking wrong body.
-      await sendFileRange(res, handle, from, to, (n) => (bytes += n), (pos) => fill.until(pos));
-    } catch {
-      answer.destroy();
+      await sendFileRange(res, handle, from, to, (n) => (bytes += n), (pos) => fill!.until(pos));
+    } catch (err) {
+      log.warn({ reqId: f.reqId, url: req.url, err: (err as Error).message }, 'sending a blob being downloaded failed');
+      res.destroy();
     } finally {
-      await handle.close().catch(() => undefined);
+      // Done with the fill (a range may end long before it does): the coordinator then lets go of it.
+      if (fill?.state !== 'committed') answer.destroy();
+      await handle?.close().catch(() => undefined);
     }
   };
 

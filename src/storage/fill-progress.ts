@@ -5,8 +5,8 @@
  * client once instead of through the coordinator, a socket and the worker.
  *
  * The coordinator sends `progressLines(fill)`: one line per change, `<state> <written>
- * <deliverable> <received>\n` (a TailReader's view of the fill), ending after `committed` or
- * `failed`. The worker reads them into a `FollowedFill`, which says how far the file may be read:
+ * <deliverable>\n` (what a TailReader reads of the fill: bytes on disk, and what may be sent),
+ * ending after `committed` or `failed`. The worker reads them into a `FollowedFill`, which says how far the file may be read:
  * only what is on disk, and the last byte only once the digest is verified, as a TailReader beside
  * the fill sends it.
  */
@@ -21,7 +21,7 @@ const STATES = new Set<State>(['filling', 'verified', 'committed', 'failed']);
 const MAX_LINE = 256;
 
 function line(fill: Tailed): string {
-  return `${fill.state} ${fill.written} ${fill.deliverable} ${fill.received}\n`;
+  return `${fill.state} ${fill.written} ${fill.deliverable}\n`;
 }
 
 /**
@@ -67,7 +67,6 @@ export class FollowedFill extends EventEmitter {
   state: State = 'filling';
   written = 0;
   deliverable = 0;
-  received = 0;
   failure: Error | undefined;
   private buffered = '';
 
@@ -130,13 +129,12 @@ export class FollowedFill extends EventEmitter {
     const lines = this.buffered.slice(0, cut).split('\n');
     this.buffered = this.buffered.slice(cut + 1);
     const [state, ...counts] = lines[lines.length - 1]!.split(' ');
-    const [written, deliverable, received] = counts.map(Number);
-    if (!STATES.has(state as State) || counts.length !== 3 || ![written, deliverable, received].every((n) => Number.isSafeInteger(n) && n! >= 0)) {
+    const [written, deliverable] = counts.map(Number);
+    if (!STATES.has(state as State) || counts.length !== 2 || ![written, deliverable].every((n) => Number.isSafeInteger(n) && n! >= 0)) {
       return this.fail('not a progress line');
     }
     this.written = written!;
     this.deliverable = deliverable!;
-    this.received = received!;
     if (state === 'failed') return this.fail('the fill failed');
     this.state = state as State;
     this.emit('progress');

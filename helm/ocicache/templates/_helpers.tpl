@@ -30,10 +30,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "ocicache.config" -}}
 {{- $c := deepCopy .Values.config -}}
 {{- $server := deepCopy ($c.server | default dict) -}}
-{{- /* server.workers unless set: auto (the CPUs of the pod's limit) when it has one, or with client certificates (auto is 1 then); without a limit auto would be every core of the node, so 2. */ -}}
+{{- /* server.workers unless set: 2, sized for the default memory limit (auto would be every core of a node without a CPU limit, and memory grows with each worker); with client certificates auto (a single process: more is refused). */ -}}
 {{- if not (hasKey $server "workers") -}}
-{{- $cpuLimit := ((.Values.resources | default dict).limits | default dict).cpu -}}
-{{- $_ := set $server "workers" (ternary "auto" 2 (or (not (empty $cpuLimit)) (and .Values.config.access .Values.config.access.clientCertificates | default false))) -}}
+{{- $_ := set $server "workers" (ternary "auto" 2 (and .Values.config.access .Values.config.access.clientCertificates | default false)) -}}
 {{- end -}}
 {{- $_ := set $c "server" (merge (dict "host" "0.0.0.0" "port" 5000 "shutdownTimeout" "30s") $server) -}}
 {{- include "ocicache.checkTls" . -}}
