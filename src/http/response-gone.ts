@@ -5,15 +5,23 @@
  */
 import type { ServerResponse } from 'node:http';
 
-/** Calls `fn` once, when `res` or its connection closes, whichever is first. Returns a function that stops watching. */
+/**
+ * Calls `fn` once, when `res` or its connection closes, whichever is first. Returns a function that
+ * stops watching. Once means once even when the connection's 'close' is what closes `res`: an
+ * emitter calls the listeners it had when the event began, so removing the connection's listener
+ * from inside the response's 'close' does not stop it being called in the same event.
+ */
 export function onResponseGone(res: ServerResponse, fn: () => void): () => void {
   const socket = res.req.socket;
+  let called = false;
   const unwatch = (): void => {
     res.off('close', gone);
     socket.off('close', gone);
   };
   const gone = (): void => {
     unwatch();
+    if (called) return;
+    called = true;
     fn();
   };
   res.once('close', gone);
