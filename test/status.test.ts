@@ -32,7 +32,12 @@ test('status page: version, upstream states, cache size and limit, hit ratio, mo
     ],
   });
   // team/app pulled three times (the blobs are hits after the first), team/tool's manifest once.
-  for (let i = 0; i < 3; i++) await pullImage(proxy.url, 'team/app', 'v1');
+  // A pull ends with the last byte sent, and the blob is renamed into place and indexed just after:
+  // the next pull waits for that, or it would join the fill (a miss) instead of reading the file.
+  for (let i = 0; i < 3; i++) {
+    await pullImage(proxy.url, 'team/app', 'v1');
+    await until('the pulled blobs indexed', () => app.blobs.every((b) => proxy.app.services.db.blobHeldBy('docker.io', 'team/app', b.descriptor.digest)));
+  }
   await fetchComplete(`${proxy.url}/v2/team/tool/manifests/v1?ns=docker.io`, { accept: OCI_MANIFEST });
   await fetchComplete(`${proxy.url}/v2/team/x/manifests/v1?ns=ghcr.io`, { accept: OCI_MANIFEST }); // unreachable: opens the breaker
   // A request is counted once its response has finished on the server, which on a loaded machine
