@@ -60,7 +60,7 @@ export class Accounting {
 
   constructor(
     private readonly metrics: Metrics,
-    private readonly stats: Pick<Stats, 'record'>,
+    private readonly stats: Stats,
     /** Writes the request log line (or drops it when the level is above info). */
     private readonly logRequest: (line: RequestLine) => void,
     /** Writes the warning for a response cut short. */
@@ -90,6 +90,18 @@ export class Accounting {
     await new Promise<void>((resolve) => {
       this.drained = resolve;
       setTimeout(resolve, ms).unref();
+    });
+  }
+
+  /**
+   * Tracks a response answered outside Fastify (a worker's hits and the fills it follows) and
+   * accounts for it once it is gone: `f` is logged and counted when sent, warned about when cut short.
+   */
+  trackAnswer(res: ServerResponse, f: Finished, start: number): void {
+    this.track(res, (completed) => {
+      if (!completed) return this.aborted(f);
+      f.ms = performance.now() - start;
+      this.finished(f);
     });
   }
 

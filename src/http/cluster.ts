@@ -107,7 +107,7 @@ export async function startGroup(config: Config, configText: string): Promise<Gr
     const worker = cluster.fork(env);
     worker.on('message', (m: ToCoordinator) => {
       if (m.t === 'touch') for (const [digest, size, upstream, at] of m.blobs) lifecycle.touch(digest, size, upstream, at);
-      else if (m.t === 'stats') for (const r of m.batch) app.stats.record(...r);
+      else if (m.t === 'stats') app.stats.add(m.batch);
       else if (m.t === 'metrics') waiting.get(m.id)?.(m.share as MetricsJson);
     });
     return worker;

@@ -19,19 +19,42 @@ export class Stats {
   private readonly pulls = new Map<string, Map<string, number>>();
   private images = 0;
 
-  /** `count` answered manifest or blob requests alike (one, or a worker's batch). A manifest GET by tag counts as a pull of the image. */
-  record(upstream: string, kind: string, result: CacheResult, name: string | undefined, byTag: boolean, method: string, count = 1): void {
+  /** One answered manifest or blob request. A manifest GET by tag counts as a pull of the image. */
+  record(upstream: string, kind: string, result: CacheResult, name: string | undefined, byTag: boolean, method: string): void {
     if (kind !== 'manifest' && kind !== 'blob') return;
+    this.addResult(upstream, result, 1);
+    if (kind === 'manifest' && byTag && method === 'GET' && name !== undefined && result !== 'error') this.addPull(upstream, name, 1);
+  }
+
+  /** The counts since the last take, cleared here: a worker's share for its coordinator (http/worker.ts), which adds them. */
+  take(): StatsBatch {
+    const batch: StatsBatch = { results: [], pulls: [] };
+    for (const [upstream, m] of this.results) for (const [result, n] of m) batch.results.push([upstream, result, n]);
+    for (const { upstream, name, n } of this.pulled()) batch.pulls.push([upstream, name, n]);
+    this.results.clear();
+    this.pulls.clear();
+    this.images = 0;
+    return batch;
+  }
+
+  /** A worker's counts (take()), added to these. */
+  add(batch: StatsBatch): void {
+    for (const [upstream, result, n] of batch.results) this.addResult(upstream, result, n);
+    for (const [upstream, name, n] of batch.pulls) this.addPull(upstream, name, n);
+  }
+
+  private addResult(upstream: string, result: CacheResult, count: number): void {
     let m = this.results.get(upstream);
     if (!m) this.results.set(upstream, (m = new Map()));
     m.set(result, (m.get(result) ?? 0) + count);
-    if (kind === 'manifest' && byTag && method === 'GET' && name !== undefined && result !== 'error') {
-      let names = this.pulls.get(upstream);
-      if (!names) this.pulls.set(upstream, (names = new Map()));
-      const n = names.get(name);
-      names.set(name, (n ?? 0) + count);
-      if (n === undefined && ++this.images > MAX_IMAGES) this.trim();
-    }
+  }
+
+  private addPull(upstream: string, name: string, count: number): void {
+    let names = this.pulls.get(upstream);
+    if (!names) this.pulls.set(upstream, (names = new Map()));
+    const n = names.get(name);
+    names.set(name, (n ?? 0) + count);
+    if (n === undefined && ++this.images > MAX_IMAGES) this.trim();
   }
 
   /** Every pulled image with its pulls. */
@@ -71,27 +94,10 @@ export class Stats {
   }
 }
 
-/** Stats.record's arguments with their count: what a worker sends its coordinator. */
-export type StatsBatch = Array<Parameters<Stats['record']>>;
-
-/** A worker's counts for the status page, kept until sent to the coordinator (http/worker.ts), which records them in its Stats. */
-export class StatsRecorder {
-  private readonly counts = new Map<string, Parameters<Stats['record']>>();
-
-  record(upstream: string, kind: string, result: CacheResult, name: string | undefined, byTag: boolean, method: string): void {
-    if (kind !== 'manifest' && kind !== 'blob') return;
-    const key = `${upstream}\n${kind}\n${result}\n${name}\n${byTag}\n${method}`;
-    const had = this.counts.get(key);
-    if (had) had[6] = (had[6] ?? 1) + 1;
-    else this.counts.set(key, [upstream, kind, result, name, byTag, method, 1]);
-  }
-
-  /** What was counted since the last take. */
-  take(): StatsBatch {
-    const batch = [...this.counts.values()];
-    this.counts.clear();
-    return batch;
-  }
+/** Counts of answers by upstream and result, and pulls by upstream and image: what Stats.take gives. */
+export interface StatsBatch {
+  results: Array<[upstream: string, result: CacheResult, n: number]>;
+  pulls: Array<[upstream: string, name: string, n: number]>;
 }
 
 const escape = (s: string): string => s.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);

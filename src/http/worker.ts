@@ -32,7 +32,7 @@ import { blobHeaders } from './blob-answer.js';
 import { sendFileRange } from './file-response.js';
 import { endToEnd, FOLLOW, Forwarder } from './forward.js';
 import { createHttpServer } from './server.js';
-import { StatsRecorder, type StatsBatch } from './status.js';
+import { Stats, type StatsBatch } from './status.js';
 import { certificateUser } from './tls.js';
 import { clientAddress, warmManifests, warmRequest } from './warm-path.js';
 
@@ -67,7 +67,8 @@ export async function runWorker(config: Config, socketPath: string): Promise<voi
   const { log, logStream } = makeLogger(config, undefined, true);
   const warn = (obj: object, msg: string): void => log.warn(obj, msg);
   const metrics = new Metrics(config.server.replica);
-  const stats = new StatsRecorder();
+  // The status page's counts, sent to the coordinator each second and cleared.
+  const stats = new Stats();
   const accounting = new Accounting(metrics, stats, (line) => log.isLevelEnabled('info') && logStream?.request(line), warn, `w${cluster.worker?.id ?? 0}-`);
   // The workers share cache.manifestMemory between them (each holds what its own clients ask for), beside the coordinator's.
   const db = new Db(join(config.storage.root, 'index.db'), { reader: true, manifestMemory: Math.ceil(config.cache.manifestMemory / config.server.workers) });
@@ -84,7 +85,7 @@ export async function runWorker(config: Config, socketPath: string): Promise<voi
   const touch = (digest: string, size: number, upstream: string): void => void touched.set(`${upstream}\n${digest}`, [digest, size, upstream, Date.now()]);
   const report = (): void => {
     const batch = stats.take();
-    if (batch.length > 0) send({ t: 'stats', batch });
+    if (batch.results.length > 0) send({ t: 'stats', batch });
     if (touched.size === 0) return;
     send({ t: 'touch', blobs: [...touched.values()] });
     touched.clear();
@@ -120,11 +121,7 @@ export async function runWorker(config: Config, socketPath: string): Promise<voi
     let bytes = 0;
     const ctx: RequestContext = { kind: 'blob', upstream: parsed.target.upstream.name, name: parsed.target.name, reference: parsed.reference, cache: 'hit', bytes: () => bytes };
     const f = { reqId: accounting.nextReqId(), method, url, status: hit.range ? 206 : 200, client: clientAddress(req, trustProxy), user, ctx, ms: 0 };
-    accounting.track(res, (completed) => {
-      if (!completed) return accounting.aborted(f);
-      f.ms = performance.now() - start;
-      accounting.finished(f);
-    });
+    accounting.trackAnswer(res, f, start);
     touch(parsed.reference, hit.size, parsed.target.upstream.name);
     try {
       res.writeHead(f.status, blobHeaders(parsed.target.upstream.name, parsed.reference, 'hit', hit.size, hit.range));
@@ -151,11 +148,7 @@ export async function runWorker(config: Config, socketPath: string): Promise<voi
     const ctx: RequestContext = { kind: 'blob', upstream: String(answer.headers['oci-namespace']), name: fields.get('name') ?? undefined, reference: digest, cache: 'miss', bytes: () => bytes };
     const f = { reqId: accounting.nextReqId(), method: 'GET', url: req.url!, status: answer.statusCode ?? 200, client: clientAddress(req, trustProxy), user: fields.get('user') || undefined, ctx, ms: 0 };
     // Tracked before any await: a client that leaves meanwhile is seen, and counted as cut short.
-    accounting.track(res, (completed) => {
-      if (!completed) return accounting.aborted(f);
-      f.ms = performance.now() - start;
-      accounting.finished(f);
-    });
+    accounting.trackAnswer(res, f, start);
     let fill: FollowedFill | undefined;
     let handle: FileHandle | undefined;
     try {

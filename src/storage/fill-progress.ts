@@ -79,7 +79,7 @@ export class FollowedFill extends EventEmitter {
     this.setMaxListeners(0);
     lines.setEncoding('latin1');
     lines.on('data', (chunk: string) => this.take(chunk));
-    lines.on('end', () => this.fail('the coordinator ended the fill\'s progress before the fill ended'));
+    // 'close' comes after 'end' and after 'error': lines that stop before the fill ended fail it.
     lines.on('error', (err: Error) => this.fail(err.message));
     lines.on('close', () => this.fail('the coordinator ended the fill\'s progress before the fill ended'));
   }
