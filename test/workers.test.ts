@@ -6,16 +6,16 @@
  * and SIGTERM letting a download in flight finish.
  */
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { readdirSync, readFileSync, writeFileSync } from 'node:fs';
-import { connect } from 'node:net';
+import { closeSync, constants, openSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { connect, Socket } from 'node:net';
 import { join } from 'node:path';
 import test, { type TestContext } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import bcrypt from 'bcryptjs';
 import { Agent, request } from 'undici';
-import { startCli, writeConfig, type Running } from './helpers/cli.js';
+import { CLI, startCli, writeConfig, type Running } from './helpers/cli.js';
 import { startDistribution, type Distribution } from './helpers/distribution.js';
 import { startFakeUpstream } from './helpers/fake-upstream.js';
 import { Db } from '../src/storage/db.js';
@@ -356,4 +356,63 @@ test('tokens from /token verify in every worker: hits for a bearer token are ans
   const hits = requests(group.proc.out()).filter((r) => r.cache === 'hit');
   assert.equal(hits.length, 8);
   assert.ok(hits.every((r) => r.pid !== group.pid), 'no hit needed the coordinator');
+});
+
+test('a group\'s log on a pipe: lines longer than a pipe takes at once come out whole, never cut by another process\'s lines', { timeout: 60_000 }, async (t) => {
+  const s = await setup(t);
+  if (!s) return;
+  // stdout a pipe, as under a container runtime (a FIFO) or `| tee`, read by this test.
+  const fifo = join(tempDir(t, 'fifo'), 'stdout');
+  execFileSync('mkfifo', [fifo]);
+  // Its read end first, without waiting for a writer; then the write end, which has a reader.
+  const reader = new Socket({ fd: openSync(fifo, constants.O_RDONLY | constants.O_NONBLOCK), readable: true, writable: false });
+  const fd = openSync(fifo, 'w');
+  const child = spawn(process.execPath, [...CLI, 'serve', '--config', s.config], { stdio: ['ignore', fd, 'inherit'] });
+  closeSync(fd);
+  t.after(() => {
+    child.kill('SIGKILL');
+    reader.destroy();
+  });
+  let out = '';
+  reader.on('data', (d) => (out += String(d)));
+  let url = '';
+  for (const end = Date.now() + 20_000; !url; await sleep(25)) {
+    assert.ok(Date.now() < end && child.exitCode === null, `ocicache did not start:\n${out}`);
+    url = /"msg":"Server listening at (http:\/\/127\.0\.0\.1:\d+)"/.exec(out)?.[1] ?? '';
+  }
+  await get(url + s.manifestPath, { accept: OCI_MANIFEST });
+  // Hits in both workers at once: short request lines, and lines of about 12 KiB (a long query
+  // string, logged in the url) where a pipe takes 4 KiB whole (PIPE_BUF, POSIX write(2)).
+  const pad = 'x'.repeat(12 * 1024);
+  const client = new Agent({ connections: 8 });
+  t.after(() => client.close());
+  const hit = async (path: string): Promise<void> => {
+    const res = await request(url + path, { dispatcher: client, headers: { accept: OCI_MANIFEST } });
+    await res.body.dump();
+    assert.equal(res.statusCode, 200);
+  };
+  const long = 64;
+  const short = 2000;
+  // A reader that falls behind (a log shipper, a busy terminal): the pipe fills, and each
+  // process's writes wait for room, a long line taken in parts.
+  reader.pause();
+  await Promise.all([...Array.from({ length: long }, () => hit(`${s.manifestPath}?pad=${pad}`)), ...Array.from({ length: short }, () => hit(s.manifestPath))]);
+  reader.resume();
+  // The hits' lines (the first request, a miss, was the coordinator's).
+  const answered = (): string[] => out.split('\n').filter((l) => l.includes('pad=') || (l.includes('"msg":"request"') && l.includes('"cache":"hit"')));
+  for (const end = Date.now() + 5000; answered().length < long + short; await sleep(100)) if (Date.now() > end) break;
+  const lines = answered();
+  const broken = lines.filter((l) => {
+    try {
+      JSON.parse(l);
+      return false;
+    } catch {
+      return true;
+    }
+  });
+  assert.deepEqual(broken.map((l) => `${l.slice(0, 60)}…${l.slice(-60)} (${l.length} characters)`), [], 'every line is one JSON object');
+  const requests = lines.map((l) => JSON.parse(l) as { url: string; pid: number });
+  assert.equal(requests.filter((r) => r.url.endsWith(pad)).length, long);
+  assert.equal(requests.length, long + short);
+  assert.equal(new Set(requests.map((r) => r.pid)).size, 2, 'both workers answered');
 });

@@ -30,6 +30,8 @@ declare module 'fastify' {
     readonly services: Services;
     /** The status page's counts: a coordinator adds its workers' (http/cluster.ts). */
     readonly stats: Stats;
+    /** Writes whole log lines of another process (a worker's: telemetry/log-relay.ts) to this one's log. */
+    logLines(lines: Buffer): void;
   }
 }
 
@@ -40,12 +42,12 @@ export interface AppOptions {
   clock?: Clock;
   /** How upstreams are reached: the DNS lookup and extra trust anchors (default: the system's). */
   network?: Network;
-  /** The coordinator of a group of workers (http/cluster.ts): its stdout is shared with them. */
+  /** The coordinator of a group of workers (http/cluster.ts): workers follow its fills. */
   coordinator?: boolean;
 }
 
 export async function buildApp(config: Config, options: AppOptions = {}): Promise<FastifyInstance> {
-  const { log, logStream } = makeLogger(config, options.logger, options.coordinator);
+  const { log, logStream } = makeLogger(config, options.logger);
   const services = await openCache(config, log, { sweep: true, clock: options.clock, network: options.network });
   const stats = new Stats();
   const logRequest = (line: RequestLine): void => {
@@ -100,6 +102,7 @@ export async function buildApp(config: Config, options: AppOptions = {}): Promis
   services.remote?.start(services.config.storage.s3!.staleUploads);
   app.decorate('services', services);
   app.decorate('stats', stats);
+  app.decorate('logLines', (lines: Buffer): void => void (logStream ? logStream.lines(lines) : process.stdout.write(lines)));
 
   // We never read request bodies (every write is refused), so don't parse them either.
   app.removeAllContentTypeParsers();

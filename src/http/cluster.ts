@@ -17,6 +17,8 @@
  * - /metrics (answered by the coordinator) sums the workers' request counters and histograms into
  *   its own; process metrics are summed over the group (prom-client's aggregators), but the
  *   start time, which is this process's. The status page adds the workers' counts, sent each second.
+ * - The group's log has one writer: workers' lines reach stdout through this process, whole
+ *   (telemetry/log-relay.ts).
  * - SIGTERM: workers stop taking connections and finish what they have (hits, and requests
  *   forwarded here); then the coordinator drains as a single process does.
  */
@@ -25,10 +27,12 @@ import { randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { extname, join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import type { FastifyInstance } from 'fastify';
 import { AggregatorRegistry } from 'prom-client';
 import type { Config } from '../core/config.js';
+import { relayLines } from '../telemetry/log-relay.js';
 import { WORKER_METRICS, type MetricsJson } from '../telemetry/metrics.js';
 import { buildApp } from './app.js';
 import { CONFIG_ENV, SOCKET_ENV, TOKEN_KEY_ENV, type ToCoordinator, type ToWorker } from './worker.js';
@@ -61,7 +65,8 @@ export async function startGroup(config: Config, configText: string): Promise<Gr
   const inner: Config = { ...config, server: { ...config.server, tls: undefined, trustProxy: true, maxConnections: 0, maxConnectionsPerAddress: 0 } };
   const app = await buildApp(inner, { coordinator: true });
   // Workers run their own entry (src/worker.ts): the hit path's modules, not the whole cache's.
-  cluster.setupPrimary({ exec: fileURLToPath(new URL(`../worker${extname(fileURLToPath(import.meta.url))}`, import.meta.url)) });
+  // Their stdout is a pipe to this process, which passes their lines on whole (log-relay.ts).
+  cluster.setupPrimary({ exec: fileURLToPath(new URL(`../worker${extname(fileURLToPath(import.meta.url))}`, import.meta.url)), stdio: ['ignore', 'pipe', 'inherit', 'ipc'] });
   const { lifecycle, metrics } = app.services;
   await app.listen({ path: socketPath });
 
@@ -103,8 +108,12 @@ export async function startGroup(config: Config, configText: string): Promise<Gr
   /** Workers that got as far as listening: one that exits before is one that cannot start. */
   const everListened = new Set<number>();
   let failed: ((err: Error) => void) | undefined;
+  /** Each worker's log, passed on until its pipe closes. */
+  const logs = new Set<Promise<void>>();
   const fork = (): Worker => {
     const worker = cluster.fork(env);
+    const log = relayLines(worker.process.stdout!, (lines) => app.logLines(lines)).finally(() => logs.delete(log));
+    logs.add(log);
     worker.on('message', (m: ToCoordinator) => {
       if (m.t === 'touch') for (const [digest, size, upstream, at] of m.blobs) lifecycle.touch(digest, size, upstream, at);
       else if (m.t === 'stats') app.stats.add(m.batch);
@@ -144,6 +153,8 @@ export async function startGroup(config: Config, configText: string): Promise<Gr
       ),
     );
     await app.drain(Math.max(1000, deadline - Date.now()));
+    // The workers' last lines, before this process's own last ones.
+    await Promise.race([Promise.all(logs), sleep(Math.max(100, deadline - Date.now()), undefined, { ref: false })]);
     await app.close();
     rmSync(dir, { recursive: true, force: true });
   };

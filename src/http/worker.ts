@@ -64,7 +64,7 @@ export function workerSetup(env: NodeJS.ProcessEnv): { socketPath: string; confi
 }
 
 export async function runWorker(config: Config, socketPath: string): Promise<void> {
-  const { log, logStream } = makeLogger(config, undefined, true);
+  const { log, logStream } = makeLogger(config, undefined);
   const warn = (obj: object, msg: string): void => log.warn(obj, msg);
   const metrics = new Metrics(config.server.replica);
   // The status page's counts, sent to the coordinator each second and cleared.

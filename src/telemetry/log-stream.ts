@@ -18,12 +18,7 @@ import { pino } from 'pino';
 
 /** Batch size. A line longer than a third of it (UTF-8 takes up to 3 bytes per UTF-16 unit) goes on its own. */
 const BATCH = 64 * 1024;
-/**
- * Several processes on one stdout (http/cluster.ts): a pipe takes a write of at most PIPE_BUF
- * (4096 bytes on Linux) whole, so batches and sonic-boom's writes stay within it and lines of two
- * processes never interleave mid-line (POSIX write(2), "Pipes and FIFOs").
- */
-const PIPE_BUF = 4096;
+const LONG_LINE = BATCH / 3;
 /** Request lines queued before they are formatted. */
 const QUEUE = 32;
 
@@ -31,7 +26,7 @@ const QUEUE = 32;
 type Destination = ReturnType<typeof pino.destination> & { readonly destroyed?: boolean };
 
 export class LogStream {
-  private buf: Buffer;
+  private buf = Buffer.allocUnsafe(BATCH);
   /** buf[0, handed) went to sonic-boom, which still holds it: never written again. buf[handed, used) is the batch. */
   private handed = 0;
   private used = 0;
@@ -41,22 +36,12 @@ export class LogStream {
   private times: number[] = [];
   private queued: RequestLine[] = [];
 
-  private readonly batch: number;
-  private readonly longLine: number;
-
-  constructor(
-    private readonly fd = 1,
-    /** Other processes write to the same stdout. */
-    shared = false,
-  ) {
-    this.batch = shared ? PIPE_BUF : BATCH;
-    this.longLine = this.batch / 3;
-    this.buf = Buffer.allocUnsafe(this.batch);
+  constructor(private readonly fd = 1) {
     // Ours run first: pino ends its destination on 'beforeExit' and flushes it on 'exit'.
     process.prependListener('beforeExit', () => this.handOff());
     process.prependListener('exit', () => this.flushSync());
     // minLength 1, not 0: with 0, sonic-boom's flush(cb) calls back before the write in flight ends.
-    this.dest = pino.destination({ dest: fd, sync: false, minLength: 1, contentMode: 'buffer', ...(shared ? { maxWrite: PIPE_BUF } : {}) });
+    this.dest = pino.destination({ dest: fd, sync: false, minLength: 1, contentMode: 'buffer' });
     setInterval(() => this.handOff(), 250).unref();
   }
 
@@ -68,17 +53,23 @@ export class LogStream {
   }
 
   private append(line: string): void {
-    if (line.length > this.longLine) {
+    if (line.length > LONG_LINE) {
       this.handOff();
       this.send(Buffer.from(line));
       return;
     }
-    if (this.used + line.length * 3 > this.batch) {
+    if (this.used + line.length * 3 > BATCH) {
       this.handOff();
-      this.buf = Buffer.allocUnsafe(this.batch);
+      this.buf = Buffer.allocUnsafe(BATCH);
       this.handed = this.used = 0;
     }
     this.used += this.buf.write(line, this.used);
+  }
+
+  /** Whole lines another process wrote (a worker's: log-relay.ts), passed on as they are, after what is batched here. */
+  lines(bytes: Buffer): void {
+    this.handOff();
+    this.send(bytes);
   }
 
   /** The request line, field for field what `log.info(fields, 'request')` writes (test/log.test.ts compares them). */

@@ -9,11 +9,10 @@ import { LogStream } from './log-stream.js';
 /** pino options (with `stream`), true (pino's defaults) or false (silent); undefined: the batched stdout writer. */
 export type LoggerOption = boolean | Record<string, unknown> | undefined;
 
-/** `sharedStdout`: a process of a group (http/cluster.ts), whose stdout its other processes write too. */
-export function makeLogger(config: Config, option: LoggerOption, sharedStdout = false): { log: Logger; logStream: LogStream | undefined } {
+export function makeLogger(config: Config, option: LoggerOption): { log: Logger; logStream: LogStream | undefined } {
   const redact = ['req.headers.authorization'];
   if (option === undefined) {
-    const logStream = new LogStream(1, sharedStdout);
+    const logStream = new LogStream(1);
     return { log: pino({ level: config.log.level, redact }, logStream), logStream };
   }
   if (option === false) return { log: pino({ level: 'silent' }), logStream: undefined };

@@ -4,7 +4,8 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { stringify } from 'yaml';
 
-const CLI = ['--import', 'tsx', 'src/cli.ts'];
+/** How the tests run ocicache: from the sources, in the repository's root. */
+export const CLI = ['--import', 'tsx', 'src/cli.ts'];
 
 /**
  * The node flags `npm start` runs ocicache with (package.json). The Dockerfile, the README's
