@@ -196,54 +196,27 @@ func (t *ethread) idle(c *econn) {
 }
 
 // parseHead reads the head of a response (without its final CRLF CRLF): status and framing.
-func (c *econn) parseHead(head []byte, isHead bool) error {
-	line, rest, _ := bytes.Cut(head, crlf)
-	if len(line) < 12 || !bytes.HasPrefix(line, []byte("HTTP/1.")) {
-		return errMalformed
+func (c *econn) parseHead(b []byte, isHead bool) error {
+	var h head
+	if err := parseHead(b, &h); err != nil {
+		return err
 	}
-	c.status = int(line[9]-'0')*100 + int(line[10]-'0')*10 + int(line[11]-'0')
-	length := int64(-1)
-	c.close = false
-	for len(rest) > 0 {
-		line, rest, _ = bytes.Cut(rest, crlf)
-		k, v, _ := bytes.Cut(line, []byte(":"))
-		v = bytes.TrimSpace(v)
-		switch {
-		case bytes.EqualFold(k, []byte("content-length")):
-			n, ok := atoi(v)
-			if !ok {
-				return errMalformed
-			}
-			length = n
-		case bytes.EqualFold(k, []byte("transfer-encoding")):
-			return errFraming
-		case bytes.EqualFold(k, []byte("connection")):
-			c.close = bytes.EqualFold(v, []byte("close"))
-		}
+	if h.te {
+		return errFraming
 	}
+	c.status, c.close = h.status, h.close
 	switch {
 	case isHead || c.status == 204 || c.status == 304:
 		c.remaining = 0
-	case length < 0:
+	case h.length < 0:
 		return errFraming
 	default:
-		c.remaining = length
+		c.remaining = h.length
 	}
 	return nil
 }
 
-var crlf, endOfHead = []byte("\r\n"), []byte("\r\n\r\n")
-
-func atoi(b []byte) (int64, bool) {
-	var n int64
-	for _, d := range b {
-		if d < '0' || d > '9' || n > 1<<50 {
-			return 0, false
-		}
-		n = n*10 + int64(d-'0')
-	}
-	return n, len(b) > 0
-}
+var endOfHead = []byte("\r\n\r\n")
 
 // feed takes bytes read from the connection; done reports a whole response. A head that arrives
 // whole in one read is parsed in place; only a split one is gathered in c.head.

@@ -21,7 +21,6 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/json"
-	"errors"
 	"flag"
 	"fmt"
 	"net"
@@ -89,49 +88,32 @@ type response struct {
 	location string
 }
 
-var errMalformed = errors.New("malformed response")
-
-// readHead parses the status line and the header fields it needs. The slices ReadSlice returns
-// point into the buffer, so nothing is allocated unless a Location is kept.
-func readHead(r *bufio.Reader, res *response) error {
-	line, err := r.ReadSlice('\n')
-	if err != nil {
-		return err
-	}
-	if len(line) < 12 || !bytes.HasPrefix(line, []byte("HTTP/1.")) {
-		return errMalformed
-	}
-	res.status = int(line[9]-'0')*100 + int(line[10]-'0')*10 + int(line[11]-'0')
-	res.length, res.chunked, res.close, res.location = -1, false, false, ""
+// readHead reads a response head into scratch (reused from one response to the next) and parses
+// it with the epoll engine's parser.
+func readHead(r *bufio.Reader, scratch *[]byte, res *response) error {
+	b := (*scratch)[:0]
 	for {
-		line, err = r.ReadSlice('\n')
+		line, err := r.ReadSlice('\n')
 		if err != nil {
 			return err
 		}
-		line = bytes.TrimRight(line, "\r\n")
-		if len(line) == 0 {
-			return nil
+		if len(bytes.TrimRight(line, "\r\n")) == 0 {
+			break
 		}
-		k, v, ok := bytes.Cut(line, []byte(":"))
-		if !ok {
+		if b = append(b, line...); len(b) > 64<<10 {
 			return errMalformed
 		}
-		v = bytes.TrimSpace(v)
-		switch {
-		case bytes.EqualFold(k, []byte("content-length")):
-			n, err := strconv.ParseInt(string(v), 10, 64)
-			if err != nil {
-				return errMalformed
-			}
-			res.length = n
-		case bytes.EqualFold(k, []byte("transfer-encoding")):
-			res.chunked = bytes.Contains(bytes.ToLower(v), []byte("chunked"))
-		case bytes.EqualFold(k, []byte("connection")):
-			res.close = bytes.EqualFold(v, []byte("close"))
-		case bytes.EqualFold(k, []byte("location")):
-			res.location = string(v)
-		}
 	}
+	*scratch = b
+	var h head
+	if err := parseHead(bytes.TrimRight(b, "\r\n"), &h); err != nil {
+		return err
+	}
+	*res = response{status: h.status, length: h.length, chunked: h.chunked, close: h.close, location: string(h.location)}
+	if h.chunked {
+		res.length = -1
+	}
+	return nil
 }
 
 // readBody discards the body and returns its size.
@@ -191,6 +173,7 @@ func readBody(r *bufio.Reader, res *response, head bool) (int64, error) {
 type client struct {
 	method                   string
 	conns                    map[string]*conn
+	scratch                  []byte
 	lat                      []time.Duration
 	req, errs, non2xx, bytes int64
 }
@@ -225,7 +208,7 @@ func (cl *client) exchange(t target, head bool, res *response) (int64, error) {
 			return 0, err
 		}
 		if _, err = c.c.Write(t.request); err == nil {
-			err = readHead(c.r, res)
+			err = readHead(c.r, &cl.scratch, res)
 		}
 		if err != nil {
 			cl.drop(t.addr)
