@@ -11,7 +11,7 @@ import { MAX_LINE, relayLines } from '../src/telemetry/log-relay.js';
 async function relay(chunks: Array<string | Buffer>): Promise<string[]> {
   const from = new PassThrough();
   const out: string[] = [];
-  const done = relayLines(from, (lines) => out.push(lines.toString()));
+  const done = relayLines(from, { write: (lines) => out.push(lines.toString()) > 0, onDrain: () => undefined });
   for (const c of chunks) from.write(c);
   from.end();
   await done;
@@ -39,4 +39,42 @@ test('a line longer than MAX_LINE is passed on as a line of its own instead of b
   );
   assert.equal(out[0], `${part}${part}\n`);
   assert.equal(out[1], 'y\n');
+});
+
+test('while the output is behind, the pipe is paused, and it resumes once the output caught up', async () => {
+  const from = new PassThrough();
+  const out: string[] = [];
+  let behind = true;
+  let caughtUp: (() => void) | undefined;
+  const done = relayLines(from, {
+    write: (lines) => {
+      out.push(lines.toString());
+      return !behind;
+    },
+    onDrain: (fn) => void (caughtUp = fn),
+  });
+  from.write('{"a":1}\n');
+  await new Promise((r) => setImmediate(r));
+  assert.equal(from.isPaused(), true, 'paused: what the worker writes next waits in its own pipe');
+  from.write('{"b":2}\n');
+  await new Promise((r) => setImmediate(r));
+  assert.deepEqual(out, ['{"a":1}\n'], 'nothing more read while the output is behind');
+  behind = false;
+  caughtUp!();
+  await new Promise((r) => setImmediate(r));
+  assert.equal(from.isPaused(), false);
+  from.end();
+  await done;
+  assert.deepEqual(out, ['{"a":1}\n', '{"b":2}\n']);
+});
+
+test('a pipe that fails ends the relay without an uncaught error, its unfinished line passed on', async () => {
+  const from = new PassThrough();
+  const out: string[] = [];
+  const done = relayLines(from, { write: (lines) => out.push(lines.toString()) > 0, onDrain: () => undefined });
+  from.write('{"a":1}\n{"b"');
+  await new Promise((r) => setImmediate(r));
+  from.destroy(new Error('read ECONNRESET'));
+  await done;
+  assert.deepEqual(out, ['{"a":1}\n', '{"b"\n']);
 });

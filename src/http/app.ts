@@ -11,6 +11,7 @@ import type { Config } from '../core/config.js';
 import type { Network } from '../upstream/exchange.js';
 import { OciError } from '../core/errors.js';
 import type { RequestLine } from '../telemetry/log-stream.js';
+import type { LineSink } from '../telemetry/log-relay.js';
 import { makeLogger, type LoggerOption } from '../telemetry/logger.js';
 import { version } from '../version.js';
 import { registerAccess } from './access-guard.js';
@@ -30,8 +31,8 @@ declare module 'fastify' {
     readonly services: Services;
     /** The status page's counts: a coordinator adds its workers' (http/cluster.ts). */
     readonly stats: Stats;
-    /** Writes whole log lines of another process (a worker's: telemetry/log-relay.ts) to this one's log. */
-    logLines(lines: Buffer): void;
+    /** Where whole log lines of another process (a worker's: telemetry/log-relay.ts) go: this one's log output. */
+    readonly logSink: LineSink;
   }
 }
 
@@ -102,7 +103,10 @@ export async function buildApp(config: Config, options: AppOptions = {}): Promis
   services.remote?.start(services.config.storage.s3!.staleUploads);
   app.decorate('services', services);
   app.decorate('stats', stats);
-  app.decorate('logLines', (lines: Buffer): void => void (logStream ? logStream.lines(lines) : process.stdout.write(lines)));
+  const logSink: LineSink = logStream
+    ? { write: (lines) => logStream.lines(lines), onDrain: (fn) => logStream.onDrain(fn) }
+    : { write: (lines) => process.stdout.write(lines), onDrain: (fn) => void process.stdout.once('drain', fn) };
+  app.decorate('logSink', logSink);
 
   // We never read request bodies (every write is refused), so don't parse them either.
   app.removeAllContentTypeParsers();

@@ -112,7 +112,7 @@ export async function startGroup(config: Config, configText: string): Promise<Gr
   const logs = new Set<Promise<void>>();
   const fork = (): Worker => {
     const worker = cluster.fork(env);
-    const log = relayLines(worker.process.stdout!, (lines) => app.logLines(lines)).finally(() => logs.delete(log));
+    const log = relayLines(worker.process.stdout!, app.logSink).finally(() => logs.delete(log));
     logs.add(log);
     worker.on('message', (m: ToCoordinator) => {
       if (m.t === 'touch') for (const [digest, size, upstream, at] of m.blobs) lifecycle.touch(digest, size, upstream, at);

@@ -11,19 +11,36 @@ import type { Readable } from 'node:stream';
 export const MAX_LINE = 1024 * 1024;
 const NEWLINE = 0x0a;
 
+/** Where relayed lines go: this process's log output. */
+export interface LineSink {
+  /** false: the output is behind (more waits for it than its high-water mark). */
+  write(lines: Buffer): boolean;
+  /** Calls `fn` once the output has caught up. */
+  onDrain(fn: () => void): void;
+}
+
 /**
- * Reads `from` and calls `to` with whole lines only (each chunk ending in a newline), holding a
- * line's beginning until its end arrives. What is left when `from` ends gets a newline. Resolves
- * once `from` is closed and everything read has been passed on.
+ * Reads `from` and writes whole lines only to `to` (each write ending in a newline), holding a
+ * line's beginning until its end arrives. While `to` is behind, `from` is paused: a stalled
+ * stdout backs up into the worker's own pipe and writer, not into this process. What is left
+ * when `from` ends gets a newline. Resolves once `from` is closed (ended, or failed: a read error
+ * ends the relay) and everything read has been passed on.
  */
-export function relayLines(from: Readable, to: (lines: Buffer) => void): Promise<void> {
+export function relayLines(from: Readable, to: LineSink): Promise<void> {
   let held: Buffer[] = [];
   let heldBytes = 0;
+  let paused = false;
   const release = (tail: Buffer): void => {
     const lines = held.length === 0 ? tail : Buffer.concat([...held, tail]);
     held = [];
     heldBytes = 0;
-    to(lines);
+    if (to.write(lines) || paused) return;
+    paused = true;
+    from.pause();
+    to.onDrain(() => {
+      paused = false;
+      from.resume();
+    });
   };
   from.on('data', (chunk: Buffer) => {
     const end = chunk.lastIndexOf(NEWLINE) + 1;
@@ -34,6 +51,8 @@ export function relayLines(from: Readable, to: (lines: Buffer) => void): Promise
     heldBytes += rest.length;
     if (heldBytes > MAX_LINE) release(Buffer.from('\n'));
   });
+  // A pipe that fails is closed right after: 'close' below ends the relay.
+  from.on('error', () => undefined);
   return new Promise<void>((resolve) => {
     from.once('close', () => {
       if (heldBytes > 0) release(Buffer.from('\n'));

@@ -35,6 +35,8 @@ export class LogStream {
   /** Request lines not formatted yet, with the time each was logged. */
   private times: number[] = [];
   private queued: RequestLine[] = [];
+  /** Relays waiting for stdout to catch up (onDrain). */
+  private drainWaiters: Array<() => void> = [];
 
   constructor(private readonly fd = 1) {
     // Ours run first: pino ends its destination on 'beforeExit' and flushes it on 'exit'.
@@ -66,10 +68,24 @@ export class LogStream {
     this.used += this.buf.write(line, this.used);
   }
 
-  /** Whole lines another process wrote (a worker's: log-relay.ts), passed on as they are, after what is batched here. */
-  lines(bytes: Buffer): void {
+  /**
+   * Whole lines another process wrote (a worker's: log-relay.ts), passed on as they are, after
+   * what is batched here. false: more waits for stdout than sonic-boom's high-water mark.
+   */
+  lines(bytes: Buffer): boolean {
     this.handOff();
-    this.send(bytes);
+    return this.send(bytes);
+  }
+
+  /** Calls `fn` once everything handed to sonic-boom has been written (one listener for every relay that waits). */
+  onDrain(fn: () => void): void {
+    if (this.dest.destroyed) return fn();
+    if (this.drainWaiters.push(fn) > 1) return;
+    this.dest.once('drain', () => {
+      const waiters = this.drainWaiters;
+      this.drainWaiters = [];
+      for (const f of waiters) f();
+    });
   }
 
   /** The request line, field for field what `log.info(fields, 'request')` writes (test/log.test.ts compares them). */
@@ -111,9 +127,10 @@ export class LogStream {
   }
 
   /** To sonic-boom; once pino has ended it (at 'beforeExit'), straight to the file descriptor. */
-  private send(bytes: Buffer): void {
-    if (this.dest.destroyed) writeAll(this.fd, bytes);
-    else this.dest.write(bytes as unknown as string);
+  private send(bytes: Buffer): boolean {
+    if (!this.dest.destroyed) return this.dest.write(bytes as unknown as string);
+    writeAll(this.fd, bytes);
+    return true;
   }
 
   /** pino's logger.flush(cb) calls this: everything written so far reaches the file descriptor, then cb. */
