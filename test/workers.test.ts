@@ -6,7 +6,7 @@
  * and SIGTERM letting a download in flight finish.
  */
 import assert from 'node:assert/strict';
-import { execFileSync, spawn } from 'node:child_process';
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { closeSync, constants, openSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { connect, Socket } from 'node:net';
@@ -30,16 +30,21 @@ interface Group {
   pid: number;
 }
 
+/** Where a group listens, from its "Server listening" line in `out()`; undefined if it exited or `ms` passed first. */
+async function listeningAt(child: ChildProcess, out: () => string, ms = 10_000): Promise<string | undefined> {
+  for (const end = Date.now() + ms; Date.now() < end && child.exitCode === null; await sleep(25)) {
+    const port = /"msg":"Server listening at http:\/\/127\.0\.0\.1:(\d+)"/.exec(out())?.[1];
+    if (port) return `http://127.0.0.1:${port}`;
+  }
+  return undefined;
+}
+
 async function serveGroup(t: TestContext, config: string): Promise<Group> {
   const proc = startCli(['serve', '--config', config]);
   t.after(() => proc.child.kill('SIGKILL'));
-  for (let i = 0; i < 400; i++) {
-    const port = /"msg":"Server listening at http:\/\/127\.0\.0\.1:(\d+)"/.exec(proc.out())?.[1];
-    if (port) return { proc, url: `http://127.0.0.1:${port}`, pid: proc.child.pid! };
-    if (proc.child.exitCode !== null) break;
-    await sleep(25);
-  }
-  throw new Error(`ocicache did not start:\n${proc.out()}\n${proc.err()}`);
+  const url = await listeningAt(proc.child, proc.out);
+  if (!url) throw new Error(`ocicache did not start:\n${proc.out()}\n${proc.err()}`);
+  return { proc, url, pid: proc.child.pid! };
 }
 
 /** The pids of a process's children (the workers of a coordinator). */
@@ -375,11 +380,8 @@ test('a group\'s log on a pipe: lines longer than a pipe takes at once come out 
   });
   let out = '';
   reader.on('data', (d) => (out += String(d)));
-  let url = '';
-  for (const end = Date.now() + 20_000; !url; await sleep(25)) {
-    assert.ok(Date.now() < end && child.exitCode === null, `ocicache did not start:\n${out}`);
-    url = /"msg":"Server listening at (http:\/\/127\.0\.0\.1:\d+)"/.exec(out)?.[1] ?? '';
-  }
+  const url = await listeningAt(child, () => out, 20_000);
+  assert.ok(url, `ocicache did not start:\n${out}`);
   await get(url + s.manifestPath, { accept: OCI_MANIFEST });
   // Hits in both workers at once: short request lines, and lines of about 12 KiB (a long query
   // string, logged in the url) where a pipe takes 4 KiB whole (PIPE_BUF, POSIX write(2)).
